@@ -1,0 +1,7 @@
+"""`python -m cvmfs_inject` runs the same CLI as the `cvmfs-inject` script."""
+
+import sys
+
+from cvmfs_inject.cli import main
+
+sys.exit(main())

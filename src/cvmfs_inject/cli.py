@@ -1,0 +1,305 @@
+"""The command line: parse argv, call one library function per command, report.
+
+This module is deliberately thin. All failures arrive as `CvmfsInjectError` subclasses
+and are turned into one line on stderr and the documented exit code in `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cvmfs_inject import __version__, ops
+from cvmfs_inject.errors import CvmfsInjectError, InputError, ValidationFailed
+from cvmfs_inject.injector import inject, run, unpack
+from cvmfs_inject.layer import COMPRESSIONS, PackOptions, source_date_epoch
+from cvmfs_inject.progress import Reporter
+from cvmfs_inject.refs import parse_layout_ref, parse_ref
+from cvmfs_inject.schemas import KINDS, check_document
+from cvmfs_inject.transport import RegistryOptions, Skopeo
+from cvmfs_inject.validate import validate_layout
+
+PROG = "cvmfs-inject"
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand, as skopeo users write them."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("common options")
+    group.add_argument("--tls-verify", nargs="?", const=True, type=_bool, default=default,
+                       metavar="BOOL", help="require HTTPS and verify certificates (default)")
+    group.add_argument("--no-tls-verify", dest="tls_verify", action="store_false",
+                       default=default, help="plain http or unverified TLS (local registries)")
+    group.add_argument("--cert-dir", type=Path, default=default, metavar="DIR",
+                       help="CA *.crt and client *.cert/*.key for the registry, as skopeo")
+    group.add_argument("--authfile", type=Path, default=default, metavar="FILE",
+                       help="registry auth file (default: REGISTRY_AUTH_FILE, then "
+                            "$XDG_RUNTIME_DIR/containers/auth.json, then ~/.docker/config.json)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="print only errors (and --json output)")
+    group.add_argument("--debug", action="store_true", default=default,
+                       help="pass --debug to skopeo and show tracebacks")
+    group.add_argument("--json", action="store_true", default=default,
+                       help="machine-readable output on stdout")
+    return parser
+
+
+def _pack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", default="/cvmfs", metavar="MOUNT",
+                        help="mount point in the image (default /cvmfs)")
+    parser.add_argument("--compress", choices=COMPRESSIONS, default="gzip",
+                        help="layer compression (default gzip; zstd only into OCI images)")
+    parser.add_argument("--level", type=int, help="compression level (gzip 0-3 ISA-L, "
+                        "default 1; zstd 1-22, default 3)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out matching paths (repeatable; see README)")
+    parser.add_argument("--keep-owner", action="store_true",
+                        help="keep file owners instead of 0:0")
+    parser.add_argument("--platform", metavar="OS/ARCH",
+                        help="only this platform of a multi-platform image")
+    parser.add_argument("--tag", metavar="NEW", help="write the result under a new tag")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[_common(suppress=False)],
+        description="Put a CernVM-FS shrinkwrap tree into container images as a /cvmfs layer.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    p = command("pull", "copy an image into a local OCI layout")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dest", metavar="LAYOUT[:TAG]")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="all platforms of an index")
+    group.add_argument("--platform", metavar="OS/ARCH", help="one platform of an index")
+
+    p = command("push", "copy a layout image to a registry or an archive")
+    p.add_argument("src", metavar="LAYOUT[:TAG]")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--format", choices=ops.FORMATS, default="keep",
+                   help="manifest format (default keep: what it was pulled as)")
+
+    p = command("validate", "check a layout, an image, or one JSON document")
+    p.add_argument("target", metavar="REF|FILE|-")
+    p.add_argument("--kind", choices=KINDS, help="validate FILE (or - for stdin) as this kind")
+
+    p = command("inspect", "show tags, platforms, layers, labels and history")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--platform", metavar="OS/ARCH")
+
+    p = command("gc", "delete blobs no tag reaches")
+    p.add_argument("layout", metavar="LAYOUT")
+    p.add_argument("--dry-run", action="store_true", help="only say what would go")
+
+    p = command("init", "add an empty mount-point layer (idempotent)")
+    p.add_argument("ref", metavar="LAYOUT[:TAG]")
+    p.add_argument("--path", default="/cvmfs", metavar="MOUNT")
+    p.add_argument("--platform", metavar="OS/ARCH")
+    p.add_argument("--tag", metavar="NEW")
+
+    p = command("unpack", "write the injected layer's content into DIR")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="unpack into a non-empty DIR")
+    p.add_argument("--platform", metavar="OS/ARCH")
+    p.add_argument("--path", metavar="MOUNT", help="mount point (default: from the image)")
+
+    p = command("inject", "pack DIR and put it into the image at the mount point")
+    p.add_argument("ref", metavar="LAYOUT[:TAG]")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    _pack_options(p)
+
+    p = command("run", "pull SRC, inject DIR, validate, push to DEST")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("dest", metavar="DEST")
+    _pack_options(p)
+    p.add_argument("--layout", metavar="CACHE", help="keep the working layout here")
+    p.add_argument("--format", choices=ops.FORMATS, default="keep")
+    return parser
+
+
+def _skopeo(args: argparse.Namespace) -> Skopeo:
+    return Skopeo(RegistryOptions(
+        tls_verify=True if args.tls_verify is None else args.tls_verify,
+        cert_dir=args.cert_dir, authfile=args.authfile or _env_authfile(),
+        debug=bool(args.debug)))
+
+
+def _env_authfile() -> Path | None:
+    value = os.environ.get("REGISTRY_AUTH_FILE")
+    return Path(value) if value else None
+
+
+def _pack(args: argparse.Namespace, mount: str | None = None) -> PackOptions:
+    return PackOptions(mount_point=mount or args.path,
+                       compression=getattr(args, "compress", "gzip"),
+                       level=getattr(args, "level", None),
+                       excludes=tuple(getattr(args, "exclude", ())),
+                       keep_owner=getattr(args, "keep_owner", False),
+                       source_date_epoch=source_date_epoch())
+
+
+def _cmd_pull(args: argparse.Namespace, out: Reporter) -> Any:
+    src, dest = parse_ref(args.src), parse_layout_ref(args.dest)
+    tag, desc = ops.pull(src, dest, _skopeo(args), all_images=args.all,
+                         platform=args.platform)
+    out.line(f"pulled {src} into oci:{dest.path}:{tag} ({desc.digest})")
+    return {"layout": dest.path, "tag": tag, "digest": desc.digest, "mediaType": desc.media_type}
+
+
+def _cmd_push(args: argparse.Namespace, out: Reporter) -> Any:
+    src, dest = parse_layout_ref(args.src), parse_ref(args.dest)
+    desc = ops.push(src, dest, _skopeo(args), manifest_format=args.format)
+    out.line(f"pushed {src} to {dest}")
+    return {"source": str(src), "destination": str(dest), "digest": desc.digest}
+
+
+def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
+    target = args.target
+    if args.kind or target == "-" or Path(target).is_file():
+        if target == "-":
+            data, where = sys.stdin.buffer.read(), "<stdin>"
+        else:
+            try:
+                data, where = Path(target).read_bytes(), target
+            except OSError as exc:
+                raise InputError(f"{target}: cannot read: {exc.strerror}") from None
+        problems = check_document(data, args.kind, where=where)
+    else:
+        ref = parse_layout_ref(target)
+        problems = validate_layout(ref)
+    for problem in problems:
+        out.error_line(str(problem))
+    if problems:
+        out.emit({"valid": False, "problems": [str(p) for p in problems]})
+        raise ValidationFailed(f"{target}: {len(problems)} problem(s) found")
+    out.line(f"{target}: valid")
+    return {"valid": True, "problems": []}
+
+
+def _cmd_inspect(args: argparse.Namespace, out: Reporter) -> Any:
+    report = ops.inspect(parse_ref(args.ref), _skopeo(args), args.platform)
+    out.human(_format_inspect(report))
+    return report
+
+
+def _format_inspect(report: dict[str, Any]) -> str:
+    lines = [f"{report['reference']}  {report['mediaType']}", f"  digest {report['digest']}"]
+    if report.get("tags") is not None:
+        lines.append(f"  tags: {', '.join(report['tags']) or '(none)'}")
+    for image in report["images"]:
+        lines.append(f"  image {image['platform']}  manifest {image['manifest']['digest']}")
+        lines.append(f"    config {image['config']['digest']}  created "
+                     f"{image['config']['created']}")
+        injected = image["injected"]
+        for i, layer in enumerate(image["layers"]):
+            mark = "  <- injected" if injected and injected["position"] == i else ""
+            lines.append(f"    layer {i}: {layer['mediaType']} {layer['size']} B "
+                         f"{layer['digest']}{mark}")
+            lines.append(f"             diff_id {layer['diff_id']}")
+        for key, value in sorted(image["labels"].items()):
+            lines.append(f"    label {key}={value}")
+        for entry in image["history"]:
+            created_by = str(entry.get("created_by", ""))[:100]
+            empty = " (empty)" if entry.get("empty_layer") else ""
+            lines.append(f"    history {entry.get('created', '')} {created_by}{empty}")
+    return "\n".join(lines)
+
+
+def _cmd_gc(args: argparse.Namespace, out: Reporter) -> Any:
+    report = ops.gc(parse_ref(args.layout), args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for digest, size in report.result.removed:
+        out.line(f"{verb} {digest} ({size} B)")
+    out.line(f"{verb} {len(report.result.removed)} blobs, {report.result.bytes_removed} bytes; "
+             f"kept {report.result.kept}")
+    return {"dry_run": args.dry_run, "removed": [
+        {"digest": d, "size": s} for d, s in report.result.removed],
+        "bytes_removed": report.result.bytes_removed, "kept": report.result.kept}
+
+
+def _cmd_init(args: argparse.Namespace, out: Reporter) -> Any:
+    report = inject(parse_layout_ref(args.ref), None, _pack(args), new_tag=args.tag,
+                    platform=args.platform, init_only=True, warn=out.warn)
+    if report.status == "already-prepared":
+        out.line(f"{report.reference}: already prepared (has an injected layer); left alone")
+    else:
+        out.line(f"{report.reference}: prepared with an empty {args.path} layer "
+                 f"({report.digest})")
+    return report.to_json()
+
+
+def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
+    with out.packing(args.dir) as progress:
+        report = inject(parse_layout_ref(args.ref), args.dir, _pack(args), new_tag=args.tag,
+                        platform=args.platform, progress=progress, warn=out.warn)
+    out.inject_summary(report)
+    return report.to_json()
+
+
+def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
+    result = unpack(parse_ref(args.ref), args.dir, _skopeo(args), force=args.force,
+                    platform=args.platform, mount_point=args.path, warn=out.warn)
+    if result["status"] == "empty":
+        out.line(f"{args.dir}: empty ({result['note']})")
+    else:
+        out.line(f"unpacked {result['entries']} entries into {args.dir}")
+    return result
+
+
+def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
+    with out.packing(args.dir) as progress:
+        report = run(parse_ref(args.src), args.dir, parse_ref(args.dest), _skopeo(args),
+                     _pack(args), cache=args.layout, new_tag=args.tag, platform=args.platform,
+                     manifest_format=args.format, progress=progress, warn=out.warn)
+    out.inject_summary(report)
+    out.line(f"pushed to {args.dest}")
+    return report.to_json()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Reporter], Any]] = {
+    "pull": _cmd_pull, "push": _cmd_push, "validate": _cmd_validate, "inspect": _cmd_inspect,
+    "gc": _cmd_gc, "init": _cmd_init, "unpack": _cmd_unpack, "inject": _cmd_inject,
+    "run": _cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Reporter(quiet=bool(args.quiet), json_mode=bool(args.json))
+    try:
+        result = COMMANDS[args.command](args, out)
+    except CvmfsInjectError as exc:
+        if args.debug:
+            raise
+        if not isinstance(exc, ValidationFailed) or not args.json:
+            out.fatal(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.fatal("interrupted")
+        return 130
+    if args.json:
+        out.emit(result)
+    return 0
+

@@ -1,0 +1,153 @@
+"""Pure edits of one image: swap (or append) the injected layer and re-describe the image.
+
+Nothing here touches the disk. `edit_image` takes a manifest, its config and the new layer's
+identity, and returns new manifest and config documents (or None when nothing changes);
+the caller (`ops`) writes the blobs bottom-up and the tag last.
+
+The injected layer is identified by its diff_id (config label `cvmfs_injection_tar`, the
+name the original CernVM-FS injector writes), never by its compressed digest: a registry
+may recompress layers, the uncompressed content is the stable identity.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cvmfs_inject import __version__
+from cvmfs_inject.errors import InputError, NotFoundError, UsageError
+from cvmfs_inject.model import Descriptor, ImageConfig, Manifest, MediaType
+
+LABEL_TAR = "cvmfs_injection_tar"
+LABEL_GZ = "cvmfs_injection_gz"
+LABEL_PREFIX = "io.cvmfs-inject."
+LABEL_VERSION = LABEL_PREFIX + "version"
+LABEL_TREE = LABEL_PREFIX + "tree-digest"
+LABEL_MOUNT = LABEL_PREFIX + "mount-point"
+HISTORY_AUTHOR = "cvmfs-inject"
+
+LAYER_MEDIA_TYPES = {
+    ("oci", "gzip"): MediaType.OCI_LAYER_GZIP,
+    ("oci", "zstd"): MediaType.OCI_LAYER_ZSTD,
+    ("oci", "none"): MediaType.OCI_LAYER,
+    ("docker", "gzip"): MediaType.DOCKER_LAYER_GZIP,
+}
+
+
+@dataclass(frozen=True)
+class NewLayer:
+    """What the packer produced: the layer's identity in both forms."""
+
+    diff_id: str
+    digest: str
+    size: int
+    compression: str
+    mount_point: str
+
+
+@dataclass(frozen=True)
+class EditResult:
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    old_diff_id: str | None
+    position: int
+
+
+def layer_media_type(manifest: Manifest, compression: str) -> str:
+    family = "docker" if manifest.is_docker else "oci"
+    media_type = LAYER_MEDIA_TYPES.get((family, compression))
+    if media_type is None:
+        raise UsageError(f"--compress {compression} cannot go into a Docker v2s2 image (Docker "
+                         "layers are gzip only): use --compress gzip, or convert the image "
+                         "to OCI first (pull, then push --format oci)")
+    return media_type
+
+
+def timestamp(epoch: int | None) -> str:
+    """RFC 3339 UTC time: SOURCE_DATE_EPOCH when set, so the config digest is reproducible."""
+    seconds = epoch if epoch is not None else int(time.time())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def injected_position(config: ImageConfig, where: str) -> tuple[int | None, str | None]:
+    """Index in rootfs.diff_ids of the injected layer, or (None, None) on an unprepared image."""
+    labelled = config.labels.get(LABEL_TAR)
+    if not labelled:
+        return None, None
+    diff_ids = config.diff_ids
+    if labelled not in diff_ids:
+        raise NotFoundError(f"{where}: label {LABEL_TAR}={labelled} names a layer that is not "
+                            "in this image's rootfs.diff_ids; the image was changed by another "
+                            "tool. Remove the label to inject as a new layer.")
+    return len(diff_ids) - 1 - diff_ids[::-1].index(labelled), labelled
+
+
+def _history_layer_slots(history: list[dict[str, Any]]) -> list[int]:
+    """Positions in `history` of the entries that correspond to layers (not empty_layer)."""
+    return [i for i, entry in enumerate(history)
+            if not (isinstance(entry, dict) and entry.get("empty_layer"))]
+
+
+def edit_image(manifest: Manifest, config: ImageConfig, layer: NewLayer, *,
+               created_by: str, epoch: int | None, where: str) -> EditResult | None:
+    """The new manifest and config with `layer` in the injected position; None if unchanged."""
+    position, old_diff_id = injected_position(config, where)
+    if old_diff_id == layer.diff_id:
+        return None
+    layers = manifest.doc["layers"]
+    diff_ids = config.diff_ids
+    if len(layers) != len(diff_ids):
+        raise InputError(f"{where}: manifest has {len(layers)} layers but its config lists "
+                         f"{len(diff_ids)} diff_ids")
+    descriptor = Descriptor(layer_media_type(manifest, layer.compression), layer.digest,
+                            layer.size).to_dict()
+    now = timestamp(epoch)
+    new_config = config.edit()
+    new_manifest = manifest.edit()
+    history = new_config.get("history")
+    if position is None:
+        position = len(layers)
+        new_manifest["layers"].append(descriptor)
+        new_config["rootfs"]["diff_ids"].append(layer.diff_id)
+        entry = {"created": now, "created_by": created_by, "author": HISTORY_AUTHOR,
+                 "comment": f"cvmfs-inject: add {layer.mount_point} layer {layer.diff_id}"}
+        if isinstance(history, list):
+            history.append(entry)
+    else:
+        old_layer = new_manifest["layers"][position]
+        # keep fields we do not manage (annotations, urls) on the replaced descriptor
+        kept = {k: v for k, v in old_layer.items() if k not in ("mediaType", "digest", "size")}
+        new_manifest["layers"][position] = {**descriptor, **kept}
+        new_config["rootfs"]["diff_ids"][position] = layer.diff_id
+        entry = {"created": now, "created_by": created_by, "author": HISTORY_AUTHOR,
+                 "comment": f"cvmfs-inject: UPDATE {layer.mount_point} layer from "
+                            f"{old_diff_id} to {layer.diff_id}"}
+        if isinstance(history, list):
+            slots = _history_layer_slots(history)
+            if len(slots) == len(diff_ids):
+                history[slots[position]] = entry
+            else:
+                history.append({**entry, "empty_layer": True})
+    container = new_config.get("config")
+    if not isinstance(container, dict):
+        container = new_config["config"] = {}
+    labels = container.get("Labels")
+    if not isinstance(labels, dict):
+        labels = container["Labels"] = {}
+    labels.update({
+        LABEL_TAR: layer.diff_id,
+        LABEL_GZ: layer.digest,
+        LABEL_VERSION: __version__,
+        LABEL_TREE: layer.diff_id,
+        LABEL_MOUNT: layer.mount_point,
+    })
+    new_config["created"] = now
+    return EditResult(new_manifest, new_config, old_diff_id, position)
+
+
+def with_config(manifest_doc: dict[str, Any], config_desc: Descriptor) -> dict[str, Any]:
+    """Point the manifest at a new config blob, keeping the config descriptor's other fields."""
+    old = manifest_doc["config"]
+    manifest_doc["config"] = {**old, "digest": config_desc.digest, "size": config_desc.size}
+    return manifest_doc

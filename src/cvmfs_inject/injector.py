@@ -1,0 +1,234 @@
+"""init, inject, unpack and run on a local layout: resolve, pack, edit, then commit bottom-up.
+
+The order of writes is what makes a killed inject harmless: the layer blob, then each
+config, each manifest, the index blob, and `index.json` last, all under the layout lock.
+Until `index.json` is replaced, nothing that a reader can reach has changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cvmfs_inject import __version__
+from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
+from cvmfs_inject.extract import decompressed, extract
+from cvmfs_inject.images import Image, LayoutSource, load_images
+from cvmfs_inject.inject import (
+    LABEL_MOUNT,
+    NewLayer,
+    edit_image,
+    injected_position,
+    layer_media_type,
+    with_config,
+)
+from cvmfs_inject.layer import PackOptions, pack
+from cvmfs_inject.model import Descriptor, canonical_json
+from cvmfs_inject.ops import default_tag, pull, push
+from cvmfs_inject.refs import ImageRef
+from cvmfs_inject.store import Layout
+from cvmfs_inject.transport import Skopeo
+from cvmfs_inject.validate import validate_layout
+
+Progress = Callable[[int], None]
+Warn = Callable[[str], None]
+
+
+@dataclass
+class InjectReport:
+    status: str
+    reference: str
+    digest: str | None = None
+    layer: dict[str, Any] | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
+
+
+def _layout_tag(ref: ImageRef, top: Descriptor) -> str:
+    tag = ref.tag or top.ref_name
+    if not tag:
+        raise UsageError(f"{ref}: the image has no tag in index.json; name one as DIR:TAG")
+    return tag
+
+
+def inject(ref: ImageRef, tree: Path | None, options: PackOptions, *, new_tag: str | None = None,
+           platform: str | None = None, init_only: bool = False,
+           progress: Progress | None = None, warn: Warn | None = None) -> InjectReport:
+    """Pack `tree` (None: the empty mount point) and swap it into the image at `ref`."""
+    if ref.transport != "oci":
+        raise UsageError(f"{ref}: inject edits a local layout (oci:DIR[:TAG]); use `run` for "
+                         "registries and archives")
+    layout = Layout.open(ref.path)
+    with layout.writing():
+        top = layout.resolve(ref.tag)
+        tag = new_tag or _layout_tag(ref, top)
+        index, images = load_images(LayoutSource(layout, ref.tag), top, platform)
+        for image in images:  # refuse before any work: bad labels, zstd into Docker
+            injected_position(image.config, f"{ref} ({image.platform})")
+            layer_media_type(image.manifest, options.compression)
+        reference = f"oci:{ref.path}:{tag}"
+        if init_only and all(injected_position(i.config, "")[0] is not None for i in images):
+            return InjectReport("already-prepared", reference, top.digest)
+        started = time.monotonic()
+        with layout.writer() as writer:
+            packed = pack(tree, writer, options, progress=progress, warn=warn)
+            layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
+                             options.compression, options.mount_point)
+            edits = _edit_all(images, layer, options, init_only, ref)
+            if not any(edits.values()):
+                return InjectReport("unchanged", reference, top.digest,
+                                    {"diff_id": layer.diff_id}, warnings=packed.warnings)
+            writer.commit()
+        report = InjectReport("prepared" if init_only else "injected", reference,
+                              layer={"diff_id": layer.diff_id, "digest": layer.digest,
+                                     "size": layer.size, "compression": layer.compression},
+                              warnings=packed.warnings)
+        new_descs = _commit_images(layout, images, edits, report)
+        new_top = (_commit_index(layout, top, index, new_descs) if index
+                   else new_descs[top.digest])
+        layout.set_tag(tag, new_top)
+        seconds = time.monotonic() - started
+        report.digest = new_top.digest
+        report.stats = {"entries": packed.entries, "files": packed.files,
+                        "hardlinks": packed.hardlinks, "tar_size": packed.tar_size,
+                        "seconds": round(seconds, 3)}
+        return report
+
+
+def _edit_all(images: list[Image], layer: NewLayer, options: PackOptions, init_only: bool,
+              ref: ImageRef) -> dict[str, Any]:
+    verb = "init" if init_only else "inject"
+    created_by = f"cvmfs-inject {__version__} {verb} --path {options.mount_point}"
+    edits = {}
+    for image in images:
+        if init_only and injected_position(image.config, "")[0] is not None:
+            edits[image.descriptor.digest] = None
+            continue
+        edits[image.descriptor.digest] = edit_image(
+            image.manifest, image.config, layer, created_by=created_by,
+            epoch=options.source_date_epoch, where=f"{ref} ({image.platform})")
+    return edits
+
+
+def _commit_images(layout: Layout, images: list[Image], edits: dict[str, Any],
+                   report: InjectReport) -> dict[str, Descriptor]:
+    new_descs: dict[str, Descriptor] = {}
+    for image in images:
+        edit = edits[image.descriptor.digest]
+        if edit is None:
+            report.images.append({"platform": image.platform, "status": "unchanged",
+                                  "manifest": image.descriptor.digest})
+            continue
+        config_desc = layout.put_bytes(canonical_json(edit.config),
+                                       image.manifest.config.media_type)
+        manifest_doc = with_config(edit.manifest, config_desc)
+        manifest_desc = layout.put_bytes(canonical_json(manifest_doc), image.manifest.media_type)
+        new_descs[image.descriptor.digest] = image.descriptor.replace(
+            digest=manifest_desc.digest, size=manifest_desc.size)
+        report.images.append({"platform": image.platform, "status": "injected",
+                              "manifest": manifest_desc.digest, "position": edit.position,
+                              "replaced": edit.old_diff_id})
+    return new_descs
+
+
+def _commit_index(layout: Layout, top: Descriptor, index: Any,
+                  new_descs: dict[str, Descriptor]) -> Descriptor:
+    doc = index.edit()
+    for entry in doc["manifests"]:
+        replacement = new_descs.get(entry.get("digest"))
+        if replacement is not None:
+            entry["digest"], entry["size"] = replacement.digest, replacement.size
+    desc = layout.put_bytes(canonical_json(doc), index.media_type)
+    return top.replace(digest=desc.digest, size=desc.size)
+
+
+# -- unpack ----------------------------------------------------------------------------------
+def _prepare_target(target: Path, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise InputError(f"{target}: directory is not empty; use --force to unpack into it")
+    target.mkdir(parents=True, exist_ok=True)
+
+
+def unpack_layout(ref: ImageRef, target: Path, *, force: bool = False,
+                  platform: str | None = None, mount_point: str | None = None,
+                  warn: Warn | None = None) -> dict[str, Any]:
+    layout = Layout.open(ref.path)
+    with layout.lock(exclusive=False):
+        top = layout.resolve(ref.tag)
+        _, images = load_images(LayoutSource(layout, ref.tag), top, platform)
+        image = images[0]
+        position, diff_id = injected_position(image.config, f"{ref} ({image.platform})")
+        _prepare_target(target, force)
+        if position is None:
+            return {"status": "empty", "target": str(target),
+                    "note": "the image has no injected layer yet"}
+        layer = image.manifest.layers[position]
+        mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
+        with layout.open_blob(layer.digest, layer.size) as blob:
+            result = extract(decompressed(blob, layer.media_type), str(target), mount, warn)
+        return {"status": "unpacked", "target": str(target), "diff_id": diff_id,
+                "entries": result.entries, "skipped": result.skipped}
+
+
+def unpack(ref: ImageRef, target: Path, skopeo: Skopeo, *, force: bool = False,
+           platform: str | None = None, mount_point: str | None = None,
+           warn: Warn | None = None) -> dict[str, Any]:
+    """Unpack from a layout, or pull a registry/archive image into a temporary layout first."""
+    options = {"force": force, "platform": platform, "mount_point": mount_point, "warn": warn}
+    if ref.transport == "oci":
+        return unpack_layout(ref, target, **options)
+    with tempfile.TemporaryDirectory(prefix="cvmfs-inject-unpack-") as scratch:
+        layout_ref = ImageRef("oci", os.path.join(scratch, "layout"), "unpack")
+        pull(ref, layout_ref, skopeo, platform=platform)
+        return unpack_layout(layout_ref, target, **options)
+
+
+
+# -- run -------------------------------------------------------------------------------------
+def run(src: ImageRef, tree: Path, dest: ImageRef, skopeo: Skopeo, options: PackOptions, *,
+        cache: str | None = None, new_tag: str | None = None, platform: str | None = None,
+        manifest_format: str = "keep", progress: Progress | None = None,
+        warn: Warn | None = None) -> InjectReport:
+    """pull → inject → validate → push, the one call a Makefile makes.
+
+    The working layout is CACHE when given (kept, so later runs reuse its blobs), else a
+    temporary directory removed at the end. Nothing is pushed unless validation passed.
+    """
+    if dest.transport == "oci":
+        raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
+                         "and `inject` to edit a layout")
+    _check_tree_dir(tree)
+    with contextlib.ExitStack() as stack:
+        if cache is None:
+            cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="cvmfs-inject-run-"))
+            cache = os.path.join(cache, "layout")
+        tag, _ = pull(src, ImageRef("oci", cache, new_tag or default_tag(src)), skopeo,
+                      all_images=True)
+        working = ImageRef("oci", cache, tag)
+        report = inject(working, tree, options, platform=platform, progress=progress,
+                        warn=warn)
+        problems = validate_layout(working)
+        if problems:
+            raise ValidationFailed(f"{working}: the injected image does not validate: "
+                                   f"{problems[0]} ({len(problems)} problem(s))")
+        push(working, dest, skopeo, manifest_format=manifest_format)
+        return report
+
+
+def _check_tree_dir(tree: Path) -> None:
+    if not tree.exists():
+        raise InputError(f"{tree}: no such directory")
+    if not tree.is_dir():
+        raise InputError(f"{tree}: not a directory (DIR is the content of the mount point)")

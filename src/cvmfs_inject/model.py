@@ -1,0 +1,253 @@
+"""Typed views of OCI and Docker v2s2 documents, pure and I/O free.
+
+Every parsed document keeps the exact bytes it came from, because digests are taken over
+bytes, never over re-serialised JSON. Edits work on a copy of the parsed dict so fields we
+do not know (annotations, vendor keys, `container_config`, ...) survive untouched; only the
+edited document is re-serialised, with `canonical_json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from cvmfs_inject.errors import InputError
+
+OCI_LAYOUT_VERSION = "1.0.0"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+class MediaType:
+    """Media types we read and write, with predicates over both families."""
+
+    OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+    OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+    OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+    OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+    OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+    OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+    OCI_LAYER_NONDIST_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+    DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+    DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+    DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+    INDEXES = frozenset({OCI_INDEX, DOCKER_LIST})
+    MANIFESTS = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+    CONFIGS = frozenset({OCI_CONFIG, DOCKER_CONFIG})
+
+    @staticmethod
+    def is_index(media_type: str) -> bool:
+        return media_type in MediaType.INDEXES
+
+    @staticmethod
+    def is_manifest(media_type: str) -> bool:
+        return media_type in MediaType.MANIFESTS
+
+    @staticmethod
+    def is_docker(media_type: str) -> bool:
+        return media_type.startswith("application/vnd.docker.")
+
+
+_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+
+
+def check_digest(digest: str) -> str:
+    """Return the digest if it is sha256/sha512 in lowercase hex; raise InputError otherwise."""
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InputError(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+    return digest
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Compact, key-sorted UTF-8 JSON: the same document always gives the same digest."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_json(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{where}: invalid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{where}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A content descriptor; `extra` holds every field beyond the three we act on."""
+
+    media_type: str
+    digest: str
+    size: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str) -> Descriptor:
+        if not isinstance(doc, dict):
+            raise InputError(f"{where}: descriptor is not a JSON object")
+        try:
+            media_type, digest, size = doc["mediaType"], doc["digest"], doc["size"]
+        except KeyError as exc:
+            raise InputError(f"{where}: descriptor lacks {exc.args[0]!r}") from None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InputError(f"{where}: descriptor size {size!r} is not a non-negative integer")
+        if not isinstance(media_type, str):
+            raise InputError(f"{where}: descriptor mediaType is not a string")
+        try:
+            check_digest(digest)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        extra = {k: copy.deepcopy(v) for k, v in doc.items()
+                 if k not in ("mediaType", "digest", "size")}
+        return cls(media_type, digest, size, extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size,
+                **copy.deepcopy(self.extra)}
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.extra.get("annotations") or {})
+
+    @property
+    def platform(self) -> dict[str, Any] | None:
+        return self.extra.get("platform")
+
+    @property
+    def ref_name(self) -> str | None:
+        return self.annotations.get(REF_NAME)
+
+    def replace(self, **changes: Any) -> Descriptor:
+        values = {"media_type": self.media_type, "digest": self.digest, "size": self.size,
+                  "extra": copy.deepcopy(self.extra)}
+        values.update(changes)
+        return Descriptor(**values)
+
+    def with_annotations(self, annotations: dict[str, str]) -> Descriptor:
+        extra = copy.deepcopy(self.extra)
+        if annotations:
+            extra["annotations"] = dict(annotations)
+        else:
+            extra.pop("annotations", None)
+        return self.replace(extra=extra)
+
+
+def platform_string(platform: dict[str, Any] | None) -> str:
+    if not platform:
+        return "unknown"
+    text = f"{platform.get('os', '?')}/{platform.get('architecture', '?')}"
+    if platform.get("variant"):
+        text += f"/{platform['variant']}"
+    return text
+
+
+def platform_matches(platform: dict[str, Any] | None, wanted: str) -> bool:
+    """`wanted` is OS/ARCH[/VARIANT] as docker and skopeo write it."""
+    parts = wanted.split("/")
+    if not platform or len(parts) not in (2, 3):
+        return False
+    if platform.get("os") != parts[0] or platform.get("architecture") != parts[1]:
+        return False
+    return len(parts) == 2 or platform.get("variant") == parts[2]
+
+
+@dataclass(frozen=True)
+class Document:
+    """A JSON document with the bytes it was read from."""
+
+    raw: bytes
+    doc: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return sha256_digest(self.raw)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def edit(self) -> dict[str, Any]:
+        """A deep copy to change; the original stays as read."""
+        return copy.deepcopy(self.doc)
+
+
+@dataclass(frozen=True)
+class Manifest(Document):
+    media_type: str = MediaType.OCI_MANIFEST
+
+    @classmethod
+    def parse(cls, raw: bytes, where: str, media_type: str | None = None) -> Manifest:
+        doc = parse_json(raw, where)
+        declared = doc.get("mediaType") or media_type or MediaType.OCI_MANIFEST
+        if not MediaType.is_manifest(declared):
+            raise InputError(f"{where}: media type {declared!r} is not an image manifest")
+        if not isinstance(doc.get("layers"), list):
+            raise InputError(f"{where}: manifest has no 'layers' list")
+        return cls(raw, doc, declared)
+
+    @property
+    def is_docker(self) -> bool:
+        return MediaType.is_docker(self.media_type)
+
+    @property
+    def config(self) -> Descriptor:
+        return Descriptor.from_dict(self.doc.get("config"), "manifest config")
+
+    @property
+    def layers(self) -> list[Descriptor]:
+        return [Descriptor.from_dict(d, f"manifest layers[{i}]")
+                for i, d in enumerate(self.doc["layers"])]
+
+
+@dataclass(frozen=True)
+class Index(Document):
+    media_type: str = MediaType.OCI_INDEX
+
+    @classmethod
+    def parse(cls, raw: bytes, where: str, media_type: str | None = None) -> Index:
+        doc = parse_json(raw, where)
+        declared = doc.get("mediaType") or media_type or MediaType.OCI_INDEX
+        if not MediaType.is_index(declared):
+            raise InputError(f"{where}: media type {declared!r} is not an image index")
+        if not isinstance(doc.get("manifests"), list):
+            raise InputError(f"{where}: index has no 'manifests' list")
+        return cls(raw, doc, declared)
+
+    @property
+    def manifests(self) -> list[Descriptor]:
+        return [Descriptor.from_dict(d, f"manifests[{i}]")
+                for i, d in enumerate(self.doc["manifests"])]
+
+
+@dataclass(frozen=True)
+class ImageConfig(Document):
+    @classmethod
+    def parse(cls, raw: bytes, where: str) -> ImageConfig:
+        doc = parse_json(raw, where)
+        rootfs = doc.get("rootfs")
+        if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
+            raise InputError(f"{where}: image config has no rootfs.diff_ids list")
+        return cls(raw, doc)
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list(self.doc["rootfs"]["diff_ids"])
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict((self.doc.get("config") or {}).get("Labels") or {})
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.doc.get("history") or [])

@@ -1,0 +1,205 @@
+"""Library functions behind pull, push, inspect and gc: each takes parsed values, returns data.
+
+`pull` never lets skopeo write into the target layout: skopeo copies into a staging layout on
+the same filesystem, every blob is verified and renamed in, and `index.json` is replaced last.
+A failed or killed pull leaves the layout exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvmfs_inject.errors import UsageError
+from cvmfs_inject.images import ImageSource, LayoutSource, RegistrySource, load_images
+from cvmfs_inject.inject import injected_position
+from cvmfs_inject.model import Descriptor, MediaType, parse_json
+from cvmfs_inject.refs import ImageRef
+from cvmfs_inject.store import GcResult, Layout
+from cvmfs_inject.transport import Skopeo
+
+SOURCE_FORMAT = "io.cvmfs-inject.source-format"
+FORMATS = ("oci", "v2s2", "keep")
+
+
+def source_format(ref: ImageRef, skopeo: Skopeo) -> str:
+    """`v2s2` or `oci`: what the source speaks, so `push --format keep` can give it back."""
+    if ref.transport == "docker-archive":
+        return "v2s2"
+    if ref.transport == "docker":
+        doc = parse_json(skopeo.inspect_raw(ref), str(ref))
+        return "v2s2" if MediaType.is_docker(str(doc.get("mediaType", ""))) else "oci"
+    return "oci"
+
+
+def default_tag(src: ImageRef) -> str:
+    if src.transport == "docker" and src.tag:
+        return src.tag
+    if src.transport in ("oci", "oci-archive") and src.tag:
+        return src.tag
+    return "latest"
+
+
+@contextlib.contextmanager
+def _new_or_existing_layout(path: str) -> Iterator[Layout]:
+    """Create the layout if needed, and remove it again if the command that made it fails."""
+    existed = os.path.lexists(path)
+    layout = Layout.create(path)
+    try:
+        yield layout
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def pull(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, all_images: bool = False,
+         platform: str | None = None) -> tuple[str, Descriptor]:
+    """Copy `src` into the layout named by `dest`; returns (tag, descriptor)."""
+    if dest.transport != "oci":
+        raise UsageError(f"pull writes a local layout; {dest} is not oci:DIR[:TAG]")
+    if all_images and platform:
+        raise UsageError("--all and --platform exclude each other")
+    tag = dest.tag or default_tag(src)
+    fmt = source_format(src, skopeo)
+    with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
+            layout.staging() as stage:
+        skopeo.copy(src, ImageRef("oci", stage, "pull"), all_images=all_images,
+                    platform=platform)
+        staged = Layout.open(stage)
+        desc = staged.resolve("pull")
+        for algorithm_dir in (Path(stage) / "blobs").iterdir():
+            for blob in algorithm_dir.iterdir():
+                layout.import_blob(blob, f"{algorithm_dir.name}:{blob.name}")
+        annotations = {k: v for k, v in desc.annotations.items()}
+        annotations[SOURCE_FORMAT] = fmt
+        layout.set_tag(tag, desc.with_annotations(annotations))
+    return tag, desc
+
+
+def _skopeo_format(fmt: str, desc: Descriptor) -> str | None:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use oci, v2s2 or keep")
+    if fmt == "keep":
+        kept = desc.annotations.get(SOURCE_FORMAT)
+        return "v2s2" if kept == "v2s2" else None
+    return fmt
+
+
+def push(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, manifest_format: str = "keep"
+         ) -> Descriptor:
+    """Copy a layout image out to a registry or an archive; archives appear atomically."""
+    if src.transport != "oci":
+        raise UsageError(f"push reads a local layout; {src} is not oci:DIR[:TAG]")
+    if dest.transport == "oci":
+        raise UsageError(f"push to another layout: use a docker://, docker-archive: or "
+                         f"oci-archive: destination, not {dest}")
+    layout = Layout.open(src.path)
+    with layout.lock(exclusive=False):
+        desc = layout.resolve(src.tag)
+        fmt = _skopeo_format(manifest_format, desc)
+        is_index = MediaType.is_index(desc.media_type)
+        if is_index and dest.transport == "docker-archive":
+            raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
+                             "push one platform by its own tag, or use oci-archive:")
+        source = ImageRef("oci", src.path, src.tag or desc.ref_name)
+        if dest.transport == "docker":
+            skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt)
+            return desc
+        with _archive_target(dest) as tmp_dest:
+            skopeo.copy(source, tmp_dest, all_images=is_index, manifest_format=fmt)
+    return desc
+
+
+@contextlib.contextmanager
+def _archive_target(dest: ImageRef) -> Iterator[ImageRef]:
+    """A temp file beside the archive, renamed over it only when skopeo succeeded."""
+    target = Path(dest.path).resolve()
+    if target.is_dir():
+        raise UsageError(f"{dest.path}: is a directory; name the archive file to write")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent}: no such directory for the archive")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)  # skopeo creates the file itself
+    try:
+        yield ImageRef(dest.transport, tmp, dest.tag)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def open_source(ref: ImageRef, skopeo: Skopeo) -> tuple[ImageSource, Layout | None]:
+    if ref.transport == "oci":
+        layout = Layout.open(ref.path)
+        return LayoutSource(layout, ref.tag), layout
+    if ref.transport == "docker":
+        return RegistrySource(ref, skopeo), None
+    raise UsageError(f"{ref}: inspect reads a layout or a registry; pull an archive first")
+
+
+def inspect(ref: ImageRef, skopeo: Skopeo, platform: str | None = None) -> dict[str, Any]:
+    """A JSON-ready description: tags, platforms, layers with diff_ids, labels, history."""
+    source, layout = open_source(ref, skopeo)
+    top = source.top()
+    index, images = load_images(source, top, platform)
+    report: dict[str, Any] = {
+        "reference": str(ref),
+        "mediaType": top.media_type,
+        "digest": top.digest,
+        "size": top.size,
+    }
+    if layout is not None:
+        report["tags"] = layout.tags()
+        report["annotations"] = top.annotations
+    report["images"] = [_describe(image.descriptor, image) for image in images]
+    if index is not None:
+        report["index"] = {"manifests": len(index.manifests)}
+    return report
+
+
+def _describe(desc: Descriptor, image: Any) -> dict[str, Any]:
+    config = image.config
+    diff_ids = config.diff_ids
+    layers = []
+    for position, layer in enumerate(image.manifest.layers):
+        layers.append({"mediaType": layer.media_type, "size": layer.size, "digest": layer.digest,
+                       "diff_id": diff_ids[position] if position < len(diff_ids) else None})
+    position, diff_id = injected_position(config, desc.digest)
+    return {
+        "platform": image.platform,
+        "manifest": {"mediaType": image.manifest.media_type, "digest": desc.digest,
+                     "size": desc.size},
+        "config": {"mediaType": image.manifest.config.media_type,
+                   "digest": image.manifest.config.digest, "size": image.manifest.config.size,
+                   "created": config.doc.get("created")},
+        "layers": layers,
+        "labels": config.labels,
+        "history": config.history,
+        "injected": None if position is None else {"position": position, "diff_id": diff_id},
+    }
+
+
+@dataclass(frozen=True)
+class GcReport:
+    layout: str
+    result: GcResult
+    dry_run: bool
+
+
+def gc(ref: ImageRef, dry_run: bool = False) -> GcReport:
+    if ref.transport != "oci" or ref.tag:
+        raise UsageError(f"gc takes a layout directory, not {ref}")
+    layout = Layout.open(ref.path)
+    guard = layout.lock() if dry_run else layout.writing()
+    with guard:
+        return GcReport(ref.path, layout.gc(dry_run), dry_run)

@@ -1,0 +1,107 @@
+"""Everything the CLI prints, in one place: stdout for results, stderr for the rest.
+
+`--json` keeps stdout for one JSON document; progress bars appear only when stderr is a
+terminal and `--quiet` is off, so pipes and CI logs never see control characters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from cvmfs_inject.layer import BLOCK
+
+PROG = "cvmfs-inject"
+
+
+def estimate_tar_size(tree: Path) -> int:
+    """A cheap pre-scan for the progress bar's total: headers plus padded file sizes."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [str(tree)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    st = entry.stat(follow_symlinks=False)
+                    total += BLOCK
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+                    elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                        if st.st_nlink > 1:
+                            seen.add((st.st_dev, st.st_ino))
+                        total += -(-st.st_size // BLOCK) * BLOCK
+        except OSError:
+            continue
+    return total
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
+        self.quiet = quiet
+        self.json_mode = json_mode
+        self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def line(self, message: str) -> None:
+        """A human result line: stdout normally, stderr under --json, nothing under --quiet."""
+        if self.quiet:
+            return
+        stream = sys.stderr if self.json_mode else sys.stdout
+        print(message, file=stream, flush=True)
+
+    human = line
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+    def error_line(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def fatal(self, message: str) -> None:
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+    def emit(self, result: Any) -> None:
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str), flush=True)
+
+    @contextlib.contextmanager
+    def packing(self, tree: Path) -> Iterator[Callable[[int], None] | None]:
+        if self.quiet or not sys.stderr.isatty() or not tree.is_dir():
+            yield None
+            return
+        progress = Progress(TextColumn("packing"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=self._err,
+                            transient=True)
+        task = progress.add_task("pack", total=estimate_tar_size(tree))
+        with progress:
+            yield lambda n: progress.advance(task, n)
+
+    def inject_summary(self, report: Any) -> None:
+        if report.status == "unchanged":
+            self.line(f"{report.reference}: unchanged (the image already holds this tree, "
+                      f"{report.layer['diff_id']})")
+            return
+        stats, layer = report.stats, report.layer
+        tar_size = stats.get("tar_size", 0)
+        seconds = max(stats.get("seconds", 0.0), 1e-6)
+        ratio = layer["size"] / tar_size if tar_size else 0.0
+        self.line(f"{report.reference}: injected {layer['diff_id']}")
+        self.line(f"layer {layer['digest']}: {layer['size']:,} B {layer['compression']} "
+                  f"({ratio:.1%} of {tar_size:,} B tar, {stats.get('files', 0):,} files) in "
+                  f"{seconds:.2f} s, {tar_size / seconds / 1e6:.0f} MB/s; image {report.digest}")

@@ -1,0 +1,144 @@
+"""Image references in skopeo's words, parsed into values before anything touches disk or network.
+
+Supported: ``docker://HOST/REPO[:TAG|@DIGEST]``, ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
+``docker-archive:FILE[:REF]``; a bare path means ``oci:``. Like skopeo, the path of the
+local transports ends at the first colon, so a directory name cannot contain one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cvmfs_inject.errors import UsageError
+
+TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive")
+
+FORMS = (
+    "docker://HOST/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+    "docker-archive:FILE[:REF] or a layout directory DIR[:TAG]"
+)
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_HOST = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?$")
+_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+# org.opencontainers.image.ref.name grammar from the image-layout spec.
+_OCI_REF_NAME = re.compile(r"^[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+                           r"(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*$")
+
+DEFAULT_REGISTRY = "docker.io"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A parsed reference; `tag` is the tag/ref name, `digest` only for docker://."""
+
+    transport: str
+    path: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def is_registry(self) -> bool:
+        return self.transport == "docker"
+
+    @property
+    def registry(self) -> str:
+        """Registry host of a docker:// reference (docker.io for a bare name, as docker does)."""
+        first, _, rest = self.path.partition("/")
+        if rest and ("." in first or ":" in first or first == "localhost"):
+            return first
+        return DEFAULT_REGISTRY
+
+    @property
+    def repository(self) -> str:
+        first, _, rest = self.path.partition("/")
+        if rest and ("." in first or ":" in first or first == "localhost"):
+            return rest
+        return self.path if "/" in self.path else f"library/{self.path}"
+
+    def with_tag(self, tag: str | None) -> ImageRef:
+        return ImageRef(self.transport, self.path, tag, None)
+
+    def skopeo(self) -> str:
+        """The same reference as skopeo expects it on its command line."""
+        if self.transport == "docker":
+            suffix = f"@{self.digest}" if self.digest else f":{self.tag or 'latest'}"
+            return f"docker://{self.path}{suffix}"
+        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+    def __str__(self) -> str:
+        return self.skopeo()
+
+
+def _bad(text: str, why: str) -> UsageError:
+    return UsageError(f"invalid image reference {text!r}: {why}; expected {FORMS}")
+
+
+def _parse_docker(text: str, rest: str) -> ImageRef:
+    if not rest.startswith("//"):
+        raise _bad(text, "docker references start with docker://")
+    name = rest[2:]
+    digest = None
+    if "@" in name:
+        name, digest = name.split("@", 1)
+        if not _DIGEST.match(digest):
+            raise _bad(text, f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
+    tag = None
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+        if not _TAG.match(tag):
+            raise _bad(text, f"tag {tag!r} is not a valid tag")
+    if not name:
+        raise _bad(text, "missing repository")
+    first, _, remainder = name.partition("/")
+    is_host = remainder and ("." in first or ":" in first or first == "localhost")
+    if is_host and not _HOST.match(first):
+        raise _bad(text, f"registry host {first!r} is not valid")
+    repository = remainder if is_host else name
+    if not _REPOSITORY.match(repository):
+        raise _bad(text, f"repository {repository!r} must be lowercase path components")
+    if tag is None and digest is None:
+        tag = "latest"
+    return ImageRef("docker", name, tag, digest)
+
+
+def _parse_local(text: str, transport: str, rest: str) -> ImageRef:
+    path, sep, tag = rest.partition(":")
+    if not path:
+        raise _bad(text, f"{transport}: needs a path")
+    if not sep:
+        return ImageRef(transport, path, None)
+    if not tag:
+        raise _bad(text, "empty tag after ':'")
+    if transport == "docker-archive":
+        # A docker-archive reference is NAME[:TAG] or @INDEX, checked by skopeo itself.
+        return ImageRef(transport, path, tag)
+    if not _OCI_REF_NAME.match(tag):
+        raise _bad(text, f"tag {tag!r} is not a valid OCI reference name")
+    return ImageRef(transport, path, tag)
+
+
+def parse_ref(text: str) -> ImageRef:
+    """Parse a reference; raise UsageError naming the accepted forms when it is malformed."""
+    if not text:
+        raise _bad(text, "empty reference")
+    head, sep, rest = text.partition(":")
+    if sep and head == "docker":
+        return _parse_docker(text, rest)
+    if sep and head in TRANSPORTS:
+        return _parse_local(text, head, rest)
+    if "://" in text:
+        raise _bad(text, f"unknown transport {head!r}")
+    return _parse_local(text, "oci", text)
+
+
+def parse_layout_ref(text: str) -> ImageRef:
+    """A reference that must name a local OCI layout (commands that edit in place)."""
+    ref = parse_ref(text)
+    if ref.transport != "oci":
+        raise UsageError(f"{text!r} is not a local layout; expected oci:DIR[:TAG] or DIR[:TAG]")
+    return ref

@@ -1,0 +1,331 @@
+"""Check OCI and Docker image JSON documents: our JSON Schemas plus the rules a schema can't say.
+
+The schemas (in ``schemas/`` of the source tree, ``cvmfs_inject/_schemas`` in a wheel) are our
+own, draft 2020-12, one self-contained file per document type, so nothing is fetched or resolved
+across files at run time. What JSON Schema cannot express lives here: the per-algorithm digest
+encoding, embedded ``data`` matching its descriptor, and ``KEY=value`` environment entries.
+
+Every finding is a :class:`Problem` rather than an exception, so ``validate`` can report all of
+them at once; only a misuse of the API (an unknown kind, a broken installation) raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError, validators
+
+from cvmfs_inject.errors import InputError
+
+KINDS = ("layout", "index", "manifest", "config", "descriptor")
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+
+_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# JSON strings (skipped whole, escapes included) or the non-JSON constants Python would accept.
+_CONSTANT = re.compile(r'"(?:[^"\\]|\\.)*"|-?Infinity|NaN', re.DOTALL)
+_MAX_MESSAGE = 300
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding, printable as one line: where it is, then what is wrong."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+def detect_kind(doc: dict[str, Any]) -> str | None:
+    """Guess the kind of a parsed document, or None; mediaType wins, then the shape decides.
+
+    A descriptor comes first: its mediaType names its target (often a manifest), and unlike
+    manifests and indexes it never has a schemaVersion.
+    """
+    if "schemaVersion" not in doc and {"digest", "size", "mediaType"} <= doc.keys():
+        return "descriptor"
+    media_type = doc.get("mediaType")
+    if media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
+        return "index"
+    if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
+        return "manifest"
+    # An image config's media type lives only in the descriptor pointing at it.
+    if "rootfs" in doc:
+        return "config"
+    if "imageLayoutVersion" in doc:
+        return "layout"
+    # mediaType is optional in OCI manifests and indexes.
+    if "manifests" in doc:
+        return "index"
+    if "layers" in doc and "config" in doc:
+        return "manifest"
+    return None
+
+
+def check_document(data: bytes, kind: str | None = None, *, media_type: str | None = None,
+                   where: str = "-") -> list[Problem]:
+    """Return every problem of one JSON document, [] if it is valid.
+
+    ``media_type`` is what the pointing descriptor declared: it picks the Docker or OCI schema
+    for configs (which carry no media type) and must agree with a manifest's or index's own
+    ``mediaType``; for those, the document's own ``mediaType`` picks the schema.
+    """
+    doc, problem = _parse(data)
+    if problem is not None:
+        return [Problem(where, problem)]
+    if not isinstance(doc, dict):
+        return [Problem(where, f"top level must be a JSON object, not {_json_type(doc)}")]
+    if kind is None:
+        kind = detect_kind(doc)
+        if kind is None:
+            return [Problem(where, "cannot tell what kind of document this is; pass --kind")]
+    elif kind not in KINDS:
+        raise InputError(f"unknown document kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+    problems: list[Problem] = []
+    own = doc.get("mediaType")
+    # A descriptor document's mediaType is its target's, so only these kinds can mismatch.
+    if media_type is not None and kind in ("index", "manifest", "config") \
+            and isinstance(own, str) and own != media_type:
+        problems.append(Problem(
+            where, f"media type mismatch: descriptor says {media_type}, document says {own}"))
+
+    extra = list(_extra_rules(kind, doc))
+    extra_paths = {path for path, _ in extra}
+    errors = _validator(_schema_name(kind, doc, media_type)).iter_errors(doc)
+    for error in sorted(errors, key=lambda e: (_path_key(e.absolute_path), e.message)):
+        path = _json_path(error.absolute_path)
+        # The extra rules say the same thing about a malformed digest, more helpfully.
+        if error.validator == "pattern" and path in extra_paths:
+            continue
+        problems.append(Problem(where, f"schema: {_shorten(error.message)}{_at(path)}"))
+    problems.extend(Problem(where, f"{message}{_at(path)}") for path, message in extra)
+    return problems
+
+
+def check_descriptor(desc: dict[str, Any], where: str) -> list[Problem]:
+    """The rules beyond the schema for one descriptor (digest encoding, embedded data).
+
+    Missing or mistyped fields are the schema's business and are not reported here.
+    """
+    if not isinstance(desc, dict):
+        return [Problem(where, f"descriptor must be a JSON object, not {_json_type(desc)}")]
+    return [Problem(where, f"{msg}{_at(path)}") for path, msg in _descriptor_rules(desc, "")]
+
+
+def check_digest(digest: str) -> str | None:
+    """Return why ``digest`` is not a usable digest, or None if it is.
+
+    Only sha256 and sha512 are accepted: they are the algorithms the OCI spec registers and
+    the only ones registries and tools reliably verify.
+    """
+    if not isinstance(digest, str):
+        return f"digest must be a string, not {_json_type(digest)}"
+    shown = _shorten(repr(digest), 90)
+    if not _DIGEST.fullmatch(digest):
+        return f"invalid digest {shown}: expected <algorithm>:<encoded>"
+    algorithm, _, encoded = digest.partition(":")
+    length = _HEX_LENGTH.get(algorithm)
+    if length is None:
+        return f"unsupported digest algorithm {algorithm!r} in {shown}: use sha256 or sha512"
+    if not re.fullmatch(r"[0-9a-fA-F]+", encoded):
+        return f"invalid digest {shown}: {algorithm} needs {length} lowercase hex characters"
+    if encoded != encoded.lower():
+        return f"invalid digest {shown}: {algorithm} encoding must be lowercase hex"
+    if len(encoded) != length:
+        return (f"invalid digest {shown}: {algorithm} needs {length} lowercase hex characters, "
+                f"got {len(encoded)}")
+    return None
+
+
+def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """Yield (JSON path, message) for the rules beyond the schema, in document order."""
+    if kind == "descriptor":
+        yield from _descriptor_rules(doc, "")
+    elif kind in ("manifest", "index"):
+        for key in ("config", "subject"):
+            if isinstance(doc.get(key), dict):
+                yield from _descriptor_rules(doc[key], key)
+        for key in ("layers", "manifests"):
+            items = doc.get(key)
+            for i, item in enumerate(items if isinstance(items, list) else []):
+                if isinstance(item, dict):
+                    yield from _descriptor_rules(item, f"{key}[{i}]")
+    elif kind == "config":
+        config = doc.get("config")
+        env = config.get("Env") if isinstance(config, dict) else None
+        for i, entry in enumerate(env if isinstance(env, list) else []):
+            if isinstance(entry, str) and ("=" not in entry or entry.startswith("=")):
+                yield f"config.Env[{i}]", f"Env entry {_shorten(repr(entry), 90)} is not KEY=value"
+        rootfs = doc.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        for i, diff_id in enumerate(diff_ids if isinstance(diff_ids, list) else []):
+            if isinstance(diff_id, str) and (message := check_digest(diff_id)):
+                yield f"rootfs.diff_ids[{i}]", message
+
+
+def _descriptor_rules(desc: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
+    digest = desc.get("digest")
+    if isinstance(digest, str) and (message := check_digest(digest)):
+        yield _join(path, "digest"), message
+    data = desc.get("data")
+    if isinstance(data, str):
+        for message in _data_problems(data, desc):
+            yield _join(path, "data"), message
+
+
+def _data_problems(data: str, desc: dict[str, Any]) -> Iterator[str]:
+    """Embedded content must be exactly what size and digest promise, or readers disagree."""
+    if len(data) % 4:
+        yield f"data is not padded base64 (length {len(data)} is not a multiple of 4)"
+        return
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except binascii.Error as e:
+        yield f"data is not valid base64: {e}"
+        return
+    if base64.b64encode(raw).decode("ascii") != data:
+        yield "data is not canonical base64 (non-zero padding bits)"
+    size = desc.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size != len(raw):
+        yield f"data decodes to {len(raw)} bytes but size is {size}"
+    digest = desc.get("digest")
+    if isinstance(digest, str) and check_digest(digest) is None:
+        algorithm, _, encoded = digest.partition(":")
+        actual = hashlib.new(algorithm, raw).hexdigest()
+        if actual != encoded:
+            yield f"data does not match digest: its digest is {algorithm}:{actual}"
+
+
+def _parse(data: bytes) -> tuple[Any, str | None]:
+    """Strict RFC 8259 parsing: UTF-8 only, no NaN/Infinity; errors carry line and column."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        return None, (f"invalid JSON: invalid UTF-8 byte 0x{data[e.start]:02x} "
+                      f"(line {line} column {column})")
+    try:
+        return json.loads(text, parse_constant=_reject_constant), None
+    except json.JSONDecodeError as e:
+        # Drop Python-isms: "Invalid control character at", "(decode using utf-8-sig)".
+        message = e.msg.removesuffix(" at").removesuffix(" (decode using utf-8-sig)")
+        return None, f"invalid JSON: {message} (line {e.lineno} column {e.colno})"
+    except _ConstantError as e:
+        pos = next(m.start() for m in _CONSTANT.finditer(text) if not m.group().startswith('"'))
+        line, column = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+        return None, f"invalid JSON: {e} (line {line} column {column})"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply"
+
+
+class _ConstantError(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _ConstantError(f"{name} is not a JSON value")
+
+
+def _schema_name(kind: str, doc: dict[str, Any], media_type: str | None) -> str:
+    """Pick the schema file; a Docker document is recognised by its (or its pointer's) type."""
+    own = doc.get("mediaType")
+    declared = own if own is not None else media_type
+    if kind == "index":
+        return "docker-manifest-list.json" if declared == DOCKER_MANIFEST_LIST else "oci-index.json"
+    if kind == "manifest":
+        return "docker-manifest.json" if declared == DOCKER_MANIFEST else "oci-manifest.json"
+    if kind == "config":
+        return "docker-config.json" if media_type == DOCKER_CONFIG else "oci-config.json"
+    return {"layout": "oci-layout.json", "descriptor": "oci-descriptor.json"}[kind]
+
+
+def _schema_dir() -> Traversable:
+    """Wheels carry the schemas inside the package; source trees keep them at the top."""
+    packaged = resources.files("cvmfs_inject") / "_schemas"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "schemas"
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
+                  ) -> Iterator[ValidationError]:
+    """``pattern`` with ECMA-262 ``$``: Python's ``$`` also matches before a final newline,
+    which would let ``"sha256:…\\n"`` or ``"text/plain\\n"`` through."""
+    if not validator.is_type(instance, "string"):
+        return
+    anchored = pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") \
+        else pattern
+    if not re.search(anchored, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@functools.cache
+def _validator(name: str) -> Any:
+    """Load, self-check and compile one schema once; no format checker, formats are not rules."""
+    try:
+        schema = json.loads((_schema_dir() / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load schema {name}: {e}; the installation is incomplete") from e
+    Draft202012Validator.check_schema(schema)
+    return _Validator(schema)
+
+
+def _json_path(parts: Iterable[str | int]) -> str:
+    """Render a path as a reader would write it: layers[1].digest, platform["os.version"]."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENTIFIER.fullmatch(part):
+            out = _join(out, part)
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def _path_key(parts: Iterable[str | int]) -> tuple[tuple[int, int, str], ...]:
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in parts)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _at(path: str) -> str:
+    return f" at {path}" if path else ""
+
+
+def _shorten(text: str, limit: int = _MAX_MESSAGE) -> str:
+    """Keep messages to one readable line even when they quote a large value."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

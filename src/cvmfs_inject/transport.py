@@ -1,0 +1,148 @@
+"""skopeo as a subprocess: the only place that spawns it, and the place that explains its failures.
+
+Credentials never reach skopeo's argv: it is given an auth *file* (ours or its own default
+lookup), so `ps` never shows a password.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_inject.errors import MissingDependencyError, NotFoundError, ToolError, UsageError
+from cvmfs_inject.refs import ImageRef
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
+
+_POLICY_FILES = (Path.home() / ".config/containers/policy.json",
+                 Path("/etc/containers/policy.json"))
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach registries: the skopeo options a user would pass, minus any secret."""
+
+    tls_verify: bool = True
+    cert_dir: Path | None = None
+    authfile: Path | None = None
+    debug: bool = False
+
+    def flags(self, side: str, ref: ImageRef) -> list[str]:
+        """skopeo flags for one side of a copy (`src`/`dest`) or for inspect (`''`)."""
+        if not ref.is_registry:
+            return []
+        prefix = f"--{side}-" if side else "--"
+        flags = [f"{prefix}tls-verify={'true' if self.tls_verify else 'false'}"]
+        if self.cert_dir is not None:
+            flags += [f"{prefix}cert-dir", str(self.cert_dir)]
+        if self.authfile is not None:
+            flags += [f"{prefix}authfile", str(self.authfile)]
+        return flags
+
+
+def _default_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items()}
+    return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                          check=False)
+
+
+_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+
+
+def key_error_line(stderr: str) -> str:
+    """The one line of skopeo's stderr that says what went wrong."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "level=fatal" in line or "level=error" in line:
+            match = _MSG.search(line)
+            if match:
+                return match.group(1).replace('\\"', '"')
+            return line
+    for line in reversed(lines):
+        if line.lower().startswith(("error", "fatal")):
+            return line
+    return lines[-1] if lines else "no error output"
+
+
+def classify(message: str, argv: list[str], returncode: int, stderr: str) -> Exception:
+    """Turn skopeo's message into our error types: not-found vs auth vs network vs other."""
+    lower = message.lower()
+    if any(s in lower for s in ("manifest unknown", "name unknown", "not found",
+                                "no such file or directory", "no descriptor found",
+                                "does not exist")):
+        return NotFoundError(f"skopeo: {message}")
+    if "unauthorized" in lower or "authentication required" in lower or "401" in lower:
+        return ToolError(f"skopeo: authentication failed: {message} (check --authfile or "
+                         "the registry credentials)", argv, returncode, stderr)
+    if "connection refused" in lower or "no such host" in lower or "i/o timeout" in lower:
+        return ToolError(f"skopeo: registry unreachable: {message}", argv, returncode, stderr)
+    if "x509" in lower or "certificate" in lower:
+        return ToolError(f"skopeo: TLS verification failed: {message} (use --cert-dir with the "
+                         "registry's CA, or --no-tls-verify for plain http)", argv, returncode,
+                         stderr)
+    if "server gave http response to https client" in lower:
+        return ToolError(f"skopeo: {message} (the registry speaks plain http: use "
+                         "--no-tls-verify)", argv, returncode, stderr)
+    return ToolError(f"skopeo: {message}", argv, returncode, stderr)
+
+
+class Skopeo:
+    """Thin, typed front of the skopeo CLI. The runner is swappable for tests of error mapping."""
+
+    def __init__(self, options: RegistryOptions | None = None,
+                 runner: Runner | None = None) -> None:
+        self.options = options or RegistryOptions()
+        self._runner = runner or _default_runner
+
+    def _base(self) -> list[str]:
+        binary = shutil.which("skopeo")
+        if binary is None:
+            raise MissingDependencyError(
+                "skopeo is not installed: install the Debian package with "
+                "'apt-get install skopeo' (or run 'make demo' / 'make test' as root)")
+        argv = [binary]
+        if self.options.debug:
+            argv.append("--debug")
+        if not any(p.is_file() for p in _POLICY_FILES):
+            argv.append("--insecure-policy")
+        return argv
+
+    def run(self, args: list[str], global_flags: list[str] | None = None) -> bytes:
+        argv = [*self._base(), *(global_flags or []), *args]
+        done = self._runner(argv)
+        stderr = done.stderr.decode(errors="replace")
+        if done.returncode != 0:
+            raise classify(key_error_line(stderr), argv, done.returncode, stderr)
+        return done.stdout
+
+    def copy(self, src: ImageRef, dest: ImageRef, *, all_images: bool = False,
+             platform: str | None = None, manifest_format: str | None = None,
+             preserve_digests: bool = False) -> None:
+        args = ["copy", "--quiet", "--retry-times", "2"]
+        if all_images:
+            args.append("--all")
+        global_flags: list[str] = []
+        if platform:
+            parts = platform.split("/")
+            if len(parts) not in (2, 3) or not all(parts):
+                raise UsageError(f"invalid platform {platform!r}: expected OS/ARCH[/VARIANT]")
+            global_flags += ["--override-os", parts[0], "--override-arch", parts[1]]
+            if len(parts) == 3:
+                global_flags += ["--override-variant", parts[2]]
+        if manifest_format:
+            args += ["--format", manifest_format]
+        if preserve_digests:
+            args.append("--preserve-digests")
+        args += self.options.flags("src", src) + self.options.flags("dest", dest)
+        args += [src.skopeo(), dest.skopeo()]
+        self.run(args, global_flags)
+
+    def inspect_raw(self, ref: ImageRef, config: bool = False) -> bytes:
+        args = ["inspect", "--raw", *(["--config"] if config else [])]
+        args += [*self.options.flags("", ref), ref.skopeo()]
+        return self.run(args)
