@@ -19,9 +19,8 @@ import hashlib
 import os
 import queue
 import stat
-import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +40,6 @@ COMPRESSIONS = ("gzip", "zstd", "none")
 DEFAULT_LEVELS = {"gzip": 1, "zstd": 3, "none": 0}
 LEVEL_RANGES = {"gzip": range(0, 4), "zstd": range(1, 23), "none": range(0, 1)}
 
-_HEADER = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
 _TYPE_FILE, _TYPE_HARDLINK, _TYPE_SYMLINK, _TYPE_DIR, _TYPE_PAX = b"0", b"1", b"2", b"5", b"x"
 
 
@@ -103,8 +101,9 @@ def source_date_epoch() -> int | None:
 
 
 # -- tar headers ----------------------------------------------------------------------------
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
+# Everything after the link name: magic "ustar\0", version "00", empty uname/gname/dev/prefix.
+_TAIL = b"ustar\x0000" + b"\0" * 247
+_CHECKSUM_BASE = sum(_TAIL) + 8 * ord(" ")
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -115,37 +114,54 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return str(length).encode() + body
 
 
-def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
-            typeflag: bytes, linkname: bytes = b"") -> bytes:
-    """One ustar header block, preceded by a PAX block when a field does not fit ustar."""
-    pax = b""
-    if len(name) > 100 or not name.isascii():
-        pax += _pax_record(b"path", name)
-        name = name.decode("ascii", "replace").encode("ascii", "replace")[:100]
-    if len(linkname) > 100 or not linkname.isascii():
-        pax += _pax_record(b"linkpath", linkname)
-        linkname = linkname.decode("ascii", "replace").encode("ascii", "replace")[:100]
-    if size > MAX_OCTAL_SIZE:
-        pax += _pax_record(b"size", str(size).encode())
-        size = 0
-    if pax and not _is_utf8(pax):
-        pax = _pax_record(b"hdrcharset", b"BINARY") + pax
-    block = _HEADER.pack(name, _octal(mode, 8), _octal(uid, 8), _octal(gid, 8),
-                         _octal(size, 12), _octal(mtime, 12), b" " * 8, typeflag, linkname,
-                         b"ustar\0", b"00", b"", b"", b"", b"", b"", b"")
-    block = block[:148] + b"%06o\0 " % sum(block) + block[156:]
-    if not pax:
-        return block
-    return (_header(b"././@PaxHeader", 0o644, 0, 0, len(pax), 0, _TYPE_PAX)
-            + pax + b"\0" * (-len(pax) % BLOCK) + block)
-
-
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
+
+
+class _Headers:
+    """Builds ustar headers fast: the mode/owner and mtime fields repeat across a tree, so
+    their octal text and checksum contribution are computed once and cached."""
+
+    def __init__(self) -> None:
+        self._owner: dict[tuple[int, int, int], tuple[bytes, int]] = {}
+        self._mtime: dict[int, tuple[bytes, int]] = {}
+
+    def __call__(self, name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+                 typeflag: bytes, linkname: bytes = b"") -> bytes:
+        pax = b""
+        if len(name) > 100 or not name.isascii():
+            pax += _pax_record(b"path", name)
+            name = name.decode("ascii", "replace").encode("ascii", "replace")[:100]
+        if linkname and (len(linkname) > 100 or not linkname.isascii()):
+            pax += _pax_record(b"linkpath", linkname)
+            linkname = linkname.decode("ascii", "replace").encode("ascii", "replace")[:100]
+        if size > MAX_OCTAL_SIZE:
+            pax += _pax_record(b"size", str(size).encode())
+            size = 0
+        owner = self._owner.get((mode, uid, gid))
+        if owner is None:
+            text = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
+            owner = self._owner[(mode, uid, gid)] = (text, sum(text))
+        stamp = self._mtime.get(mtime)
+        if stamp is None:
+            text = b"%011o\0" % mtime
+            stamp = self._mtime[mtime] = (text, sum(text))
+        size_text = b"%011o\0" % size
+        checksum = (_CHECKSUM_BASE + sum(name) + owner[1] + sum(size_text) + stamp[1]
+                    + typeflag[0] + sum(linkname))
+        block = b"".join((name, bytes(100 - len(name)), owner[0], size_text, stamp[0],
+                          b"%06o\0 " % checksum, typeflag, linkname,
+                          bytes(100 - len(linkname)), _TAIL))
+        if not pax:
+            return block
+        if not _is_utf8(pax):
+            pax = _pax_record(b"hdrcharset", b"BINARY") + pax
+        return (self(b"././@PaxHeader", 0o644, 0, 0, len(pax), 0, _TYPE_PAX)
+                + pax + bytes(-len(pax) % BLOCK) + block)
 
 
 # -- walking ---------------------------------------------------------------------------------
@@ -176,38 +192,135 @@ class Excluder:
         return False
 
 
-def _walk(root: str, excluder: Excluder, warn: Callable[[str], None]
-          ) -> Iterator[tuple[str, str, os.stat_result]]:
-    """Yield (relative path, absolute path, lstat) depth-first, names sorted bytewise."""
-    stack: list[Iterator[os.DirEntry[str]]] = []
+class _Packer:
+    """Walks the tree once, depth first with names sorted, and emits tar bytes in chunks.
 
-    def listing(path: str) -> Iterator[os.DirEntry[str]]:
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: os.fsencode(e.name))
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
-        return iter(entries)
+    The walk is an explicit stack inside one loop (no generator per entry), and small files
+    are read whole into the chunk being built: per-entry Python work is what bounds speed.
+    """
 
-    stack.append(listing(root))
-    prefix_len = len(root) + 1
-    while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
-            stack.pop()
-            continue
-        path = entry.path
-        rel = path[prefix_len:]
+    def __init__(self, pipeline: _Pipeline, options: PackOptions,
+                 note: Callable[[str], None]) -> None:
+        self.pipeline = pipeline
+        self.options = options
+        self.note = note
+        self.headers = _Headers()
+        self.buffer = bytearray()
+        self.entries = self.files = self.hardlinks = 0
+        epoch = options.source_date_epoch
+        self.epoch = epoch
+
+    def clamp(self, mtime: float) -> int:
+        seconds = max(0, int(mtime))
+        return seconds if self.epoch is None or seconds < self.epoch else self.epoch
+
+    def emit(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= CHUNK:
+            self.pipeline.put(self.buffer)
+            self.buffer = bytearray()
+
+    def finish(self) -> None:
+        self.buffer += bytes(2 * BLOCK)
+        self.pipeline.put(self.buffer)
+        self.buffer = bytearray()
+
+    def root(self, tree: Path | None, mount: bytes) -> None:
+        if tree is None:
+            mtime, mode = self.epoch or 0, 0o755
+        else:
+            st = _check_tree(tree)
+            mtime, mode = self.clamp(st.st_mtime), stat.S_IMODE(st.st_mode)
+        self.emit(self.headers(mount + b"/", mode, 0, 0, 0, mtime, _TYPE_DIR))
+        self.entries += 1
+
+    def tree(self, root: str, mount: bytes) -> None:
+        excluder = Excluder(self.options.excludes)
+        keep_owner = self.options.keep_owner
+        headers, emit, clamp = self.headers, self.emit, self.clamp
+        seen_inodes: dict[tuple[int, int], bytes] = {}
+        lstat, fsencode = os.lstat, os.fsencode
+        s_isreg, s_isdir, s_islnk, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_IMODE
+        # each stack item: (directory path, its tar name prefix, iterator over sorted names)
+        stack = [(root, mount + b"/", "", iter(_listing(root)))]
+        while stack:
+            directory, prefix, rel_prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            path = directory + "/" + name
+            try:
+                st = lstat(path)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot stat: {exc.strerror}") from None
+            mode = st.st_mode
+            if excluder and excluder.excluded(rel_prefix + name, s_isdir(mode)):
+                continue
+            tar_name = prefix + fsencode(name)
+            uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
+            perms = s_imode(mode)
+            mtime = clamp(st.st_mtime)
+            self.entries += 1
+            if s_isreg(mode):
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    first = seen_inodes.get(key)
+                    if first is not None:
+                        emit(headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_HARDLINK, first))
+                        self.hardlinks += 1
+                        continue
+                    seen_inodes[key] = tar_name
+                size = st.st_size
+                emit(headers(tar_name, perms, uid, gid, size, mtime, _TYPE_FILE))
+                self.copy_file(path, size)
+                self.files += 1
+            elif s_isdir(mode):
+                emit(headers(tar_name + b"/", perms, uid, gid, 0, mtime, _TYPE_DIR))
+                stack.append((path, tar_name + b"/", rel_prefix + name + "/",
+                              iter(_listing(path))))
+            elif s_islnk(mode):
+                target = fsencode(os.readlink(path))
+                emit(headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_SYMLINK, target))
+            else:
+                self.entries -= 1
+                self.note(f"{path}: skipped (sockets, fifos and device nodes are not packed)")
+
+    def copy_file(self, path: str, size: int) -> None:
         try:
-            st = entry.stat(follow_symlinks=False)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
-            raise InputError(f"{path}: cannot stat: {exc.strerror}") from None
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if excluder and excluder.excluded(rel, is_dir):
-            continue
-        yield rel, path, st
-        if is_dir:
-            stack.append(listing(path))
+            raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            remaining = size
+            while remaining:
+                try:
+                    data = os.read(fd, min(remaining, READ_SIZE))
+                except OSError as exc:
+                    raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+                if not data:
+                    raise InputError(f"{path}: file shrank while it was packed; pack a tree "
+                                     "that is not being written to")
+                remaining -= len(data)
+                self.emit(data)
+            if os.read(fd, 1):
+                raise InputError(f"{path}: file grew while it was packed; pack a tree that "
+                                 "is not being written to")
+        finally:
+            os.close(fd)
+        padding = -size % BLOCK
+        if padding:
+            self.buffer += bytes(padding)
+
+
+def _listing(path: str) -> list[str]:
+    """Directory entries sorted by name; code-point order equals UTF-8 byte order."""
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
+    names.sort()
+    return names
 
 
 # -- the packer -------------------------------------------------------------------------------
@@ -221,7 +334,7 @@ class _Compressor:
         else:
             self._obj = None
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes | bytearray) -> bytes | bytearray:
         return data if self._obj is None else self._obj.compress(data)  # type: ignore[attr-defined]
 
     def flush(self) -> bytes:
@@ -233,7 +346,7 @@ class _Pipeline:
 
     def __init__(self, sink: Sink, options: PackOptions,
                  progress: Callable[[int], None] | None) -> None:
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_DEPTH)
+        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUE_DEPTH)
         self._sink = sink
         self._compressor = _Compressor(options.compression, options.level or 0)
         self._diff = hashlib.sha256()
@@ -261,7 +374,7 @@ class _Pipeline:
             while self._queue.get() is not None:
                 pass
 
-    def put(self, chunk: bytes) -> None:
+    def put(self, chunk: bytes | bytearray) -> None:
         if self._error is not None:
             raise self._error
         self.size += len(chunk)
@@ -293,42 +406,20 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
         if warn:
             warn(message)
 
-    epoch = options.source_date_epoch
     mount = options.mount_point.strip("/").encode()
     pipeline = _Pipeline(sink, options, progress)
-    buffer = bytearray()
-    counts = {"entries": 0, "files": 0, "hardlinks": 0}
+    packer = _Packer(pipeline, options, note)
     try:
-        def flush_if_full() -> None:
-            nonlocal buffer
-            if len(buffer) >= CHUNK:
-                pipeline.put(bytes(buffer))
-                buffer = bytearray()
-
-        def clamp(mtime: float) -> int:
-            seconds = max(0, int(mtime))
-            return min(seconds, epoch) if epoch is not None else seconds
-
-        if tree is None:
-            root_mtime = epoch or 0
-            root_mode = 0o755
-        else:
-            st = _check_tree(tree)
-            root_mtime, root_mode = clamp(st.st_mtime), stat.S_IMODE(st.st_mode)
-        buffer += _header(mount + b"/", root_mode, 0, 0, 0, root_mtime, _TYPE_DIR)
-        counts["entries"] += 1
+        packer.root(tree, mount)
         if tree is not None:
-            _pack_entries(str(tree), mount, options, Excluder(options.excludes), clamp, note,
-                          buffer_ref=lambda: buffer, flush=flush_if_full, pipeline=pipeline,
-                          counts=counts)
-        buffer += b"\0" * (2 * BLOCK)
-        pipeline.put(bytes(buffer))
+            packer.tree(str(tree).rstrip("/") or "/", mount)
+        packer.finish()
         diff_id = pipeline.finish()
     except BaseException:
         pipeline.cancel()
         raise
-    return PackResult(diff_id, pipeline.size, counts["entries"], counts["files"],
-                      counts["hardlinks"], warnings)
+    return PackResult(diff_id, pipeline.size, packer.entries, packer.files, packer.hardlinks,
+                      warnings)
 
 
 def _check_tree(tree: Path) -> os.stat_result:
@@ -341,73 +432,3 @@ def _check_tree(tree: Path) -> os.stat_result:
     if not stat.S_ISDIR(st.st_mode):
         raise InputError(f"{tree}: not a directory (DIR is the content of the mount point)")
     return st
-
-
-def _pack_entries(root: str, mount: bytes, options: PackOptions, excluder: Excluder,
-                  clamp: Callable[[float], int], note: Callable[[str], None], *,
-                  buffer_ref: Callable[[], bytearray], flush: Callable[[], None],
-                  pipeline: _Pipeline, counts: dict[str, int]) -> None:
-    seen_inodes: dict[tuple[int, int], bytes] = {}
-    keep_owner = options.keep_owner
-    for rel, path, st in _walk(root, excluder, note):
-        mode = st.st_mode
-        name = mount + b"/" + os.fsencode(rel)
-        uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
-        perms = stat.S_IMODE(mode)
-        mtime = clamp(st.st_mtime)
-        buffer = buffer_ref()
-        if stat.S_ISREG(mode):
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                first = seen_inodes.get(key)
-                if first is not None:
-                    buffer += _header(name, perms, uid, gid, 0, mtime, _TYPE_HARDLINK, first)
-                    counts["entries"] += 1
-                    counts["hardlinks"] += 1
-                    flush()
-                    continue
-                seen_inodes[key] = name
-            buffer += _header(name, perms, uid, gid, st.st_size, mtime, _TYPE_FILE)
-            _copy_file(path, st.st_size, buffer_ref, flush, pipeline)
-            counts["files"] += 1
-        elif stat.S_ISDIR(mode):
-            buffer += _header(name + b"/", perms, uid, gid, 0, mtime, _TYPE_DIR)
-        elif stat.S_ISLNK(mode):
-            target = os.fsencode(os.readlink(path))
-            buffer += _header(name, perms, uid, gid, 0, mtime, _TYPE_SYMLINK, target)
-        else:
-            note(f"{path}: skipped (sockets, fifos and device nodes are not packed)")
-            continue
-        counts["entries"] += 1
-        flush()
-
-
-def _copy_file(path: str, size: int, buffer_ref: Callable[[], bytearray],
-               flush: Callable[[], None], pipeline: _Pipeline) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        remaining = size
-        while remaining:
-            try:
-                data = os.read(fd, min(remaining, READ_SIZE))
-            except OSError as exc:
-                raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-            if not data:
-                raise InputError(f"{path}: file shrank while it was packed; pack a tree "
-                                 "that is not being written to")
-            remaining -= len(data)
-            buffer = buffer_ref()
-            if len(data) >= CHUNK and not buffer:
-                pipeline.put(data)
-            else:
-                buffer += data
-                flush()
-        if os.read(fd, 1):
-            raise InputError(f"{path}: file grew while it was packed; pack a tree that is "
-                             "not being written to")
-    finally:
-        os.close(fd)
-    buffer_ref().extend(b"\0" * (-size % BLOCK))
