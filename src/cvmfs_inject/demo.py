@@ -70,7 +70,8 @@ def local_registry(root: Path) -> Iterator[str | None]:
                     break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise SystemExit(f"docker-registry did not start; see {root}/registry.log")
+                    log = root / "registry.log"
+                    raise SystemExit(f"docker-registry did not start; see {log}") from None
                 time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:

@@ -30,7 +30,7 @@ from cvmfs_inject.inject import (
 )
 from cvmfs_inject.layer import PackOptions, pack
 from cvmfs_inject.model import Descriptor, canonical_json
-from cvmfs_inject.ops import default_tag, pull, push
+from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.store import Layout
 from cvmfs_inject.transport import Skopeo
@@ -78,6 +78,7 @@ def inject(ref: ImageRef, tree: Path | None, options: PackOptions, *, new_tag: s
             layer_media_type(image.manifest, options.compression)
         reference = f"oci:{ref.path}:{tag}"
         if init_only and all(injected_position(i.config, "")[0] is not None for i in images):
+            _tag_unchanged(layout, tag, top)
             return InjectReport("already-prepared", reference, top.digest)
         started = time.monotonic()
         with layout.writer() as writer:
@@ -86,6 +87,7 @@ def inject(ref: ImageRef, tree: Path | None, options: PackOptions, *, new_tag: s
                              options.compression, options.mount_point)
             edits = _edit_all(images, layer, options, init_only, ref)
             if not any(edits.values()):
+                _tag_unchanged(layout, tag, top)
                 return InjectReport("unchanged", reference, top.digest,
                                     {"diff_id": layer.diff_id}, warnings=packed.warnings)
             writer.commit()
@@ -103,6 +105,12 @@ def inject(ref: ImageRef, tree: Path | None, options: PackOptions, *, new_tag: s
                         "hardlinks": packed.hardlinks, "tar_size": packed.tar_size,
                         "seconds": round(seconds, 3)}
         return report
+
+
+def _tag_unchanged(layout: Layout, tag: str, top: Descriptor) -> None:
+    """With --tag NEW, an unchanged image still gets the new name; otherwise write nothing."""
+    if top.ref_name != tag:
+        layout.set_tag(tag, top)
 
 
 def _edit_all(images: list[Image], layer: NewLayer, options: PackOptions, init_only: bool,
@@ -210,12 +218,20 @@ def run(src: ImageRef, tree: Path, dest: ImageRef, skopeo: Skopeo, options: Pack
         raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
                          "and `inject` to edit a layout")
     _check_tree_dir(tree)
+    fmt = source_format(src, skopeo)
+    pushed_as_docker = (dest.transport == "docker-archive" or manifest_format == "v2s2"
+                        or (manifest_format == "keep" and fmt == "v2s2"))
+    if pushed_as_docker and options.compression != "gzip":
+        raise UsageError(f"--compress {options.compression} cannot go into a Docker v2s2 image "
+                         f"(Docker layers are gzip only) and {dest} will be Docker v2s2: use "
+                         "--compress gzip, or --format oci with a registry or oci-archive: "
+                         "destination")
     with contextlib.ExitStack() as stack:
         if cache is None:
             cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="cvmfs-inject-run-"))
             cache = os.path.join(cache, "layout")
         tag, _ = pull(src, ImageRef("oci", cache, new_tag or default_tag(src)), skopeo,
-                      all_images=True)
+                      all_images=True, known_format=fmt)
         working = ImageRef("oci", cache, tag)
         report = inject(working, tree, options, platform=platform, progress=progress,
                         warn=warn)

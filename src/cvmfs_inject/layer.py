@@ -257,6 +257,10 @@ class _Packer:
             mode = st.st_mode
             if excluder and excluder.excluded(rel_prefix + name, s_isdir(mode)):
                 continue
+            if name.startswith(".wh."):
+                self.note(f"{path}: skipped (a '.wh.' name is a layer whiteout; it would "
+                          "delete files of the base image)")
+                continue
             tar_name = prefix + fsencode(name)
             uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
             perms = s_imode(mode)

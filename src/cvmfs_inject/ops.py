@@ -60,14 +60,18 @@ def _new_or_existing_layout(path: str) -> Iterator[Layout]:
 
 
 def pull(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, all_images: bool = False,
-         platform: str | None = None) -> tuple[str, Descriptor]:
-    """Copy `src` into the layout named by `dest`; returns (tag, descriptor)."""
+         platform: str | None = None, known_format: str | None = None
+         ) -> tuple[str, Descriptor]:
+    """Copy `src` into the layout named by `dest`; returns (tag, descriptor).
+
+    `known_format` spares a second registry request when the caller already asked.
+    """
     if dest.transport != "oci":
         raise UsageError(f"pull writes a local layout; {dest} is not oci:DIR[:TAG]")
     if all_images and platform:
         raise UsageError("--all and --platform exclude each other")
     tag = dest.tag or default_tag(src)
-    fmt = source_format(src, skopeo)
+    fmt = known_format or source_format(src, skopeo)
     with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
             layout.staging() as stage:
         skopeo.copy(src, ImageRef("oci", stage, "pull"), all_images=all_images,
