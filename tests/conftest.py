@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from registry import Registry, start_registry  # noqa: E402
+from registry import Registry, start_registry
 
-from cvmfs_inject.cli import main  # noqa: E402
+from cvmfs_inject.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

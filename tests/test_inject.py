@@ -8,6 +8,7 @@ killed command leaves the layout byte-for-byte as it was.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,21 +78,30 @@ def layer_history(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [h for h in config.get("history") or [] if not h.get("empty_layer")]
 
 
+@contextlib.contextmanager
+def hand_edit(path: Path) -> Iterator[Layout]:
+    """The layout under its writer lock, so no temp area is left behind by our own edits."""
+    layout = Layout.open(path)
+    with layout.writing():
+        yield layout
+
+
 def rewrite_image(layout_path: Path, tag: str, edit_config: Any = None,
                   edit_manifest: Any = None) -> None:
     """Edit the config and/or manifest of a single-image tag by hand, as another tool would."""
-    layout = Layout.open(layout_path)
-    top = layout.resolve(tag)
-    manifest = json.loads(layout.read_blob(top.digest, top.size))
-    config = read_json(layout_path, manifest["config"]["digest"])
-    if edit_config is not None:
-        edit_config(config)
-        desc = layout.put_bytes(canonical_json(config), manifest["config"]["mediaType"])
-        manifest["config"] = {**manifest["config"], "digest": desc.digest, "size": desc.size}
-    if edit_manifest is not None:
-        edit_manifest(manifest)
-    desc = layout.put_bytes(canonical_json(manifest), top.media_type)
-    layout.set_tag(tag, top.replace(digest=desc.digest, size=desc.size))
+    with hand_edit(layout_path) as layout:
+        top = layout.resolve(tag)
+        manifest = json.loads(layout.read_blob(top.digest, top.size))
+        config = read_json(layout_path, manifest["config"]["digest"])
+        if edit_config is not None:
+            edit_config(config)
+            desc = layout.put_bytes(canonical_json(config), manifest["config"]["mediaType"])
+            manifest["config"] = {**manifest["config"], "digest": desc.digest,
+                                  "size": desc.size}
+        if edit_manifest is not None:
+            edit_manifest(manifest)
+        desc = layout.put_bytes(canonical_json(manifest), top.media_type)
+        layout.set_tag(tag, top.replace(digest=desc.digest, size=desc.size))
 
 
 def assert_one_error_line(err: str) -> str:
@@ -161,11 +172,15 @@ def test_shrinkwrap_tool_tree_round_trips(cli, base, tmp_path):
 # -- reproducibility and no-op ---------------------------------------------------------------
 @pytest.mark.parametrize("platforms", [("amd64",), ("amd64", "arm64")], ids=["single", "index"])
 def test_inject_is_reproducible_across_layouts(cli, epoch, tree, tmp_path, platforms):
+    # the second tree is a copy elsewhere: other inode numbers, other on-disk order
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(tree), str(copy)], check=True)
+    assert tree_snapshot(copy) == tree_snapshot(tree)
     results = []
-    for name in ("one", "two"):
+    for name, source in (("one", tree), ("two", copy)):
         path = tmp_path / name
         build_sample_image(path, "base", platforms=platforms)
-        result = cli("inject", f"{path}:base", tree)
+        result = cli("inject", f"{path}:base", source)
         assert result.code == 0, result.err
         imgs = images(path, "base")
         results.append({
@@ -291,8 +306,8 @@ def make_legacy_image(path: Path) -> tuple[list[str], str, str]:
     """A Docker v2s2 sample plus a layer, labels and history as docker_injector.py writes."""
     build_sample_image(path, "base", docker=True)
     tar, gz = legacy_layer(level=6)
-    layout = Layout.open(path)
-    layer = layout.put_bytes(gz, MediaType.DOCKER_LAYER_GZIP)
+    with hand_edit(path) as layout:
+        layer = layout.put_bytes(gz, MediaType.DOCKER_LAYER_GZIP)
     diff_id = sha256_digest(tar)
     _, manifest, _ = image(path, "base")
     base_layers = [layer_["digest"] for layer_ in manifest["layers"]]
@@ -318,8 +333,8 @@ def cli_free_validate(path: Path) -> bool:
 def recompress_legacy_layer(path: Path, old_digest: str) -> str:
     """Re-gzip the legacy layer at another level: same diff_id, new digest; manifest only."""
     _, gz = legacy_layer(level=1)
-    layout = Layout.open(path)
-    layer = layout.put_bytes(gz, MediaType.DOCKER_LAYER_GZIP)
+    with hand_edit(path) as layout:
+        layer = layout.put_bytes(gz, MediaType.DOCKER_LAYER_GZIP)
     assert layer.digest != old_digest
 
     def edit_manifest(manifest: dict[str, Any]) -> None:
@@ -460,13 +475,13 @@ def test_unusual_configs_inject_and_validate(cli, tmp_path, tree, case, docker):
 def multi_layout(path: Path) -> dict[str, Any]:
     """A two-platform OCI index with an annotation and an unknown key added by hand."""
     build_sample_image(path, "base", platforms=("amd64", "arm64"))
-    layout = Layout.open(path)
-    top = layout.resolve("base")
-    doc = json.loads(layout.read_blob(top.digest, top.size))
-    doc["annotations"] = {"org.example.index": "kept"}
-    doc["x-extra"] = {"anything": [1, 2, 3]}
-    desc = layout.put_bytes(canonical_json(doc), top.media_type)
-    layout.set_tag("base", top.replace(digest=desc.digest, size=desc.size))
+    with hand_edit(path) as layout:
+        top = layout.resolve("base")
+        doc = json.loads(layout.read_blob(top.digest, top.size))
+        doc["annotations"] = {"org.example.index": "kept"}
+        doc["x-extra"] = {"anything": [1, 2, 3]}
+        desc = layout.put_bytes(canonical_json(doc), top.media_type)
+        layout.set_tag("base", top.replace(digest=desc.digest, size=desc.size))
     return doc
 
 
@@ -524,6 +539,24 @@ def test_new_tag_leaves_the_old_tag_alone(cli, base, tree):
     layout = Layout.open(base)
     assert layout.has_blob(old_digest) and layout.has_blob(old_manifest["config"]["digest"])
     assert cli("validate", base).code == 0
+
+
+def test_new_tag_is_written_even_when_the_tree_is_unchanged(cli, base, tree):
+    assert cli("inject", f"{base}:base", tree).code == 0
+    injected = index_entry(base, "base")
+    result = cli("inject", "--tag", "copy", f"{base}:base", tree)
+    assert result.code == 0, result.err
+    assert index_entry(base, "base") == injected
+    assert index_entry(base, "copy")["digest"] == injected["digest"]
+
+
+def test_init_new_tag_is_written_even_when_already_prepared(cli, base):
+    assert cli("init", f"{base}:base").code == 0
+    prepared = index_entry(base, "base")
+    result = cli("init", "--tag", "fresh", f"{base}:base")
+    assert result.code == 0, result.err
+    assert index_entry(base, "base") == prepared
+    assert index_entry(base, "fresh")["digest"] == prepared["digest"]
 
 
 def test_replaced_blobs_stay_until_gc(cli, base, tree):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import zstandard
-from isal import igzip
+from isal import igzip, igzip_lib
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.model import MediaType
@@ -161,7 +161,7 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
                 result.entries += 1
     except tarfile.TarError as exc:
         raise InputError(f"layer is not a valid tar stream: {exc}") from None
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, zstandard.ZstdError, igzip_lib.IsalError) as exc:
         raise InputError(f"cannot extract layer: {exc}") from None
     for path, mode, mtime in reversed(directories):
         os.chmod(path, mode)

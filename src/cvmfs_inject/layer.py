@@ -35,6 +35,7 @@ CHUNK = 1 << 20
 READ_SIZE = 4 << 20
 QUEUE_DEPTH = 8
 MAX_OCTAL_SIZE = 0o77777777777
+MAX_OCTAL_ID = 0o7777777
 COMPRESSIONS = ("gzip", "zstd", "none")
 # ISA-L offers levels 0-3; 1 measured best for speed at a ratio close to gzip -6.
 DEFAULT_LEVELS = {"gzip": 1, "zstd": 3, "none": 0}
@@ -142,6 +143,12 @@ class _Headers:
         if size > MAX_OCTAL_SIZE:
             pax += _pax_record(b"size", str(size).encode())
             size = 0
+        if uid > MAX_OCTAL_ID or gid > MAX_OCTAL_ID:
+            pax += _pax_record(b"uid", str(uid).encode()) + _pax_record(b"gid", str(gid).encode())
+            uid, gid = min(uid, MAX_OCTAL_ID), min(gid, MAX_OCTAL_ID)
+        if mtime > MAX_OCTAL_SIZE:
+            pax += _pax_record(b"mtime", str(mtime).encode())
+            mtime = MAX_OCTAL_SIZE
         owner = self._owner.get((mode, uid, gid))
         if owner is None:
             text = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
@@ -183,11 +190,18 @@ class Excluder:
         return bool(self._rules)
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
-        base = rel.rsplit("/", 1)[-1]
+        parts = rel.split("/")
         for pattern, anchored, dir_only in self._rules:
             if dir_only and not is_dir:
                 continue
-            if fnmatch.fnmatchcase(rel if anchored else base, pattern):
+            if anchored:
+                # gitignore: wildcards never match '/', so compare component by component
+                pattern_parts = pattern.split("/")
+                if len(pattern_parts) == len(parts) and all(
+                        fnmatch.fnmatchcase(part, pat) for part, pat in zip(parts, pattern_parts,
+                                                                           strict=True)):
+                    return True
+            elif fnmatch.fnmatchcase(parts[-1], pattern):
                 return True
         return False
 
@@ -334,7 +348,7 @@ class _Compressor:
         if compression == "gzip":
             self._obj = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 16 + 15)
         elif compression == "zstd":
-            self._obj = zstandard.ZstdCompressor(level=level).compressobj()
+            self._obj = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
         else:
             self._obj = None
 
@@ -362,6 +376,7 @@ class _Pipeline:
         self._thread.start()
 
     def _run(self) -> None:
+        chunk: bytes | bytearray | None = None
         try:
             while (chunk := self._queue.get()) is not None:
                 self._diff.update(chunk)
@@ -375,8 +390,9 @@ class _Pipeline:
                 self._sink.write(tail)
         except BaseException as exc:  # handed to the producer, re-raised there
             self._error = exc
-            while self._queue.get() is not None:
-                pass
+            if chunk is not None:  # unblock the producer until its end marker arrives
+                while self._queue.get() is not None:
+                    pass
 
     def put(self, chunk: bytes | bytearray) -> None:
         if self._error is not None:

@@ -19,7 +19,7 @@ from typing import Any
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.images import ImageSource, LayoutSource, RegistrySource, load_images
 from cvmfs_inject.inject import injected_position
-from cvmfs_inject.model import Descriptor, MediaType, parse_json
+from cvmfs_inject.model import Descriptor, MediaType, canonical_json, parse_json
 from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.store import GcResult, Layout
 from cvmfs_inject.transport import Skopeo
@@ -48,14 +48,27 @@ def default_tag(src: ImageRef) -> str:
 
 @contextlib.contextmanager
 def _new_or_existing_layout(path: str) -> Iterator[Layout]:
-    """Create the layout if needed, and remove it again if the command that made it fails."""
-    existed = os.path.lexists(path)
+    """Create the layout if needed, and undo exactly that if the command that made it fails."""
+    target = Path(path).absolute()
+    if (target / "oci-layout").exists():
+        yield Layout.open(target)
+        return
+    first_missing = None
+    probe = target
+    while not os.path.lexists(probe):
+        first_missing, probe = probe, probe.parent
     layout = Layout.create(path)
     try:
         yield layout
     except BaseException:
-        if not existed:
-            shutil.rmtree(path, ignore_errors=True)
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
+        else:  # it was an empty directory: leave it empty again
+            for child in target.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
         raise
 
 
@@ -71,6 +84,8 @@ def pull(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, all_images: bool = Fa
     if all_images and platform:
         raise UsageError("--all and --platform exclude each other")
     tag = dest.tag or default_tag(src)
+    if src.transport == "oci":  # our own message, listing the tags, before skopeo's
+        Layout.open(src.path).resolve(src.tag)
     fmt = known_format or source_format(src, skopeo)
     with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
             layout.staging() as stage:
@@ -112,13 +127,35 @@ def push(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, manifest_format: str 
         if is_index and dest.transport == "docker-archive":
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
                              "push one platform by its own tag, or use oci-archive:")
-        source = ImageRef("oci", src.path, src.tag or desc.ref_name)
-        if dest.transport == "docker":
-            skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt)
-            return desc
-        with _archive_target(dest) as tmp_dest:
-            skopeo.copy(source, tmp_dest, all_images=is_index, manifest_format=fmt)
+        layout.check_present(desc)
+        with _skopeo_view(layout, src, desc) as source:
+            if dest.transport == "docker":
+                skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt)
+                return desc
+            with _archive_target(dest) as tmp_dest:
+                skopeo.copy(source, tmp_dest, all_images=is_index, manifest_format=fmt)
     return desc
+
+
+@contextlib.contextmanager
+def _skopeo_view(layout: Layout, src: ImageRef, desc: Descriptor) -> Iterator[ImageRef]:
+    """The reference skopeo should read.
+
+    skopeo 1.9 looks a tag up only among index.json entries with OCI media types, so an
+    image whose entry has a Docker media type is shown to it as the single, untagged entry
+    of a throw-away layout that shares the blobs directory.
+    """
+    if not MediaType.is_docker(desc.media_type):
+        yield ImageRef("oci", src.path, src.tag or desc.ref_name)
+        return
+    with tempfile.TemporaryDirectory(prefix="cvmfs-inject-view-") as view:
+        root = Path(view)
+        (root / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": "1.0.0"}))
+        entry = desc.with_annotations({}).to_dict()
+        (root / "index.json").write_bytes(canonical_json(
+            {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX, "manifests": [entry]}))
+        (root / "blobs").symlink_to((layout.root / "blobs").absolute())
+        yield ImageRef("oci", view, None)
 
 
 @contextlib.contextmanager

@@ -144,12 +144,10 @@ class BlobWriter:
         self._file.close()
         self.digest = "sha256:" + self._hash.hexdigest()
         target = self._layout.blob_path(self.digest)
-        if target.exists() and target.stat().st_size == self.size:
-            os.unlink(self._tmp)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._tmp, target)
-            _fsync_dir(target.parent)
+        # Replacing an existing blob (same digest) costs one rename and repairs a damaged copy.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp, target)
+        _fsync_dir(target.parent)
         return Descriptor("application/octet-stream", self.digest, self.size)
 
     def abort(self) -> None:
@@ -364,15 +362,16 @@ class Layout:
         self.write_index(doc)
 
     # -- garbage collection ----------------------------------------------------------------
-    def reachable(self) -> set[str]:
-        """Digests reachable from index.json through indexes, manifests, configs and layers."""
-        seen: set[str] = set()
-        stack = list(self.read_index().manifests)
+    def reachable(self, roots: list[Descriptor] | None = None) -> dict[str, int]:
+        """Digest → size of every blob reachable from `roots` (default: all of index.json)
+        through indexes, manifests, configs and layers; documents are read verified."""
+        seen: dict[str, int] = {}
+        stack = list(self.read_index().manifests if roots is None else roots)
         while stack:
             desc = stack.pop()
             if desc.digest in seen:
                 continue
-            seen.add(desc.digest)
+            seen[desc.digest] = desc.size
             if MediaType.is_index(desc.media_type):
                 stack.extend(self.read_index_blob(desc).manifests)
             elif MediaType.is_manifest(desc.media_type):
@@ -382,6 +381,19 @@ class Layout:
                 if isinstance(manifest.doc.get("subject"), dict):
                     stack.append(Descriptor.from_dict(manifest.doc["subject"], "subject"))
         return seen
+
+    def check_present(self, desc: Descriptor) -> None:
+        """Every blob `desc` reaches exists with its declared size (layers are not hashed:
+        whoever reads them checks their digest)."""
+        for digest, size in self.reachable([desc]).items():
+            path = self.blob_path(digest)
+            try:
+                actual = path.stat().st_size
+            except FileNotFoundError:
+                raise NotFoundError(f"{self.root}: missing blob {digest}") from None
+            if actual != size:
+                raise IntegrityError(f"{path}: blob has {actual} bytes, its descriptor says "
+                                     f"{size}")
 
     def gc(self, dry_run: bool = False) -> GcResult:
         """Delete unreachable blobs and leftover temp files. The caller holds the lock."""

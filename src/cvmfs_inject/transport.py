@@ -14,7 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_inject.errors import MissingDependencyError, NotFoundError, ToolError, UsageError
+from cvmfs_inject.errors import (
+    IntegrityError,
+    MissingDependencyError,
+    NotFoundError,
+    ToolError,
+    UsageError,
+)
 from cvmfs_inject.refs import ImageRef
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
@@ -72,6 +78,9 @@ def key_error_line(stderr: str) -> str:
 def classify(message: str, argv: list[str], returncode: int, stderr: str) -> Exception:
     """Turn skopeo's message into our error types: not-found vs auth vs network vs other."""
     lower = message.lower()
+    if "digest did not match" in lower or "checksum mismatch" in lower:
+        return IntegrityError(f"skopeo: {message} (a blob of the source is corrupted; run "
+                              "`cvmfs-inject validate` on it)")
     if any(s in lower for s in ("manifest unknown", "name unknown", "not found",
                                 "no such file or directory", "no descriptor found",
                                 "does not exist")):

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""`make bench`: inject speed and memory against umoci, tar | gzip, tar | pigz and the floor.
+
+Every pipeline runs on the same tree in the same session, alternating (A B C A B C ...),
+and the median wall time of each is reported, with ratios to the floor (`tar | sha256sum`,
+reading the tree and hashing it, no compression) and to `umoci insert`. Peak RSS comes from
+GNU time. Trees are generated once and cached under bench/cache/ (ignored by git).
+
+Environment knobs: BENCH_RUNS (default 3), BENCH_TREES (comma list of names below,
+default "20k"), BENCH_FLAT=1 adds the memory-flatness trees (64 MiB, 512 MiB, 2 GiB).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / "cache"
+RESULTS = HERE / "results"
+VENV_BIN = Path(sys.executable).parent
+TREE_TOOL = ROOT.parent / "shared" / "tools" / "make_shrinkwrap_tree.py"
+GNU_TIME = "/usr/bin/time"
+
+# name -> make_shrinkwrap_tree.py arguments
+TREES = {
+    "20k": ["--files", "20000", "--mib", "512", "--seed", "7"],
+    "flat-64M": ["--files", "5000", "--mib", "64", "--seed", "11"],
+    "flat-512M": ["--files", "20000", "--mib", "512", "--seed", "7"],
+    "flat-2G": ["--files", "40000", "--mib", "2048", "--seed", "13"],
+}
+
+
+@dataclass
+class Result:
+    name: str
+    walls: list[float] = field(default_factory=list)
+    rss_kib: list[int] = field(default_factory=list)
+    output_bytes: int = 0
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls) if self.walls else float("nan")
+
+
+def make_tree(name: str) -> Path:
+    out = CACHE / "trees" / name
+    if (out / "cvmfs").is_dir() and (out / ".complete").exists():
+        return out / "cvmfs"
+    if not TREE_TOOL.is_file():
+        raise SystemExit(f"bench needs {TREE_TOOL} to generate its trees")
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"generating tree {name} ...", flush=True)
+    subprocess.run([sys.executable, str(TREE_TOOL), str(out), *TREES[name]], check=True,
+                   stdout=subprocess.DEVNULL)
+    (out / ".complete").touch()
+    return out / "cvmfs"
+
+
+def make_base_layout() -> Path:
+    base = CACHE / "base-layout"
+    if not (base / "index.json").exists():
+        subprocess.run([sys.executable, "-c",
+                        "from cvmfs_inject.sample import build_sample_image as b;"
+                        f"b({str(base)!r}, 'v1')"], check=True)
+    return base
+
+
+def timed(argv: list[str], cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of a command, from GNU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        subprocess.run([GNU_TIME, "-f", "%e %M", "-o", report.name, *argv], check=True,
+                       cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall, rss = report.read().split()[-2:]
+    return float(wall), int(rss)
+
+
+def shell(command: str) -> list[str]:
+    return ["bash", "-o", "pipefail", "-c", command]
+
+
+def blob_size(layout: Path) -> int:
+    """Size of the largest blob: the injected /cvmfs layer."""
+    return max(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
+
+
+def bench_tree(name: str, runs: int) -> list[Result]:
+    tree = make_tree(name)
+    base = make_base_layout()
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=CACHE))
+    q = lambda p: subprocess.list2cmdline([str(p)])  # noqa: E731
+    pipelines: dict[str, tuple[list[str], Path | None]] = {
+        "floor: tar | sha256sum": (shell(f"tar -cf - -C {q(tree)} . | sha256sum"), None),
+        "cvmfs-inject inject (gzip)": ([str(VENV_BIN / "cvmfs-inject"), "-q", "inject",
+                                        f"{work}/ours-gzip:v1", str(tree)], work / "ours-gzip"),
+        "cvmfs-inject inject (zstd)": ([str(VENV_BIN / "cvmfs-inject"), "-q", "inject",
+                                        f"{work}/ours-zstd:v1", str(tree), "--compress", "zstd"],
+                                       work / "ours-zstd"),
+        "umoci insert": (["umoci", "insert", "--rootless", "--image", f"{work}/umoci:v1",
+                          str(tree), "/cvmfs"], work / "umoci"),
+        "tar | pigz -n": (shell(f"tar -cf - -C {q(tree)} . | pigz -n > {work}/pigz.gz"), None),
+        "tar | gzip -n": (shell(f"tar -cf - -C {q(tree)} . | gzip -n > {work}/gzip.gz"), None),
+    }
+    results = {label: Result(label) for label in pipelines}
+    missing = {"umoci insert": "umoci", "tar | pigz -n": "pigz"}
+    for label, program in missing.items():
+        if shutil.which(program) is None:
+            results[label].note = f"skipped: {program} not installed"
+            del pipelines[label]
+    for run in range(runs):
+        for label, (argv, layout) in pipelines.items():
+            if layout is not None:
+                shutil.rmtree(layout, ignore_errors=True)
+                shutil.copytree(base, layout, symlinks=True)
+            subprocess.run(["sync"], check=False)
+            wall, rss = timed(argv)
+            results[label].walls.append(wall)
+            results[label].rss_kib.append(rss)
+            if layout is not None:
+                results[label].output_bytes = blob_size(layout)
+            elif "pigz" in label:
+                results[label].output_bytes = (work / "pigz.gz").stat().st_size
+            elif "gzip -n" in label:
+                results[label].output_bytes = (work / "gzip.gz").stat().st_size
+            print(f"  run {run + 1}/{runs} {label}: {wall:.2f} s, {rss / 1024:.0f} MiB",
+                  flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return list(results.values())
+
+
+def table(name: str, results: list[Result], tree: Path) -> str:
+    floor = results[0].median
+    umoci = next((r.median for r in results if r.name == "umoci insert" and r.walls), None)
+    tar_bytes = subprocess.run(shell(f"tar -cf - -C {tree} . | wc -c"), capture_output=True,
+                               text=True, check=True).stdout.strip()
+    lines = [f"### tree `{name}` ({int(tar_bytes) / 1e6:.0f} MB tar stream)", "",
+             "| pipeline | median wall (s) | runs | x floor | x umoci | peak RSS (MiB) | "
+             "output (MB) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.walls:
+            lines.append(f"| {r.name} | {r.note} | | | | | |")
+            continue
+        vs_umoci = f"{r.median / umoci:.2f}" if umoci else "-"
+        out = f"{r.output_bytes / 1e6:.0f}" if r.output_bytes else "-"
+        runs = " ".join(f"{w:.2f}" for w in r.walls)
+        lines.append(f"| {r.name} | {r.median:.2f} | {runs} | {r.median / floor:.2f} | "
+                     f"{vs_umoci} | {max(r.rss_kib) / 1024:.0f} | {out} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    runs = int(os.environ.get("BENCH_RUNS", "3"))
+    names = [n for n in os.environ.get("BENCH_TREES", "20k").split(",") if n]
+    if os.environ.get("BENCH_FLAT") == "1":
+        names += ["flat-64M", "flat-512M", "flat-2G"]
+    CACHE.mkdir(exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    sections = [f"# cvmfs-inject benchmark, {now:%Y-%m-%d %H:%M} UTC", "",
+                f"Machine: {os.cpu_count()} cores, {platform.machine()}, "
+                f"Python {platform.python_version()}; {runs} runs per pipeline, alternating; "
+                "the floor is `tar -cf - . | sha256sum`.", ""]
+    for name in names:
+        print(f"tree {name}:", flush=True)
+        results = bench_tree(name, runs)
+        sections += [table(name, results, make_tree(name)), ""]
+    report = "\n".join(sections)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{now:%Y-%m-%d}-{os.cpu_count()}cores.md"
+    path.write_text(report)
+    print(report)
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
