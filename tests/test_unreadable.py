@@ -1,0 +1,64 @@
+"""An unreadable file in DIR is an error naming it, and the layout is left as it was.
+
+CI runs as root, which reads any file whatever its mode, so as root the command runs in a
+forked child that has dropped to an unprivileged uid: the check runs for real either way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from helpers import dir_bytes
+
+from cvmfs_inject.cli import main
+from cvmfs_inject.sample import build_sample_image, build_sample_tree
+
+NOBODY = 65534
+
+
+def _run_unprivileged(argv: list[str], stderr_path: Path) -> int:
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 99
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            sys.stderr = open(stderr_path, "w")  # noqa: SIM115
+            sys.stdout = sys.stderr
+            code = main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_unreadable_file_is_named_and_layout_unchanged() -> None:
+    work = Path(tempfile.mkdtemp(prefix="cvmfs-inject-unreadable-"))
+    try:
+        work.chmod(0o755)
+        layout = work / "layout"
+        build_sample_image(layout, "v1")
+        tree = build_sample_tree(work / "tree")
+        secret = tree / "sft.cern.ch" / "secret.key"
+        secret.write_bytes(b"not for you\n")
+        secret.chmod(0o000)
+        for path in [work, *work.rglob("*")]:
+            if os.geteuid() == 0:
+                os.lchown(path, NOBODY, NOBODY)
+        before = dir_bytes(layout)
+        stderr_path = work / "stderr"
+        code = _run_unprivileged(["inject", f"{layout}:v1", str(tree)], stderr_path)
+        message = stderr_path.read_text()
+        assert code == 3, message
+        assert message.count("\n") == 1 and message.startswith("cvmfs-inject: error:")
+        assert str(secret) in message and "cannot read" in message
+        assert dir_bytes(layout) == before
+    finally:
+        shutil.rmtree(work)
