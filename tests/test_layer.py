@@ -702,11 +702,13 @@ def test_buffer_exactly_full_after_header(tmp_path: Path, size: int) -> None:
     assert found == {f"cvmfs/{n}": (root / n).read_bytes() for n in "abc"}
 
 
-def test_progress_reports_every_byte(nasty: Path) -> None:
-    seen: list[int] = []
+def test_progress_reports_every_byte_and_file(nasty: Path) -> None:
+    seen: list[tuple[int, int]] = []
     sink = Sink()
-    result = pack(nasty, sink, PackOptions(compression="gzip"), progress=seen.append)
-    assert sum(seen) == result.tar_size
+    result = pack(nasty, sink, PackOptions(compression="gzip"),
+                  progress=lambda tar_bytes, files: seen.append((tar_bytes, files)))
+    assert sum(b for b, _ in seen) == result.tar_size
+    assert sum(f for _, f in seen) == result.files
 
 
 class BrokenSink:

@@ -28,7 +28,7 @@ from cvmfs_inject.inject import (
     layer_media_type,
     with_config,
 )
-from cvmfs_inject.layer import PackOptions, pack
+from cvmfs_inject.layer import PackOptions, Progress, pack
 from cvmfs_inject.model import Descriptor, canonical_json
 from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.refs import ImageRef
@@ -36,7 +36,6 @@ from cvmfs_inject.store import Layout
 from cvmfs_inject.transport import Skopeo
 from cvmfs_inject.validate import validate_layout
 
-Progress = Callable[[int], None]
 Warn = Callable[[str], None]
 
 

@@ -45,6 +45,10 @@ LEVEL_RANGES = {"gzip": range(0, 4), "zstd": range(1, 23), "none": range(0, 1)}
 _TYPE_FILE, _TYPE_HARDLINK, _TYPE_SYMLINK, _TYPE_DIR, _TYPE_PAX = b"0", b"1", b"2", b"5", b"x"
 
 
+# progress(tar bytes, files) since the previous call
+Progress = Callable[[int, int], None]
+
+
 class Sink(Protocol):
     """Where compressed bytes go (a store BlobWriter); it hashes what it is given."""
 
@@ -214,9 +218,11 @@ class _Packer:
     are read whole into the chunk being built: per-entry Python work is what bounds speed.
     """
 
-    def __init__(self, pipeline: _Pipeline, options: PackOptions,
-                 note: Callable[[str], None]) -> None:
+    def __init__(self, pipeline: _Pipeline, options: PackOptions, note: Callable[[str], None],
+                 progress: Progress | None) -> None:
         self.pipeline = pipeline
+        self.progress = progress
+        self._reported_files = 0
         self.options = options
         self.note = note
         self.headers = _Headers()
@@ -232,13 +238,18 @@ class _Packer:
     def emit(self, data: bytes) -> None:
         self.buffer += data
         if len(self.buffer) >= CHUNK:
-            self.pipeline.put(self.buffer)
-            self.buffer = bytearray()
+            self._put()
+
+    def _put(self) -> None:
+        self.pipeline.put(self.buffer)
+        if self.progress is not None:
+            self.progress(len(self.buffer), self.files - self._reported_files)
+            self._reported_files = self.files
+        self.buffer = bytearray()
 
     def finish(self) -> None:
         self.buffer += bytes(2 * BLOCK)
-        self.pipeline.put(self.buffer)
-        self.buffer = bytearray()
+        self._put()
 
     def root(self, tree: Path | None, mount: bytes) -> None:
         if tree is None:
@@ -366,14 +377,12 @@ class _Compressor:
 class _Pipeline:
     """A worker thread that hashes the tar stream (diff_id), compresses it and feeds the sink."""
 
-    def __init__(self, sink: Sink, options: PackOptions,
-                 progress: Callable[[int], None] | None) -> None:
+    def __init__(self, sink: Sink, options: PackOptions) -> None:
         self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUE_DEPTH)
         self._sink = sink
         self._compressor = _Compressor(options.compression, options.level or 0)
         self._diff = hashlib.sha256()
         self._error: BaseException | None = None
-        self._progress = progress
         self.size = 0
         self._thread = threading.Thread(target=self._run, name="cvmfs-inject-compress",
                                         daemon=True)
@@ -387,8 +396,6 @@ class _Pipeline:
                 out = self._compressor.compress(chunk)
                 if out:
                     self._sink.write(out)
-                if self._progress:
-                    self._progress(len(chunk))
             tail = self._compressor.flush()
             if tail:
                 self._sink.write(tail)
@@ -417,7 +424,7 @@ class _Pipeline:
 
 
 def pack(tree: Path | None, sink: Sink, options: PackOptions,
-         progress: Callable[[int], None] | None = None,
+         progress: Progress | None = None,
          warn: Callable[[str], None] | None = None) -> PackResult:
     """Write the layer for `tree` (the content of the mount point) into `sink`.
 
@@ -431,8 +438,8 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
             warn(message)
 
     mount = options.mount_point.strip("/").encode()
-    pipeline = _Pipeline(sink, options, progress)
-    packer = _Packer(pipeline, options, note)
+    pipeline = _Pipeline(sink, options)
+    packer = _Packer(pipeline, options, note, progress)
     try:
         packer.root(tree, mount)
         if tree is not None:

@@ -30,9 +30,10 @@ from cvmfs_inject.layer import BLOCK
 PROG = "cvmfs-inject"
 
 
-def estimate_tar_size(tree: Path) -> int:
-    """A cheap pre-scan for the progress bar's total: headers plus padded file sizes."""
-    total = 0
+def estimate_tar_size(tree: Path) -> tuple[int, int]:
+    """A cheap pre-scan for the progress bar's totals: tar bytes (headers plus padded file
+    sizes) and regular files."""
+    total = files = 0
     seen: set[tuple[int, int]] = set()
     stack = [str(tree)]
     while stack:
@@ -44,12 +45,13 @@ def estimate_tar_size(tree: Path) -> int:
                     if stat.S_ISDIR(st.st_mode):
                         stack.append(entry.path)
                     elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                        files += 1
                         if st.st_nlink > 1:
                             seen.add((st.st_dev, st.st_ino))
                         total += -(-st.st_size // BLOCK) * BLOCK
         except OSError:
             continue
-    return total
+    return total, files
 
 
 class Reporter:
@@ -81,16 +83,25 @@ class Reporter:
         print(json.dumps(result, indent=2, ensure_ascii=False, default=str), flush=True)
 
     @contextlib.contextmanager
-    def packing(self, tree: Path) -> Iterator[Callable[[int], None] | None]:
+    def packing(self, tree: Path) -> Iterator[Callable[[int, int], None] | None]:
         if self.quiet or not sys.stderr.isatty() or not tree.is_dir():
             yield None
             return
+        total_bytes, total_files = estimate_tar_size(tree)
         progress = Progress(TextColumn("packing"), BarColumn(), DownloadColumn(),
+                            TextColumn("{task.fields[files]:,}/" f"{total_files:,} files"),
                             TransferSpeedColumn(), TimeRemainingColumn(), console=self._err,
                             transient=True)
-        task = progress.add_task("pack", total=estimate_tar_size(tree))
+        task = progress.add_task("pack", total=total_bytes, files=0)
+        done_files = 0
+
+        def advance(tar_bytes: int, files: int) -> None:
+            nonlocal done_files
+            done_files += files
+            progress.update(task, advance=tar_bytes, files=done_files)
+
         with progress:
-            yield lambda n: progress.advance(task, n)
+            yield advance
 
     def inject_summary(self, report: Any) -> None:
         if report.status == "unchanged":
