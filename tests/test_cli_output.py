@@ -1,0 +1,48 @@
+"""What the CLI prints: --json is one JSON document on stdout, --quiet prints nothing,
+and the human summary of inject reports size, ratio, time and throughput."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cvmfs_inject.sample import build_sample_image, build_sample_tree
+
+
+def test_inject_json_is_one_document_on_stdout(cli, tmp_path: Path) -> None:
+    build_sample_image(tmp_path / "l", "v1")
+    tree = build_sample_tree(tmp_path / "tree")
+    result = cli("inject", "--json", f"{tmp_path / 'l'}:v1", tree)
+    assert result.code == 0
+    report = json.loads(result.out)
+    assert report["status"] == "injected"
+    assert report["layer"]["diff_id"].startswith("sha256:")
+    assert report["stats"]["files"] > 0
+    assert "injected" in result.err  # the human lines went to stderr
+
+
+def test_quiet_prints_nothing(cli, tmp_path: Path) -> None:
+    build_sample_image(tmp_path / "l", "v1")
+    tree = build_sample_tree(tmp_path / "tree")
+    result = cli("inject", "-q", f"{tmp_path / 'l'}:v1", tree)
+    assert (result.code, result.out, result.err) == (0, "", "")
+
+
+def test_human_summary_reports_size_ratio_time_and_rate(cli, tmp_path: Path) -> None:
+    build_sample_image(tmp_path / "l", "v1")
+    tree = build_sample_tree(tmp_path / "tree")
+    result = cli("inject", f"{tmp_path / 'l'}:v1", tree)
+    summary = result.out.splitlines()[-1]
+    assert summary.startswith("layer sha256:")
+    for piece in (" B gzip (", "% of ", " s, ", " MB/s; image sha256:"):
+        assert piece in summary
+
+
+def test_console_script_and_module_run(tmp_path: Path) -> None:
+    """`python -m cvmfs_inject` and the installed `cvmfs-inject` script are the same CLI."""
+    script = Path(sys.executable).parent / "cvmfs-inject"
+    for argv in ([sys.executable, "-m", "cvmfs_inject", "--version"], [str(script), "--version"]):
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        assert done.stdout.startswith("cvmfs-inject ")
