@@ -19,7 +19,7 @@ from typing import Any
 from cvmfs_inject import __version__
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.extract import decompressed, extract
-from cvmfs_inject.images import Image, LayoutSource, load_images
+from cvmfs_inject.images import Image, ImageSource, LayoutSource, load_images
 from cvmfs_inject.inject import (
     LABEL_MOUNT,
     NewLayer,
@@ -60,50 +60,76 @@ def _layout_tag(ref: ImageRef, top: Descriptor) -> str:
     return tag
 
 
+@dataclass
+class Outcome:
+    """What `apply` did: the report, and (when something changed) the new top descriptor."""
+
+    report: InjectReport
+    new_top: Descriptor | None
+    images: list[Image]
+
+
+def apply(store: Layout, source: ImageSource, top: Descriptor, tree: Path | None,
+          options: PackOptions, *, reference: str, platform: str | None = None,
+          init_only: bool = False, progress: Progress | None = None,
+          warn: Warn | None = None) -> Outcome:
+    """Pack `tree`, edit every selected image of `top`, write the new blobs into `store`.
+
+    The images are read from `source` (the same layout, or a registry); `store` receives the
+    layer, configs, manifests and index, never a tag: the caller publishes the result. This
+    is the one path both local and registry-direct injection take, so both give the same
+    bytes for the same input.
+    """
+    index, images = load_images(source, top, platform)
+    for image in images:  # refuse before any work: bad labels, zstd into Docker
+        injected_position(image.config, f"{reference} ({image.platform})")
+        layer_media_type(image.manifest, options.compression)
+    if init_only and all(injected_position(i.config, "")[0] is not None for i in images):
+        return Outcome(InjectReport("already-prepared", reference, top.digest), None, images)
+    started = time.monotonic()
+    with store.writer() as writer:
+        packed = pack(tree, writer, options, progress=progress, warn=warn)
+        layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
+                         options.compression, options.mount_point)
+        edits = _edit_all(images, layer, options, init_only, reference)
+        if not any(edits.values()):
+            return Outcome(InjectReport("unchanged", reference, top.digest,
+                                        {"diff_id": layer.diff_id}, warnings=packed.warnings),
+                           None, images)
+        writer.commit()
+    report = InjectReport("prepared" if init_only else "injected", reference,
+                          layer={"diff_id": layer.diff_id, "digest": layer.digest,
+                                 "size": layer.size, "compression": layer.compression},
+                          warnings=packed.warnings)
+    new_descs = _commit_images(store, images, edits, report)
+    new_top = (_commit_index(store, top, index, new_descs) if index
+               else new_descs[top.digest])
+    report.digest = new_top.digest
+    report.stats = {"entries": packed.entries, "files": packed.files,
+                    "hardlinks": packed.hardlinks, "tar_size": packed.tar_size,
+                    "seconds": round(time.monotonic() - started, 3)}
+    return Outcome(report, new_top, images)
+
+
 def inject(ref: ImageRef, tree: Path | None, options: PackOptions, *, new_tag: str | None = None,
            platform: str | None = None, init_only: bool = False,
            progress: Progress | None = None, warn: Warn | None = None) -> InjectReport:
-    """Pack `tree` (None: the empty mount point) and swap it into the image at `ref`."""
+    """Pack `tree` (None: the empty mount point) and swap it into the layout image at `ref`."""
     if ref.transport != "oci":
-        raise UsageError(f"{ref}: inject edits a local layout (oci:DIR[:TAG]); use `run` for "
-                         "registries and archives")
+        raise UsageError(f"{ref}: inject edits a local layout (oci:DIR[:TAG]) or a registry "
+                         "image (docker://); use `run` for archives")
     layout = Layout.open(ref.path)
     with layout.writing():
         top = layout.resolve(ref.tag)
         tag = new_tag or _layout_tag(ref, top)
-        index, images = load_images(LayoutSource(layout, ref.tag), top, platform)
-        for image in images:  # refuse before any work: bad labels, zstd into Docker
-            injected_position(image.config, f"{ref} ({image.platform})")
-            layer_media_type(image.manifest, options.compression)
-        reference = f"oci:{ref.path}:{tag}"
-        if init_only and all(injected_position(i.config, "")[0] is not None for i in images):
+        outcome = apply(layout, LayoutSource(layout, ref.tag), top, tree, options,
+                        reference=f"oci:{ref.path}:{tag}", platform=platform,
+                        init_only=init_only, progress=progress, warn=warn)
+        if outcome.new_top is None:
             _tag_unchanged(layout, tag, top)
-            return InjectReport("already-prepared", reference, top.digest)
-        started = time.monotonic()
-        with layout.writer() as writer:
-            packed = pack(tree, writer, options, progress=progress, warn=warn)
-            layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
-                             options.compression, options.mount_point)
-            edits = _edit_all(images, layer, options, init_only, ref)
-            if not any(edits.values()):
-                _tag_unchanged(layout, tag, top)
-                return InjectReport("unchanged", reference, top.digest,
-                                    {"diff_id": layer.diff_id}, warnings=packed.warnings)
-            writer.commit()
-        report = InjectReport("prepared" if init_only else "injected", reference,
-                              layer={"diff_id": layer.diff_id, "digest": layer.digest,
-                                     "size": layer.size, "compression": layer.compression},
-                              warnings=packed.warnings)
-        new_descs = _commit_images(layout, images, edits, report)
-        new_top = (_commit_index(layout, top, index, new_descs) if index
-                   else new_descs[top.digest])
-        layout.set_tag(tag, new_top)
-        seconds = time.monotonic() - started
-        report.digest = new_top.digest
-        report.stats = {"entries": packed.entries, "files": packed.files,
-                        "hardlinks": packed.hardlinks, "tar_size": packed.tar_size,
-                        "seconds": round(seconds, 3)}
-        return report
+        else:
+            layout.set_tag(tag, outcome.new_top)
+        return outcome.report
 
 
 def _tag_unchanged(layout: Layout, tag: str, top: Descriptor) -> None:
@@ -113,7 +139,7 @@ def _tag_unchanged(layout: Layout, tag: str, top: Descriptor) -> None:
 
 
 def _edit_all(images: list[Image], layer: NewLayer, options: PackOptions, init_only: bool,
-              ref: ImageRef) -> dict[str, Any]:
+              reference: str) -> dict[str, Any]:
     verb = "init" if init_only else "inject"
     created_by = f"cvmfs-inject {__version__} {verb} --path {options.mount_point}"
     edits = {}
@@ -123,7 +149,7 @@ def _edit_all(images: list[Image], layer: NewLayer, options: PackOptions, init_o
             continue
         edits[image.descriptor.digest] = edit_image(
             image.manifest, image.config, layer, created_by=created_by,
-            epoch=options.source_date_epoch, where=f"{ref} ({image.platform})")
+            epoch=options.source_date_epoch, where=f"{reference} ({image.platform})")
     return edits
 
 
