@@ -10,17 +10,21 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cvmfs_inject import __version__, ops
-from cvmfs_inject.errors import CvmfsInjectError, InputError, ValidationFailed
-from cvmfs_inject.injector import inject, run, unpack
+from cvmfs_inject.direct import Access, RemoteSource, inject_remote, unpack_remote
+from cvmfs_inject.direct import destination as direct_destination
+from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError, ValidationFailed
+from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.layer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
 from cvmfs_inject.refs import parse_layout_ref, parse_ref
+from cvmfs_inject.registry import Credentials
 from cvmfs_inject.schemas import KINDS, check_document
-from cvmfs_inject.transport import RegistryOptions, Skopeo
+from cvmfs_inject.transport import RegistryOptions, Skopeo, credentials_authfile
 from cvmfs_inject.validate import validate_layout
 
 PROG = "cvmfs-inject"
@@ -49,6 +53,10 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     group.add_argument("--authfile", type=Path, default=default, metavar="FILE",
                        help="registry auth file (default: REGISTRY_AUTH_FILE, then "
                             "$XDG_RUNTIME_DIR/containers/auth.json, then ~/.docker/config.json)")
+    group.add_argument("--creds-stdin", action="store_true", default=default,
+                       help="read USERNAME:PASSWORD from the first line of stdin (for CI)")
+    group.add_argument("--ca-file", type=Path, default=default, metavar="FILE",
+                       help="CA bundle for the registry's TLS certificate (registry-direct)")
     group.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="print only errors (and --json output)")
     group.add_argument("--debug", action="store_true", default=default,
@@ -72,6 +80,9 @@ def _pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", metavar="OS/ARCH",
                         help="only this platform of a multi-platform image")
     parser.add_argument("--tag", metavar="NEW", help="write the result under a new tag")
+    parser.add_argument("--via-layout", action="store_true",
+                        help="registry images: pull, edit a local layout, push (instead of "
+                             "registry-direct)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only say what would go")
 
     p = command("init", "add an empty mount-point layer (idempotent)")
-    p.add_argument("ref", metavar="LAYOUT[:TAG]")
+    p.add_argument("ref", metavar="REF")
     p.add_argument("--path", default="/cvmfs", metavar="MOUNT")
     p.add_argument("--platform", metavar="OS/ARCH")
     p.add_argument("--tag", metavar="NEW")
+    p.add_argument("--dest", metavar="DEST", help="registry-direct: write the result here")
 
     p = command("unpack", "write the injected layer's content into DIR")
     p.add_argument("ref", metavar="REF")
@@ -122,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="unpack into a non-empty DIR")
     p.add_argument("--platform", metavar="OS/ARCH")
     p.add_argument("--path", metavar="MOUNT", help="mount point (default: from the image)")
+    p.add_argument("--via-layout", action="store_true",
+                   help="registry images: pull the whole image first")
 
     p = command("inject", "pack DIR and put it into the image at the mount point")
-    p.add_argument("ref", metavar="LAYOUT[:TAG]")
+    p.add_argument("ref", metavar="REF")
     p.add_argument("dir", type=Path, metavar="DIR")
     _pack_options(p)
+    p.add_argument("--dest", metavar="DEST",
+                   help="registry-direct: write the result to this docker:// reference")
 
     p = command("run", "pull SRC, inject DIR, validate, push to DEST")
     p.add_argument("src", metavar="SRC")
@@ -138,11 +154,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _registry_options(args: argparse.Namespace) -> RegistryOptions:
+    return RegistryOptions(tls_verify=True if args.tls_verify is None else args.tls_verify,
+                           cert_dir=args.cert_dir, authfile=args.authfile or _env_authfile(),
+                           debug=bool(args.debug))
+
+
 def _skopeo(args: argparse.Namespace) -> Skopeo:
-    return Skopeo(RegistryOptions(
-        tls_verify=True if args.tls_verify is None else args.tls_verify,
-        cert_dir=args.cert_dir, authfile=args.authfile or _env_authfile(),
-        debug=bool(args.debug)))
+    options = _registry_options(args)
+    credentials = _stdin_credentials(args)
+    if credentials is not None:
+        options = replace(options, authfile=credentials_authfile(credentials, _HOSTS(args)))
+    return Skopeo(options)
+
+
+def _access(args: argparse.Namespace) -> Access:
+    return Access(_registry_options(args), _stdin_credentials(args), args.ca_file)
+
+
+def _HOSTS(args: argparse.Namespace) -> list[str]:
+    """Registries named on this command line: the stdin credentials are for them."""
+    hosts = []
+    for name in ("src", "dest", "ref", "target"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                ref = parse_ref(value)
+            except CvmfsInjectError:
+                continue
+            if ref.is_registry:
+                hosts.append(ref.registry)
+    return hosts
+
+
+_STDIN_CREDENTIALS: list[Credentials] = []
+
+
+def _stdin_credentials(args: argparse.Namespace) -> Credentials | None:
+    """`--creds-stdin`: USERNAME:PASSWORD on the first line of stdin, read once."""
+    if not args.creds_stdin:
+        return None
+    if not _STDIN_CREDENTIALS:
+        line = sys.stdin.readline().rstrip("\r\n")
+        username, sep, password = line.partition(":")
+        if not sep or not username:
+            raise UsageError("--creds-stdin expects USERNAME:PASSWORD on the first line of stdin")
+        _STDIN_CREDENTIALS.append(Credentials(username, password))
+    return _STDIN_CREDENTIALS[0]
 
 
 def _env_authfile() -> Path | None:
@@ -198,7 +256,9 @@ def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Reporter) -> Any:
-    report = ops.inspect(parse_ref(args.ref), _skopeo(args), args.platform)
+    ref = parse_ref(args.ref)
+    remote = RemoteSource(_access(args).client(ref), ref) if ref.is_registry else None
+    report = ops.inspect(ref, remote, args.platform)
     out.human(_format_inspect(report))
     return report
 
@@ -238,9 +298,27 @@ def _cmd_gc(args: argparse.Namespace, out: Reporter) -> Any:
         "bytes_removed": report.result.bytes_removed, "kept": report.result.kept}
 
 
+def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
+                progress: Any = None, warn: Any = None) -> InjectReport:
+    """A layout is edited in place; a registry image registry-direct (or via a layout)."""
+    ref = parse_ref(args.ref)
+    dest = parse_ref(args.dest) if args.dest else None
+    if ref.is_registry and not getattr(args, "via_layout", False):
+        return inject_remote(ref, tree, _pack(args), _access(args), dest=dest,
+                             new_tag=args.tag, platform=args.platform, init_only=init_only,
+                             progress=progress, warn=warn)
+    if ref.is_registry:
+        target = direct_destination(ref, dest, args.tag)
+        return run(ref, tree, target, _skopeo(args), _pack(args), platform=args.platform,
+                   progress=progress, warn=warn, init_only=init_only)
+    if dest is not None:
+        raise UsageError("--dest is for registry images; for a layout use --tag")
+    return inject(parse_layout_ref(args.ref), tree, _pack(args), new_tag=args.tag,
+                  platform=args.platform, init_only=init_only, progress=progress, warn=warn)
+
+
 def _cmd_init(args: argparse.Namespace, out: Reporter) -> Any:
-    report = inject(parse_layout_ref(args.ref), None, _pack(args), new_tag=args.tag,
-                    platform=args.platform, init_only=True, warn=out.warn)
+    report = _inject_any(args, None, init_only=True, warn=out.warn)
     if report.status == "already-prepared":
         out.line(f"{report.reference}: already prepared (has an injected layer); left alone")
     else:
@@ -251,15 +329,19 @@ def _cmd_init(args: argparse.Namespace, out: Reporter) -> Any:
 
 def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
     with out.packing(args.dir) as progress:
-        report = inject(parse_layout_ref(args.ref), args.dir, _pack(args), new_tag=args.tag,
-                        platform=args.platform, progress=progress, warn=out.warn)
+        report = _inject_any(args, args.dir, init_only=False, progress=progress, warn=out.warn)
     out.inject_summary(report)
     return report.to_json()
 
 
 def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
-    result = unpack(parse_ref(args.ref), args.dir, _skopeo(args), force=args.force,
-                    platform=args.platform, mount_point=args.path, warn=out.warn)
+    ref = parse_ref(args.ref)
+    if ref.is_registry and not args.via_layout:
+        result = unpack_remote(ref, args.dir, _access(args), force=args.force,
+                               platform=args.platform, mount_point=args.path, warn=out.warn)
+    else:
+        result = unpack(ref, args.dir, _skopeo(args), force=args.force,
+                        platform=args.platform, mount_point=args.path, warn=out.warn)
     if result["status"] == "empty":
         out.line(f"{args.dir}: empty ({result['note']})")
     else:
@@ -268,10 +350,19 @@ def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
+    src, dest = parse_ref(args.src), parse_ref(args.dest)
+    direct = src.is_registry and dest.is_registry and not args.via_layout and not args.layout
     with out.packing(args.dir) as progress:
-        report = run(parse_ref(args.src), args.dir, parse_ref(args.dest), _skopeo(args),
-                     _pack(args), cache=args.layout, new_tag=args.tag, platform=args.platform,
-                     manifest_format=args.format, progress=progress, warn=out.warn)
+        if direct:
+            if args.format != "keep":
+                raise UsageError("--format converts through a layout: add --via-layout")
+            check_tree_dir(args.dir)
+            report = inject_remote(src, args.dir, _pack(args), _access(args), dest=dest,
+                                   platform=args.platform, progress=progress, warn=out.warn)
+        else:
+            report = run(src, args.dir, dest, _skopeo(args), _pack(args), cache=args.layout,
+                         new_tag=args.tag, platform=args.platform,
+                         manifest_format=args.format, progress=progress, warn=out.warn)
     out.inject_summary(report)
     out.line(f"pushed to {args.dest}")
     return report.to_json()

@@ -10,21 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from cvmfs_inject.errors import InputError, NotFoundError, UsageError
+from cvmfs_inject.errors import NotFoundError, UsageError
 from cvmfs_inject.model import (
     Descriptor,
     ImageConfig,
     Index,
     Manifest,
     MediaType,
-    parse_json,
     platform_matches,
     platform_string,
-    sha256_digest,
 )
-from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.store import Layout
-from cvmfs_inject.transport import Skopeo
 
 
 class ImageSource(Protocol):
@@ -68,50 +64,6 @@ class LayoutSource:
 
     def config(self, manifest_desc: Descriptor, manifest: Manifest) -> ImageConfig:
         return self.layout.read_config(manifest.config)
-
-
-class RegistrySource:
-    """Reads through skopeo: manifests by digest, configs through `inspect --config`."""
-
-    def __init__(self, ref: ImageRef, skopeo: Skopeo) -> None:
-        self.ref = ref
-        self.skopeo = skopeo
-        self._raw: dict[str, bytes] = {}
-
-    def _by_digest(self, digest: str) -> ImageRef:
-        return ImageRef("docker", self.ref.path, None, digest)
-
-    def top(self) -> Descriptor:
-        raw = self.skopeo.inspect_raw(self.ref)
-        doc = parse_json(raw, str(self.ref))
-        media_type = doc.get("mediaType") or (
-            MediaType.OCI_INDEX if "manifests" in doc else MediaType.OCI_MANIFEST)
-        digest = sha256_digest(raw)
-        if self.ref.digest and self.ref.digest != digest:
-            raise InputError(f"{self.ref}: registry returned a manifest with digest {digest}")
-        self._raw[digest] = raw
-        return Descriptor(media_type, digest, len(raw))
-
-    def _fetch(self, desc: Descriptor) -> bytes:
-        raw = self._raw.get(desc.digest)
-        if raw is None:
-            raw = self.skopeo.inspect_raw(self._by_digest(desc.digest))
-        if sha256_digest(raw) != desc.digest or len(raw) != desc.size:
-            raise InputError(f"{self.ref}: manifest {desc.digest} does not match its descriptor")
-        return raw
-
-    def manifest(self, desc: Descriptor) -> Manifest:
-        return Manifest.parse(self._fetch(desc), f"{self.ref}@{desc.digest}", desc.media_type)
-
-    def index(self, desc: Descriptor) -> Index:
-        return Index.parse(self._fetch(desc), f"{self.ref}@{desc.digest}", desc.media_type)
-
-    def config(self, manifest_desc: Descriptor, manifest: Manifest) -> ImageConfig:
-        raw = self.skopeo.inspect_raw(self._by_digest(manifest_desc.digest), config=True)
-        expected = manifest.config
-        if sha256_digest(raw) != expected.digest or len(raw) != expected.size:
-            raise InputError(f"{self.ref}: config does not match {expected.digest}")
-        return ImageConfig.parse(raw, f"{self.ref} config {expected.digest}")
 
 
 def is_image_entry(desc: Descriptor) -> bool:

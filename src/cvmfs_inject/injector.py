@@ -186,7 +186,7 @@ def _commit_index(layout: Layout, top: Descriptor, index: Any,
 
 
 # -- unpack ----------------------------------------------------------------------------------
-def _prepare_target(target: Path, force: bool) -> None:
+def prepare_target(target: Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
@@ -203,7 +203,7 @@ def unpack_layout(ref: ImageRef, target: Path, *, force: bool = False,
         _, images = load_images(LayoutSource(layout, ref.tag), top, platform)
         image = images[0]
         position, diff_id = injected_position(image.config, f"{ref} ({image.platform})")
-        _prepare_target(target, force)
+        prepare_target(target, force)
         if position is None:
             return {"status": "empty", "target": str(target),
                     "note": "the image has no injected layer yet"}
@@ -230,10 +230,10 @@ def unpack(ref: ImageRef, target: Path, skopeo: Skopeo, *, force: bool = False,
 
 
 # -- run -------------------------------------------------------------------------------------
-def run(src: ImageRef, tree: Path, dest: ImageRef, skopeo: Skopeo, options: PackOptions, *,
+def run(src: ImageRef, tree: Path | None, dest: ImageRef, skopeo: Skopeo, options: PackOptions, *,
         cache: str | None = None, new_tag: str | None = None, platform: str | None = None,
         manifest_format: str = "keep", progress: Progress | None = None,
-        warn: Warn | None = None) -> InjectReport:
+        warn: Warn | None = None, init_only: bool = False) -> InjectReport:
     """pull → inject → validate → push, the one call a Makefile makes.
 
     The working layout is CACHE when given (kept, so later runs reuse its blobs), else a
@@ -242,7 +242,8 @@ def run(src: ImageRef, tree: Path, dest: ImageRef, skopeo: Skopeo, options: Pack
     if dest.transport == "oci":
         raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
                          "and `inject` to edit a layout")
-    _check_tree_dir(tree)
+    if tree is not None:
+        check_tree_dir(tree)
     fmt = source_format(src, skopeo)
     pushed_as_docker = (dest.transport == "docker-archive" or manifest_format == "v2s2"
                         or (manifest_format == "keep" and fmt == "v2s2"))
@@ -259,7 +260,7 @@ def run(src: ImageRef, tree: Path, dest: ImageRef, skopeo: Skopeo, options: Pack
                       all_images=True, known_format=fmt)
         working = ImageRef("oci", cache, tag)
         report = inject(working, tree, options, platform=platform, progress=progress,
-                        warn=warn)
+                        warn=warn, init_only=init_only)
         problems = validate_layout(working)
         if problems:
             raise ValidationFailed(f"{working}: the injected image does not validate: "
@@ -268,7 +269,7 @@ def run(src: ImageRef, tree: Path, dest: ImageRef, skopeo: Skopeo, options: Pack
         return report
 
 
-def _check_tree_dir(tree: Path) -> None:
+def check_tree_dir(tree: Path) -> None:
     if not tree.exists():
         raise InputError(f"{tree}: no such directory")
     if not tree.is_dir():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_inject.errors import UsageError
-from cvmfs_inject.images import ImageSource, LayoutSource, RegistrySource, load_images
+from cvmfs_inject.images import ImageSource, LayoutSource, load_images
 from cvmfs_inject.inject import injected_position
 from cvmfs_inject.model import Descriptor, MediaType, canonical_json, parse_json
 from cvmfs_inject.refs import ImageRef
@@ -179,18 +179,21 @@ def _archive_target(dest: ImageRef) -> Iterator[ImageRef]:
             os.unlink(tmp)
 
 
-def open_source(ref: ImageRef, skopeo: Skopeo) -> tuple[ImageSource, Layout | None]:
+def inspect(ref: ImageRef, remote: ImageSource | None = None,
+            platform: str | None = None) -> dict[str, Any]:
+    """A JSON-ready description: tags, platforms, layers with diff_ids, labels, history.
+
+    `remote` is the registry source for a docker:// reference (the caller builds it with
+    its credentials); a layout reference is opened here.
+    """
+    layout = None
     if ref.transport == "oci":
         layout = Layout.open(ref.path)
-        return LayoutSource(layout, ref.tag), layout
-    if ref.transport == "docker":
-        return RegistrySource(ref, skopeo), None
-    raise UsageError(f"{ref}: inspect reads a layout or a registry; pull an archive first")
-
-
-def inspect(ref: ImageRef, skopeo: Skopeo, platform: str | None = None) -> dict[str, Any]:
-    """A JSON-ready description: tags, platforms, layers with diff_ids, labels, history."""
-    source, layout = open_source(ref, skopeo)
+        source: ImageSource = LayoutSource(layout, ref.tag)
+    elif ref.transport == "docker" and remote is not None:
+        source = remote
+    else:
+        raise UsageError(f"{ref}: inspect reads a layout or a registry; pull an archive first")
     top = source.top()
     index, images = load_images(source, top, platform)
     report: dict[str, Any] = {

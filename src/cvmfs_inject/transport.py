@@ -6,10 +6,14 @@ lookup), so `ps` never shows a password.
 
 from __future__ import annotations
 
+import atexit
+import base64
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from cvmfs_inject.errors import (
     UsageError,
 )
 from cvmfs_inject.refs import ImageRef
+from cvmfs_inject.registry import Credentials
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
 
@@ -155,3 +160,16 @@ class Skopeo:
         args = ["inspect", "--raw", *(["--config"] if config else [])]
         args += [*self.options.flags("", ref), ref.skopeo()]
         return self.run(args)
+
+
+def credentials_authfile(credentials: Credentials, hosts: list[str]) -> Path:
+    """A private auth file for `--creds-stdin`, so skopeo gets the secret from a file, never
+    from its argv. It lives in a 0700 temp directory removed when the process exits."""
+    directory = Path(tempfile.mkdtemp(prefix="cvmfs-inject-auth-"))
+    atexit.register(shutil.rmtree, directory, True)
+    token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    path = directory / "auth.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"auths": {host: {"auth": token} for host in hosts}}, handle)
+    return path
