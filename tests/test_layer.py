@@ -21,7 +21,6 @@ from helpers import EPOCH, make_nasty_tree, tree_snapshot
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.layer import (
     CHUNK,
-    READ_SIZE,
     PackOptions,
     PackResult,
     normalise_mount_point,
@@ -658,6 +657,7 @@ def test_mount_point_validation(given: str, expected: str | None) -> None:
 
 
 # -- sizes and chunk boundaries ------------------------------------------------------------------
+READ_SIZE = 4 << 20  # a large read, several chunks
 SIZES = [0, 1, 511, 512, 513, CHUNK - 512, CHUNK - 1, CHUNK, CHUNK + 1, 3 << 20, READ_SIZE,
          READ_SIZE + 1, 2 * READ_SIZE + 7]
 

@@ -1,10 +1,7 @@
 """cvmfs-inject: put a CernVM-FS shrinkwrap tree into container images as a /cvmfs layer."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("cvmfs-inject")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+# The single source of the version (pyproject reads it); a literal, because looking it up
+# through importlib.metadata costs every command a noticeable start-up delay.
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -12,20 +12,23 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject import __version__, ops
-from cvmfs_inject.direct import Access, RemoteSource, inject_remote, unpack_remote
-from cvmfs_inject.direct import destination as direct_destination
 from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError, ValidationFailed
 from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.layer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
 from cvmfs_inject.refs import parse_layout_ref, parse_ref
-from cvmfs_inject.registry import Credentials
-from cvmfs_inject.schemas import KINDS, check_document
 from cvmfs_inject.transport import RegistryOptions, Skopeo, credentials_authfile
-from cvmfs_inject.validate import validate_layout
+
+if TYPE_CHECKING:
+    from cvmfs_inject.credentials import Credentials
+    from cvmfs_inject.direct import Access
+
+# Registry-direct (oras, requests) and validation (jsonschema) are imported where they are
+# used: a local inject should not pay their start-up time.
+KINDS = ("layout", "index", "manifest", "config", "descriptor")
 
 PROG = "cvmfs-inject"
 
@@ -169,6 +172,8 @@ def _skopeo(args: argparse.Namespace) -> Skopeo:
 
 
 def _access(args: argparse.Namespace) -> Access:
+    from cvmfs_inject.direct import Access
+
     return Access(_registry_options(args), _stdin_credentials(args), args.ca_file)
 
 
@@ -195,11 +200,9 @@ def _stdin_credentials(args: argparse.Namespace) -> Credentials | None:
     if not args.creds_stdin:
         return None
     if not _STDIN_CREDENTIALS:
-        line = sys.stdin.readline().rstrip("\r\n")
-        username, sep, password = line.partition(":")
-        if not sep or not username:
-            raise UsageError("--creds-stdin expects USERNAME:PASSWORD on the first line of stdin")
-        _STDIN_CREDENTIALS.append(Credentials(username, password))
+        from cvmfs_inject.credentials import read_credentials_stdin
+
+        _STDIN_CREDENTIALS.append(read_credentials_stdin())
     return _STDIN_CREDENTIALS[0]
 
 
@@ -233,6 +236,9 @@ def _cmd_push(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
+    from cvmfs_inject.schemas import check_document
+    from cvmfs_inject.validate import validate_layout
+
     target = args.target
     if args.kind or target == "-" or Path(target).is_file():
         if target == "-":
@@ -256,6 +262,8 @@ def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Reporter) -> Any:
+    from cvmfs_inject.direct import RemoteSource
+
     ref = parse_ref(args.ref)
     remote = RemoteSource(_access(args).client(ref), ref) if ref.is_registry else None
     report = ops.inspect(ref, remote, args.platform)
@@ -301,6 +309,8 @@ def _cmd_gc(args: argparse.Namespace, out: Reporter) -> Any:
 def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
                 progress: Any = None, warn: Any = None) -> InjectReport:
     """A layout is edited in place; a registry image registry-direct (or via a layout)."""
+    from cvmfs_inject.direct import destination, inject_remote
+
     ref = parse_ref(args.ref)
     dest = parse_ref(args.dest) if args.dest else None
     if ref.is_registry and not getattr(args, "via_layout", False):
@@ -308,7 +318,7 @@ def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
                              new_tag=args.tag, platform=args.platform, init_only=init_only,
                              progress=progress, warn=warn)
     if ref.is_registry:
-        target = direct_destination(ref, dest, args.tag)
+        target = destination(ref, dest, args.tag)
         return run(ref, tree, target, _skopeo(args), _pack(args), platform=args.platform,
                    progress=progress, warn=warn, init_only=init_only)
     if dest is not None:
@@ -335,6 +345,8 @@ def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
+    from cvmfs_inject.direct import unpack_remote
+
     ref = parse_ref(args.ref)
     if ref.is_registry and not args.via_layout:
         result = unpack_remote(ref, args.dir, _access(args), force=args.force,
@@ -350,6 +362,8 @@ def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
+    from cvmfs_inject.direct import inject_remote
+
     src, dest = parse_ref(args.src), parse_ref(args.dest)
     direct = src.is_registry and dest.is_registry and not args.via_layout and not args.layout
     with out.packing(args.dir) as progress:

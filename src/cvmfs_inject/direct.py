@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_inject.credentials import Credentials, load_credentials
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.extract import decompressed, extract
 from cvmfs_inject.images import load_images
@@ -26,7 +27,7 @@ from cvmfs_inject.injector import InjectReport, Progress, Warn, apply, prepare_t
 from cvmfs_inject.layer import PackOptions
 from cvmfs_inject.model import Descriptor, ImageConfig, Index, Manifest, MediaType
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.registry import Credentials, RegistryClient, load_credentials
+from cvmfs_inject.registry import RegistryClient
 from cvmfs_inject.schemas import check_document
 from cvmfs_inject.store import Layout
 from cvmfs_inject.transport import RegistryOptions

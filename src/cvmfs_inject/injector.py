@@ -34,7 +34,6 @@ from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.store import Layout
 from cvmfs_inject.transport import Skopeo
-from cvmfs_inject.validate import validate_layout
 
 Warn = Callable[[str], None]
 
@@ -242,6 +241,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, skopeo: Skopeo, option
     if dest.transport == "oci":
         raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
                          "and `inject` to edit a layout")
+    from cvmfs_inject.validate import validate_layout  # jsonschema only when it is needed
+
     if tree is not None:
         check_tree_dir(tree)
     fmt = source_format(src, skopeo)

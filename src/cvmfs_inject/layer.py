@@ -32,11 +32,11 @@ from cvmfs_inject.errors import InputError, UsageError
 
 BLOCK = 512
 CHUNK = 1 << 20
-READ_SIZE = 4 << 20
 QUEUE_DEPTH = 8
 MAX_OCTAL_SIZE = 0o77777777777
 MAX_OCTAL_ID = 0o7777777
 ZSTD_WORKERS = 2
+ZSTD_JOB_SIZE = 2 << 20
 COMPRESSIONS = ("gzip", "zstd", "none")
 # ISA-L offers levels 0-3; 1 measured best for speed at a ratio close to gzip -6.
 DEFAULT_LEVELS = {"gzip": 1, "zstd": 3, "none": 0}
@@ -160,6 +160,8 @@ class _Headers:
             owner = self._owner[(mode, uid, gid)] = (text, sum(text))
         stamp = self._mtime.get(mtime)
         if stamp is None:
+            if len(self._mtime) > 4096:  # unclamped host mtimes are mostly distinct: bound it
+                self._mtime.clear()
             text = b"%011o\0" % mtime
             stamp = self._mtime[mtime] = (text, sum(text))
         size_text = b"%011o\0" % size
@@ -325,7 +327,7 @@ class _Packer:
             remaining = size
             while remaining:
                 try:
-                    data = os.read(fd, min(remaining, READ_SIZE))
+                    data = os.read(fd, min(remaining, CHUNK))
                 except OSError as exc:
                     raise InputError(f"{path}: cannot read: {exc.strerror}") from None
                 if not data:
@@ -361,9 +363,11 @@ class _Compressor:
             self._obj = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 16 + 15)
         elif compression == "zstd":
             # zstd's multi-threaded format gives the same bytes for any worker count >= 1, so
-            # a fixed count keeps the digest independent of the machine while using both cores.
-            self._obj = zstandard.ZstdCompressor(level=level, threads=ZSTD_WORKERS,
-                                                 write_checksum=True).compressobj()
+            # a fixed count keeps the digest independent of the machine while using both
+            # cores; a fixed 2 MiB job size keeps its buffers (and our RSS) small and flat.
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, threads=ZSTD_WORKERS, job_size=ZSTD_JOB_SIZE, write_checksum=True)
+            self._obj = zstandard.ZstdCompressor(compression_params=params).compressobj()
         else:
             self._obj = None
 

@@ -15,16 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 from cvmfs_inject.layer import BLOCK
 
 PROG = "cvmfs-inject"
@@ -58,7 +48,6 @@ class Reporter:
     def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet = quiet
         self.json_mode = json_mode
-        self._err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def line(self, message: str) -> None:
         """A human result line: stdout normally, stderr under --json, nothing under --quiet."""
@@ -87,10 +76,22 @@ class Reporter:
         if self.quiet or not sys.stderr.isatty() or not tree.is_dir():
             yield None
             return
+        # rich is imported only when a bar is shown: most runs (CI, Makefiles) never need it
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         total_bytes, total_files = estimate_tar_size(tree)
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
         progress = Progress(TextColumn("packing"), BarColumn(), DownloadColumn(),
                             TextColumn("{task.fields[files]:,}/" f"{total_files:,} files"),
-                            TransferSpeedColumn(), TimeRemainingColumn(), console=self._err,
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                             transient=True)
         task = progress.add_task("pack", total=total_bytes, files=0)
         done_files = 0

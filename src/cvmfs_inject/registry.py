@@ -10,10 +10,11 @@ Built on oras-py (`oras.provider.Registry`), which provides:
 
 * the `requests.Session` (with cookies disabled: Harbor and friends treat cookies as a
   browser and start CSRF dances) and its TLS `verify` setting,
-* the auth backends: `oras.auth.TokenAuth` runs the bearer-token flow from a
-  ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge (anonymous, or with
-  basic credentials against the token server), `oras.auth.BasicAuth` makes the
-  ``Authorization: Basic`` header, `oras.auth.utils.parse_auth_header` parses challenges,
+* the auth backends: `oras.auth.utils.parse_auth_header` parses a
+  ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge and
+  `oras.auth.TokenAuth` fetches the token from the realm (``request_anonymous_token``, or
+  ``request_token`` with the basic credentials); `oras.auth.BasicAuth` makes the
+  ``Authorization: Basic`` header,
 * `oras.utils.append_url_params` to add ``?digest=`` to an upload location that already
   carries the registry's own state parameters.
 
@@ -23,7 +24,9 @@ work for us (each place is marked "oras-py gap" below):
 * our own request loop instead of `Registry.do_request`: its retry decorator sleeps 3, 5,
   11, 29, 83 s on *any* exception (also on a plain authentication failure) and replays
   request bodies that a streamed upload has already consumed; it answers a ``Basic``
-  challenge by asking the *realm string* for a bearer token; it has no timeouts;
+  challenge by asking the *realm string* for a bearer token; it has no timeouts. Ours
+  answers a challenge once, keeps one bearer token per repository scope, and only replays
+  bodies it can re-create;
 * blob mount (``POST ...?mount=&from=``) including cancelling the upload session a registry
   opens when it refuses to mount;
 * streaming uploads: oras-py's `put_upload` does ``fd.read()`` (whole file in memory) and
@@ -45,22 +48,16 @@ They never appear in log records, exception messages or reprs.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -73,6 +70,7 @@ import requests
 import requests.utils
 import urllib3.exceptions
 
+from cvmfs_inject.credentials import DOCKER_HUB, DOCKER_HUB_API, Credentials, canonical_host
 from cvmfs_inject.errors import (
     CvmfsInjectError,
     InputError,
@@ -83,13 +81,7 @@ from cvmfs_inject.errors import (
 )
 from cvmfs_inject.model import MediaType, check_digest, sha256_digest
 
-__all__ = [
-    "MANIFEST_ACCEPT",
-    "Credentials",
-    "RegistryClient",
-    "load_credentials",
-    "read_password_stdin",
-]
+__all__ = ["MANIFEST_ACCEPT", "RegistryClient"]
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +93,6 @@ MANIFEST_ACCEPT: tuple[str, ...] = (
     MediaType.DOCKER_LIST,
 )
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_API = "registry-1.docker.io"
-DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"  # docker's key for Hub credentials
 
 MAX_MANIFEST_SIZE = 4 << 20  # distribution's own limit; protects us from a runaway body
 MAX_SMALL_BLOB = 64 << 20  # get_blob is for configs; bigger blobs must be streamed
@@ -112,226 +101,13 @@ READ_TIMEOUT = 300.0  # a final PUT may wait while the registry hashes a big blo
 RETRY_BACKOFF = 0.5  # seconds before the 1st retry, doubled each time
 DOWNLOAD_CHUNK = 1 << 20
 _BLOCK = 64 << 10
-_HELPER_TIMEOUT = 60.0
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HOST = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?$")
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-_SSL = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\")]+(?:\([^)]*\))?)")
-
-
-# -- credentials ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A registry user and password; the password is left out of repr() so logs stay clean."""
-
-    username: str
-    password: str = field(repr=False)
-
-
-def _canonical_host(registry: str) -> str:
-    """docker.io under all the names docker has used for it; other hosts as given."""
-    host = registry.lower()
-    if host in ("index.docker.io", DOCKER_HUB_API, DOCKER_HUB):
-        return DOCKER_HUB
-    return registry
-
-
-def _key_host(key: str) -> str | None:
-    """The registry an auth-file key refers to, or None for a repository-scoped key.
-
-    Keys are ``host``, legacy docker URLs (``https://index.docker.io/v1/``) or, for
-    containers-auth.json, ``host/namespace`` (credentials for one repository tree only,
-    which a host-wide lookup must not use).
-    """
-    rest = key
-    for scheme in ("https://", "http://"):
-        if rest.startswith(scheme):
-            rest = rest[len(scheme):].split("/", 1)[0]
-            break
-    else:
-        if "/" in rest.rstrip("/"):
-            return None
-        rest = rest.rstrip("/")
-    return _canonical_host(rest)
-
-
-def _auth_files(authfile: Path | None) -> list[Path]:
-    """Candidate auth files in skopeo/podman's order (see `load_credentials`)."""
-    if authfile is not None:
-        return [Path(authfile)]
-    files: list[Path] = []
-    env_file = os.environ.get("REGISTRY_AUTH_FILE")
-    if env_file:
-        files.append(Path(env_file))
-    else:
-        runtime = os.environ.get("XDG_RUNTIME_DIR")
-        if runtime:
-            files.append(Path(runtime) / "containers" / "auth.json")
-        files.append(Path.home() / ".config" / "containers" / "auth.json")
-    docker_dir = os.environ.get("DOCKER_CONFIG")
-    files.append((Path(docker_dir) if docker_dir else Path.home() / ".docker") / "config.json")
-    return files
-
-
-def _read_auth_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read auth file {path}: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        # The position only: the text around it may be a secret.
-        raise InputError(f"auth file {path}: invalid JSON at line {exc.lineno} "
-                         f"column {exc.colno}") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"auth file {path}: expected a JSON object")
-    return doc
-
-
-def _lookup(table: Any, host: str) -> tuple[str, Any] | None:
-    """The entry for `host` in an ``auths``/``credHelpers`` table: exact keys first."""
-    if not isinstance(table, dict):
-        return None
-    exact = [host, f"https://{host}", f"http://{host}"]
-    if host == DOCKER_HUB:
-        exact.append(DOCKER_HUB_SERVER_URL)
-    for key in exact:
-        if key in table:
-            return key, table[key]
-    for key, value in table.items():
-        if isinstance(key, str) and _key_host(key) == host:
-            return key, value
-    return None
-
-
-def _from_auth_entry(entry: Any, path: Path, key: str) -> Credentials | None:
-    """Credentials from an ``auths`` entry: base64 ``auth`` or ``username``/``password``."""
-    if not isinstance(entry, dict):
-        return None
-    encoded = entry.get("auth")
-    if isinstance(encoded, str) and encoded:
-        try:
-            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise InputError(f"auth file {path}: the 'auth' value for {key!r} is not "
-                             "base64 of user:password") from None
-        user, sep, password = decoded.partition(":")
-        if not sep or not user:
-            raise InputError(f"auth file {path}: the 'auth' value for {key!r} is not "
-                             "base64 of user:password")
-        return Credentials(user, password)
-    user, password = entry.get("username"), entry.get("password")
-    if isinstance(user, str) and user and isinstance(password, str):
-        return Credentials(user, password)
-    return None
-
-
-def _helper_server(host: str) -> str:
-    return DOCKER_HUB_SERVER_URL if host == DOCKER_HUB else host
-
-
-def _from_helper(name: Any, host: str, path: Path) -> Credentials | None:
-    """Ask ``docker-credential-NAME get`` (the docker credential-helper protocol).
-
-    The server URL goes on stdin and the answer is ``{"Username", "Secret"}`` on stdout.
-    A helper that reports "credentials not found" means no credentials, not an error.
-    """
-    if not isinstance(name, str) or not name or "/" in name:
-        raise InputError(f"auth file {path}: credential helper name {name!r} is invalid")
-    program = f"docker-credential-{name}"
-    exe = shutil.which(program)
-    if exe is None:
-        raise ToolError(f"credential helper {program} (configured in {path} for {host}) is "
-                        "not installed or not on PATH")
-    server = _helper_server(host)
-    try:
-        proc = subprocess.run([exe, "get"], input=server.encode(), capture_output=True,
-                              timeout=_HELPER_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise ToolError(f"credential helper {program} did not answer within "
-                        f"{_HELPER_TIMEOUT:.0f}s for {server}", [program, "get"]) from None
-    except OSError as exc:
-        raise ToolError(f"cannot run credential helper {program}: {exc.strerror or exc}",
-                        [program, "get"]) from None
-    if proc.returncode != 0:
-        # On failure helpers print a message, never the secret; keep only its first line.
-        said = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-        if "credentials not found" in said.lower():
-            return None
-        first = said.splitlines()[0][:200] if said else "no output"
-        raise ToolError(f"credential helper {program} failed for {server} "
-                        f"(exit {proc.returncode}): {first}", [program, "get"],
-                        proc.returncode, proc.stderr.decode(errors="replace"))
-    try:
-        answer = json.loads(proc.stdout)
-        user, secret = answer["Username"], answer["Secret"]
-    except (ValueError, KeyError, TypeError):
-        raise ToolError(f"credential helper {program} gave no Username/Secret JSON for "
-                        f"{server}", [program, "get"]) from None
-    if not isinstance(user, str) or not isinstance(secret, str) or not secret:
-        return None
-    return Credentials(user, secret)
-
-
-def load_credentials(registry: str, authfile: Path | None = None) -> Credentials | None:
-    """Find credentials for `registry` where skopeo and podman would, so one login serves all.
-
-    Files: `authfile` if given (only that one; it must exist). Otherwise the first file,
-    in this order, that has an entry for the registry: ``$REGISTRY_AUTH_FILE`` (replaces the
-    next two), ``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.config/containers/auth.json``,
-    ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``.
-
-    In a file: ``credHelpers[host]`` wins, then the ``auths`` entry (``auth`` = base64
-    "user:password", or ``username``/``password``), then ``credsStore``. Keys may be the
-    host, ``https://host``/``http://host`` or, for docker.io, ``https://index.docker.io/v1/``.
-    Returns None when nothing is configured (anonymous access). Raises InputError for an
-    unreadable or malformed file and ToolError when a configured helper is missing or fails;
-    no message carries a secret.
-    """
-    host = _canonical_host(registry)
-    if authfile is not None and not Path(authfile).is_file():
-        raise InputError(f"auth file {authfile} does not exist")
-    for path in _auth_files(authfile):
-        if authfile is None and not path.is_file():
-            continue
-        doc = _read_auth_file(path)
-        helper = _lookup(doc.get("credHelpers"), host)
-        if helper is not None:
-            creds = _from_helper(helper[1], host, path)
-            if creds is not None:
-                return creds
-        entry = _lookup(doc.get("auths"), host)
-        if entry is not None:
-            creds = _from_auth_entry(entry[1], path, entry[0])
-            if creds is not None:
-                return creds
-        store = doc.get("credsStore")
-        if store:
-            creds = _from_helper(store, host, path)
-            if creds is not None:
-                return creds
-    return None
-
-
-def read_password_stdin(username: str) -> Credentials:
-    """Credentials for ``--creds-stdin``: one line from stdin is the password.
-
-    Reading stdin keeps the password out of argv (visible in ``ps``) and shell history.
-    Only the line ending is stripped; spaces may be part of a password.
-    """
-    if not username:
-        raise UsageError("--creds-stdin needs a user name")
-    line = sys.stdin.readline()
-    password = line.rstrip("\r\n")
-    if not password:
-        raise UsageError("--creds-stdin: no password on standard input")
-    return Credentials(username, password)
+_SSL = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\"(]+)")
 
 
 # -- request bodies --------------------------------------------------------------------------
@@ -507,8 +283,12 @@ def _registry_error(resp: requests.Response) -> str:
     if parts:
         return f"{head} {'; '.join(parts)}"
     text = body[:200].decode(errors="replace").strip()
-    if "http request to an https server" in text.lower():
-        return f"{head} (the registry speaks https: drop --no-tls-verify)"
+    # Go's TLS server answers plain http with a bare 400 (no body for HEAD); a registry's
+    # own answers always carry Docker-Distribution-API-Version.
+    if resp.url.startswith("http://") and resp.status_code == 400 and (
+            "http request to an https server" in text.lower()
+            or "Docker-Distribution-API-Version" not in resp.headers):
+        return f"{head} (the registry probably speaks https: drop --no-tls-verify)"
     return f"{head} {resp.reason or ''}".rstrip()
 
 
@@ -545,7 +325,8 @@ def _ca_bundle(cas: list[Path]) -> str:
     The defaults stay in (like skopeo adds --cert-dir CAs to the system pool) so a cert dir
     for a private CA does not break a registry that redirects blobs to a public CDN.
     """
-    base = os.environ.get("REQUESTS_CA_BUNDLE") or requests.utils.DEFAULT_CA_BUNDLE_PATH
+    base = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            or requests.utils.DEFAULT_CA_BUNDLE_PATH)  # what requests itself would trust
     parts: list[bytes] = []
     for path in [Path(base), *cas]:
         try:
@@ -595,7 +376,7 @@ class RegistryClient:
         self.monolithic_limit = monolithic_limit
         self.retries = retries
         self._credentials = credentials
-        api_host = DOCKER_HUB_API if _canonical_host(registry) == DOCKER_HUB else registry
+        api_host = DOCKER_HUB_API if canonical_host(registry) == DOCKER_HUB else registry
         self._scheme = "https" if tls_verify else "http"
         self._base = f"{self._scheme}://{api_host}"
         self._netloc = api_host.lower()
@@ -623,6 +404,9 @@ class RegistryClient:
         self._oras = oras.provider.Registry(hostname=api_host, insecure=not tls_verify,
                                             tls_verify=verify, auth_backend="token")
         self._session: requests.Session = self._oras.session
+        # Also passed on every request: a session-level verify loses against
+        # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE in the environment (requests' merge order).
+        self._verify, self._cert = verify, cert
         self._session.verify = verify
         self._session.cert = cert
         self._session.headers["User-Agent"] = "cvmfs-inject"
@@ -695,21 +479,30 @@ class RegistryClient:
             return True
         if scheme != "bearer":
             return False
+        # oras-py's token requests, called directly rather than through its
+        # authenticate_request, which logs an error to stderr on every refused token.
+        parsed = oras.auth.utils.parse_auth_header(challenge)
+        if not parsed.realm:
+            return False
         try:
-            headers, ok = self._token_auth.authenticate_request(resp, {}, refresh=True)
+            if self._credentials is None:
+                token = self._token_auth.request_anonymous_token(parsed)
+            else:
+                token = self._token_auth.request_token(parsed)
         except requests.exceptions.SSLError as exc:
             raise self._tls_error(exc) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            realm = oras.auth.utils.parse_auth_header(challenge).realm
-            raise ToolError(f"{self.registry}: token server {realm} unreachable: "
+            raise ToolError(f"{self.registry}: token server {parsed.realm} unreachable: "
                             f"{_short_reason(exc)}") from None
         except (ValueError, requests.RequestException):
             raise ToolError(f"{self.registry}: the token server gave an invalid answer for "
                             f"{repo}") from None
-        token = headers.get("Authorization") if ok else None
-        if not token or token == sent:
+        if not token or not isinstance(token, str):
             return False
-        self._tokens[repo] = token
+        header = f"Bearer {token}"
+        if header == sent:
+            return False
+        self._tokens[repo] = header
         return True
 
     def _auth_failed(self, status: int, repo: str) -> ToolError:
@@ -743,7 +536,8 @@ class RegistryClient:
             data = body() if callable(body) else body
             try:
                 resp = self._session.request(method, full, data=data, headers=hdrs,
-                                             stream=stream, timeout=self._timeout)
+                                             stream=stream, timeout=self._timeout,
+                                             verify=self._verify, cert=self._cert)
             except requests.exceptions.SSLError as exc:
                 raise self._tls_error(exc) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -943,7 +737,16 @@ class RegistryClient:
                                      f"{length} bytes, expected {size}")
             raise InputError(f"{self.registry}: blob {digest} is too large to read into "
                              "memory; stream it with open_blob")
-        return b"".join(self._verified(resp, repo, digest, size))
+        parts: list[bytes] = []
+        total = 0
+        with contextlib.closing(self._verified(resp, repo, digest, size)) as chunks:
+            for chunk in chunks:
+                total += len(chunk)
+                if total > limit:  # no Content-Length (chunked answer): enforce the cap
+                    raise InputError(f"{self.registry}: blob {digest} is too large to read "
+                                     "into memory; stream it with open_blob")
+                parts.append(chunk)
+        return b"".join(parts)
 
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
         """Stream a blob in chunks; IntegrityError after the last chunk if it is corrupted.

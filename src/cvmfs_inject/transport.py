@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cvmfs_inject.errors import (
     IntegrityError,
@@ -26,7 +27,9 @@ from cvmfs_inject.errors import (
     UsageError,
 )
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.registry import Credentials
+
+if TYPE_CHECKING:
+    from cvmfs_inject.credentials import Credentials
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
 
