@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 APT_PROGRAMS := skopeo:skopeo docker-registry:docker-registry umoci:umoci pigz:pigz \
                 openssl:openssl apache2-utils:htpasswd ca-certificates:update-ca-certificates
 
-.PHONY: all setup system-packages demo test lint bench clean
+.PHONY: all setup system-packages demo test lint bench bench-direct clean
 
 all: test
 
@@ -49,6 +49,9 @@ lint: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+bench-direct: setup
+	$(PY) bench/direct.py
 
 clean:
 	rm -rf $(VENV) demo-out bench/cache .pytest_cache .ruff_cache build dist src/*.egg-info
