@@ -37,8 +37,13 @@ NO_TLS = "--no-tls-verify"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-KINDS = ("oci", "v2s2", "index")
-PLATFORMS = {"oci": ("amd64",), "v2s2": ("amd64",), "index": ("amd64", "arm64")}
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+KINDS = ("oci", "v2s2", "index", "v2s2-list")
+PLATFORMS = {"oci": ("amd64",), "v2s2": ("amd64",), "index": ("amd64", "arm64"),
+             "v2s2-list": ("amd64", "arm64")}
+TOP_TYPE = {"oci": OCI_MANIFEST, "v2s2": DOCKER_MANIFEST, "index": OCI_INDEX,
+            "v2s2-list": DOCKER_LIST}
+CHILD_TYPE = {"index": OCI_MANIFEST, "v2s2-list": DOCKER_MANIFEST}
 SUBPROCESS_TIMEOUT = 60.0
 
 
@@ -119,13 +124,37 @@ def config_digests(docs: dict[str, dict[str, Any]]) -> set[str]:
 
 def push_sample(cli, tmp_path: Path, reg: Registry, repo: str, kind: str = "oci",
                 *flags: str) -> str:
-    """Push the sample image of `kind` (oci, v2s2 or a two-platform OCI index) to repo:v1."""
+    """Push the sample image of `kind` to repo:v1: oci, v2s2, a two-platform OCI index, or
+    (v2s2-list) that index converted by skopeo into a Docker manifest list."""
     layout = tmp_path / f"sample-{kind}-{uuid.uuid4().hex[:6]}"
     build_sample_image(layout, "v1", platforms=PLATFORMS[kind])
     url = f"docker://{reg.host}/{repo}:v1"
-    fmt = "v2s2" if kind == "v2s2" else "keep"
+    fmt = "v2s2" if kind.startswith("v2s2") else "keep"
     ok(cli("push", *(flags or (NO_TLS,)), "--format", fmt, f"{layout}:v1", url))
     return url
+
+
+def requests_since(reg: Registry, start: int, last: tuple[str, str] | None = None, *,
+                   query: bool = True) -> list[tuple[str, str]]:
+    """The requests logged after index `start`, once the log has caught up.
+
+    The registry writes an access line after its handler returns, so the client may already
+    be done when the line is not yet there. With `last` (method, path without query) wait
+    for that request; otherwise wait until the log stops growing.
+    """
+    deadline = time.monotonic() + 5.0
+    previous = -1
+    while True:
+        log = reg.requests(query=query)[start:]
+        if last is not None:
+            if any((m, p.split("?", 1)[0]) == last for m, p in log):
+                return log
+        elif len(log) == previous:
+            return log
+        if time.monotonic() > deadline:
+            return log  # let the assertions say what is missing
+        previous = len(log)
+        time.sleep(0.05)
 
 
 def blob_requests(requests: list[tuple[str, str]], method: str, repo: str) -> list[str]:
@@ -231,13 +260,13 @@ def test_inject_direct_round_trip(cli, registry, tmp_path, tree, kind):
     check_base_kept(before, after)
     new_layers = {doc["layers"][-1]["digest"] for doc in after.values()}
     assert new_layers == {report["layer"]["digest"]}
-    expected_type = {"oci": OCI_MANIFEST, "v2s2": DOCKER_MANIFEST, "index": OCI_INDEX}[kind]
-    assert top_before.get("mediaType") == expected_type
-    assert top_after.get("mediaType") == expected_type
-    if kind == "index":
+    assert top_before.get("mediaType") == TOP_TYPE[kind]
+    assert top_after.get("mediaType") == TOP_TYPE[kind]
+    if kind in CHILD_TYPE:
         assert [m["platform"] for m in top_after["manifests"]] == \
             [m["platform"] for m in top_before["manifests"]]
-        assert all(doc["mediaType"] == OCI_MANIFEST for doc in after.values())
+        assert [m["mediaType"] for m in top_after["manifests"]] == [CHILD_TYPE[kind]] * 2
+        assert all(doc["mediaType"] == CHILD_TYPE[kind] for doc in after.values())
     check_pulled(cli, url, tree, tmp_path, kind)
 
 
@@ -250,7 +279,7 @@ def test_inject_direct_downloads_no_base_layer(cli, registry, tmp_path, tree, ki
 
     start = len(registry.requests())
     ok(cli("inject", NO_TLS, url, tree))
-    log = registry.requests(query=True)[start:]
+    log = requests_since(registry, start, ("PUT", f"/v2/{repo}/manifests/v1"))
     _, after = manifests(registry, f"{repo}:v1")
 
     gets = blob_requests(log, "GET", repo)
@@ -272,7 +301,7 @@ def test_inject_direct_downloads_no_base_layer(cli, registry, tmp_path, tree, ki
     assert all("/manifests/" in p for _, p in log[first_manifest:])
     assert log[-1] == ("PUT", f"/v2/{repo}/manifests/v1")
     assert len([1 for m, p in log if m == "PUT" and "/manifests/" in p]) == \
-        (len(after) + 1 if kind == "index" else 1)
+        (len(after) + 1 if kind in CHILD_TYPE else 1)
 
 
 def test_dest_same_registry_mounts_base_blobs(cli, registry, tmp_path, tree):
@@ -285,7 +314,7 @@ def test_dest_same_registry_mounts_base_blobs(cli, registry, tmp_path, tree):
 
     start = len(registry.requests())
     ok(cli("inject", NO_TLS, url, tree, "--dest", dest))
-    log = registry.requests(query=True)[start:]
+    log = requests_since(registry, start, ("PUT", f"/v2/{dest_repo}/manifests/injected"))
 
     assert top_digest(registry, f"{src_repo}:v1") == src_digest  # source tag unchanged
     _, after = manifests(registry, f"{dest_repo}:injected")
@@ -313,8 +342,8 @@ def test_dest_other_registry_streams_base_blobs(cli, registry, tmp_path, tree):
         dest = f"docker://{other.host}/{dest_repo}:copied"
         start = len(registry.requests())
         ok(cli("inject", NO_TLS, url, tree, "--dest", dest))
-        src_log = registry.requests(query=True)[start:]
-        dest_log = other.requests(query=True)
+        src_log = requests_since(registry, start)
+        dest_log = requests_since(other, 0, ("PUT", f"/v2/{dest_repo}/manifests/copied"))
 
         assert top_digest(registry, f"{src_repo}:v1") == src_digest
         assert not uploads(src_log), "the source registry was written to"
@@ -366,7 +395,7 @@ def test_unpack_direct_downloads_only_the_injected_layer(cli, registry, tmp_path
     start = len(registry.requests())
     out = tmp_path / "out"
     ok(cli("unpack", NO_TLS, url, out))
-    log = registry.requests()[start:]
+    log = requests_since(registry, start, ("GET", f"/v2/{repo}/blobs/{layer}"), query=False)
 
     gets = blob_requests(log, "GET", repo)
     layer_gets = [d for d in gets if d not in config_digests(docs)]
@@ -397,7 +426,7 @@ def test_init_direct_appends_an_empty_layer_once(cli, registry, tmp_path):
     res = ok(cli("init", NO_TLS, url))
     assert "already prepared" in res.out
     assert top_digest(registry, f"{repo}:v1") == digest
-    assert not [r for r in registry.requests()[start:] if r[0] in ("PUT", "POST", "PATCH")]
+    assert not [r for r in requests_since(registry, start) if r[0] in ("PUT", "POST", "PATCH")]
 
 
 def test_inspect_direct_shows_the_injected_layer(cli, registry, tmp_path, tree):
@@ -429,7 +458,7 @@ def test_run_registry_to_registry_is_direct(cli, registry, tmp_path, tree):
 
     start = len(registry.requests())
     ok(cli("run", NO_TLS, url, tree, dest))
-    log = registry.requests(query=True)[start:]
+    log = requests_since(registry, start, ("PUT", f"/v2/{dest_repo}/manifests/out"))
     assert not set(blob_requests(log, "GET", src_repo)) & base, "run pulled base layers"
     assert not set(uploaded_digests(log)) & base
     check_pulled(cli, dest, tree, tmp_path)
@@ -444,7 +473,7 @@ def test_run_via_layout_downloads_and_works(cli, registry, tmp_path, tree):
 
     start = len(registry.requests())
     ok(cli("run", NO_TLS, "--via-layout", url, tree, dest))
-    log = registry.requests()[start:]
+    log = requests_since(registry, start, ("PUT", f"/v2/{dest_repo}/manifests/out"), query=False)
     assert base <= set(blob_requests(log, "GET", src_repo)), "--via-layout pulled nothing"
     _, after = manifests(registry, f"{dest_repo}:out")
     check_base_kept(before, after)
@@ -540,7 +569,7 @@ def test_unknown_tag_is_not_found(cli, registry, tmp_path, tree):
               "--dest", dest)
     one_line_error(res, 4)
     assert top_digest(registry, f"{repo}:v1") == before
-    assert not [r for r in registry.requests()[start:] if r[0] in ("PUT", "POST", "PATCH")]
+    assert not [r for r in requests_since(registry, start) if r[0] in ("PUT", "POST", "PATCH")]
 
 
 def test_tls_without_cert_dir_is_a_registry_error(cli, secure_registry, tmp_path, tree,
