@@ -26,7 +26,6 @@ import pytest
 from helpers import make_nasty_tree, tree_snapshot
 from registry import Registry, start_registry
 
-import cvmfs_inject.cli as cli_module
 from cvmfs_inject.layer import PackOptions, pack
 from cvmfs_inject.sample import build_sample_image
 from cvmfs_inject.store import Layout
@@ -212,7 +211,7 @@ def check_base_kept(before: dict[str, dict[str, Any]], after: dict[str, dict[str
                     ) -> None:
     """Each new manifest is its old one plus one appended layer: base layers untouched."""
     assert len(before) == len(after)
-    old = sorted(before.values(), key=lambda d: d["layers"][-1]["digest"])
+    old = list(before.values())
     for doc in after.values():
         matches = [o for o in old if doc["layers"][:-1] == o["layers"]]
         assert len(matches) == 1, f"base layers changed: {doc['layers']} vs {old}"
@@ -237,8 +236,6 @@ def no_default_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.setenv("DOCKER_CONFIG", str(home / ".docker"))
     monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-    # cli caches the --creds-stdin line for the process; each test reads its own.
-    monkeypatch.setattr(cli_module, "_STDIN_CREDENTIALS", [])
     return home
 
 

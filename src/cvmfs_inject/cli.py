@@ -192,18 +192,17 @@ def _HOSTS(args: argparse.Namespace) -> list[str]:
     return hosts
 
 
-_STDIN_CREDENTIALS: list[Credentials] = []
-
-
 def _stdin_credentials(args: argparse.Namespace) -> Credentials | None:
-    """`--creds-stdin`: USERNAME:PASSWORD on the first line of stdin, read once."""
+    """`--creds-stdin`: USERNAME:PASSWORD on the first line of stdin, read once per command
+    (kept on the parsed arguments, as both skopeo and the registry client may need it)."""
     if not args.creds_stdin:
         return None
-    if not _STDIN_CREDENTIALS:
+    if getattr(args, "stdin_credentials", None) is None:
         from cvmfs_inject.credentials import read_credentials_stdin
 
-        _STDIN_CREDENTIALS.append(read_credentials_stdin())
-    return _STDIN_CREDENTIALS[0]
+        args.stdin_credentials = read_credentials_stdin()
+    credentials: Credentials = args.stdin_credentials
+    return credentials
 
 
 def _env_authfile() -> Path | None:

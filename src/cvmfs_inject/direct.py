@@ -141,8 +141,7 @@ def inject_remote(src: ImageRef, tree: Path | None, options: PackOptions, access
                         platform=platform, init_only=init_only, progress=progress, warn=warn)
         if outcome.new_top is None and target == src:
             return outcome.report
-        publisher = _Publisher(store, source, src_client, dest_client, src, target,
-                               same_registry)
+        publisher = _Publisher(store, source, src_client, dest_client, src, target)
         publisher.publish(outcome.new_top or top)
         outcome.report.reference = str(target)
         return outcome.report
@@ -152,30 +151,23 @@ class _Publisher:
     """Makes every blob present at the destination, then writes manifests, the tag last."""
 
     def __init__(self, store: Layout, source: RemoteSource, src_client: RegistryClient,
-                 dest_client: RegistryClient, src: ImageRef, dest: ImageRef,
-                 same_registry: bool) -> None:
+                 dest_client: RegistryClient, src: ImageRef, dest: ImageRef) -> None:
         self.store = store
         self.source = source
         self.src_client = src_client
         self.dest_client = dest_client
         self.src = src
         self.dest = dest
-        self.same_registry = same_registry
-        self.same_repo = same_registry and src.repository == dest.repository
         self.done: set[str] = set()
 
     def _blob(self, desc: Descriptor) -> None:
         if desc.digest in self.done:
             return
         repo = self.dest.repository
-        if self.store.has_blob(desc.digest):  # new: layer or config
+        if self.store.has_blob(desc.digest):  # new: layer or config, uploaded unless present
             self.dest_client.push_blob(repo, self.store.blob_path(desc.digest), desc.digest,
                                        desc.size)
-        elif self.dest_client.has_blob(repo, desc.digest) or (
-                self.same_registry
-                and self.dest_client.mount_blob(repo, desc.digest, self.src.repository)):
-            pass
-        else:
+        else:  # a base blob: present, else mounted (same registry) or streamed across
             self.dest_client.copy_blob_from(self.src_client, self.src.repository, repo,
                                             desc.digest, desc.size)
         self.done.add(desc.digest)
