@@ -629,7 +629,7 @@ def test_level_validation(compression: str, level: int | None, ok: bool) -> None
             PackOptions(compression=compression, level=level)
 
 
-@pytest.mark.parametrize(("compression", "level"), [("gzip", 1), ("zstd", 3), ("none", 0)])
+@pytest.mark.parametrize(("compression", "level"), [("gzip", 1), ("zstd", 1), ("none", 0)])
 def test_default_levels(compression: str, level: int) -> None:
     assert PackOptions(compression=compression).level == level
 

@@ -75,7 +75,7 @@ def _pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress", choices=COMPRESSIONS, default="gzip",
                         help="layer compression (default gzip; zstd only into OCI images)")
     parser.add_argument("--level", type=int, help="compression level (gzip 0-3 ISA-L, "
-                        "default 1; zstd 1-22, default 3)")
+                        "default 1; zstd 1-22, default 1)")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave out matching paths (repeatable; see README)")
     parser.add_argument("--keep-owner", action="store_true",
