@@ -502,3 +502,23 @@ def test_gc_keeps_missing_layer_reference_without_failing(layout: Layout) -> Non
     assert result.removed == []
     assert sha256_digest(b"only in a") in layout.reachable()
     assert images["a"].digest in blob_files(layout)
+
+
+def test_create_finishes_a_creation_that_was_killed(tmp_path: Path) -> None:
+    """A pull killed between index.json and oci-layout must not leave an unusable folder."""
+    root = tmp_path / "layout"
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "index.json").write_bytes(
+        b'{"manifests":[],"mediaType":"application/vnd.oci.image.index.v1+json",'
+        b'"schemaVersion":2}')
+    layout = Layout.create(root)
+    assert (root / "oci-layout").is_file()
+    assert layout.read_index().manifests == []
+
+
+def test_create_refuses_a_folder_with_blobs_but_no_oci_layout(tmp_path: Path) -> None:
+    root = tmp_path / "layout"
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "blobs" / "sha256" / ("a" * 64)).write_bytes(b"data")
+    with pytest.raises(InputError, match="not an OCI layout"):
+        Layout.create(root)

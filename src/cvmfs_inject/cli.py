@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError, Valida
 from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.layer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
-from cvmfs_inject.refs import parse_layout_ref, parse_ref
+from cvmfs_inject.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.transport import RegistryOptions, Skopeo, credentials_authfile
 
 if TYPE_CHECKING:
@@ -249,8 +250,14 @@ def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
                 raise InputError(f"{target}: cannot read: {exc.strerror}") from None
         problems = check_document(data, args.kind, where=where)
     else:
-        ref = parse_layout_ref(target)
-        problems = validate_layout(ref)
+        ref = parse_ref(target)
+        if ref.transport == "oci":
+            problems = validate_layout(ref)
+        else:  # registry or archive: copy it (every blob checked on the way), then validate
+            with tempfile.TemporaryDirectory(prefix="cvmfs-inject-validate-") as scratch:
+                working = ImageRef("oci", os.path.join(scratch, "layout"), "validate")
+                ops.pull(ref, working, _skopeo(args), all_images=True)
+                problems = validate_layout(working)
     for problem in problems:
         out.error_line(str(problem))
     if problems:

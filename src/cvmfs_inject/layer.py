@@ -20,7 +20,8 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +34,8 @@ from cvmfs_inject.errors import InputError, UsageError
 BLOCK = 512
 CHUNK = 1 << 20
 QUEUE_DEPTH = 8
+# headers planned ahead while the compressor is busy (a hard-link farm is all headers)
+LOOKAHEAD_BYTES = 16 << 20
 MAX_OCTAL_SIZE = 0o77777777777
 MAX_OCTAL_ID = 0o7777777
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -229,6 +232,10 @@ class _Packer:
         self.headers = _Headers()
         self.buffer = bytearray()
         self.entries = self.files = self.hardlinks = 0
+        self.plan: Iterator[tuple[bytes, str | None, int]] | None = None
+        self.lookahead: deque[tuple[bytes, str | None, int]] = deque()
+        self.lookahead_bytes = 0
+        self.planned_all = False
         epoch = options.source_date_epoch
         self.epoch = epoch
 
@@ -242,6 +249,8 @@ class _Packer:
             self._put()
 
     def _put(self) -> None:
+        if self.lookahead_bytes < LOOKAHEAD_BYTES and self.pipeline.full():
+            self._plan_ahead()
         self.pipeline.put(self.buffer)
         if self.progress is not None:
             self.progress(len(self.buffer), self.files - self._reported_files)
@@ -262,9 +271,44 @@ class _Packer:
         self.entries += 1
 
     def tree(self, root: str, mount: bytes) -> None:
+        """Emit every entry in order; plan ahead while the compressor is the bottleneck."""
+        plan = self.plan = self._plan(root, mount)
+        lookahead = self.lookahead
+        emit = self.emit
+        while True:
+            if lookahead:
+                item = lookahead.popleft()
+                self.lookahead_bytes -= len(item[0])
+            else:
+                item = next(plan, None)
+                if item is None:
+                    break
+            header, path, size = item
+            emit(header)
+            if path is not None:
+                self.copy_file(path, size)
+                self.files += 1
+
+    def _plan_ahead(self) -> None:
+        """Called while the queue to the compressor is full: instead of waiting, walk and
+        build headers for the entries to come (a hard-link farm is all headers, and the
+        compressor would idle through it otherwise). Bounded by LOOKAHEAD_BYTES."""
+        plan = self.plan
+        if plan is None or self.planned_all:
+            return
+        while self.pipeline.full() and self.lookahead_bytes < LOOKAHEAD_BYTES:
+            item = next(plan, None)
+            if item is None:
+                self.planned_all = True
+                return
+            self.lookahead.append(item)
+            self.lookahead_bytes += len(item[0])
+
+    def _plan(self, root: str, mount: bytes) -> Iterator[tuple[bytes, str | None, int]]:
+        """(header bytes, path of the content to copy or None, content size) in tar order."""
         excluder = Excluder(self.options.excludes)
         keep_owner = self.options.keep_owner
-        headers, emit, clamp = self.headers, self.emit, self.clamp
+        headers, clamp = self.headers, self.clamp
         seen_inodes: dict[tuple[int, int], bytes] = {}
         lstat, fsencode = os.lstat, os.fsencode
         s_isreg, s_isdir, s_islnk, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_IMODE
@@ -298,21 +342,20 @@ class _Packer:
                     key = (st.st_dev, st.st_ino)
                     first = seen_inodes.get(key)
                     if first is not None:
-                        emit(headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_HARDLINK, first))
                         self.hardlinks += 1
+                        yield (headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_HARDLINK,
+                                       first), None, 0)
                         continue
                     seen_inodes[key] = tar_name
                 size = st.st_size
-                emit(headers(tar_name, perms, uid, gid, size, mtime, _TYPE_FILE))
-                self.copy_file(path, size)
-                self.files += 1
+                yield headers(tar_name, perms, uid, gid, size, mtime, _TYPE_FILE), path, size
             elif s_isdir(mode):
-                emit(headers(tar_name + b"/", perms, uid, gid, 0, mtime, _TYPE_DIR))
                 stack.append((path, tar_name + b"/", rel_prefix + name + "/",
                               iter(_listing(path))))
+                yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, _TYPE_DIR), None, 0
             elif s_islnk(mode):
                 target = fsencode(os.readlink(path))
-                emit(headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_SYMLINK, target))
+                yield headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_SYMLINK, target), None, 0
             else:
                 self.entries -= 1
                 self.note(f"{path}: skipped (sockets, fifos and device nodes are not packed)")
@@ -375,11 +418,9 @@ class _Compressor:
 
 
 class _Pipeline:
-    """The producer hashes the tar stream (diff_id) as it queues it; a worker thread
-    compresses and feeds the sink, which hashes the compressed bytes (digest).
-
-    Hashing the tar on the producer side balances the two threads: the walk is cheap while
-    file data flows and the compressor is busy, and expensive while only headers flow."""
+    """A worker thread that hashes the tar stream (diff_id), compresses it and feeds the
+    sink, which hashes the compressed bytes (digest). While its queue is full the producer
+    plans ahead (`_Packer._plan_ahead`) instead of waiting."""
 
     def __init__(self, sink: Sink, options: PackOptions) -> None:
         self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUE_DEPTH)
@@ -396,6 +437,7 @@ class _Pipeline:
         chunk: bytes | bytearray | None = None
         try:
             while (chunk := self._queue.get()) is not None:
+                self._diff.update(chunk)
                 out = self._compressor.compress(chunk)
                 if out:
                     self._sink.write(out)
@@ -408,11 +450,13 @@ class _Pipeline:
                 while self._queue.get() is not None:
                     pass
 
+    def full(self) -> bool:
+        return self._queue.full()
+
     def put(self, chunk: bytes | bytearray) -> None:
         if self._error is not None:
             raise self._error
         self.size += len(chunk)
-        self._diff.update(chunk)
         self._queue.put(chunk)
 
     def finish(self) -> str:

@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ from cvmfs_inject.model import (
 
 TMP_NAME = ".cvmfs-inject-tmp"
 CHUNK = 1 << 20
+_EMPTY_INDEX = canonical_json({"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
+                               "manifests": []})
+FLUSH_AFTER = 16 << 20  # blobs this large are written back while they are produced
+FLUSH_INTERVAL = 0.25
 # JSON documents are read whole; anything larger than this is not a manifest or config.
 MAX_DOCUMENT = 64 << 20
 
@@ -128,17 +133,39 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.size = 0
         self.digest: str | None = None
+        self._flusher: threading.Thread | None = None
+        self._stop_flushing = threading.Event()
 
     def write(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
         self._file.write(data)
         self.size += len(data)
+        if self._flusher is None and self.size >= FLUSH_AFTER:
+            self._flusher = threading.Thread(target=self._flush_while_writing,
+                                             name="cvmfs-inject-flush", daemon=True)
+            self._flusher.start()
+
+    def _flush_while_writing(self) -> None:
+        """Write a large blob back to disk while it is produced, so the fsync in `commit`
+        finds little left to do (it was 0.5 s of a 4 s inject for a 300 MB layer)."""
+        fd = self._file.fileno()
+        while not self._stop_flushing.wait(FLUSH_INTERVAL):
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                return  # commit's own fsync reports a real problem
+
+    def _stop_flusher(self) -> None:
+        self._stop_flushing.set()
+        if self._flusher is not None:
+            self._flusher.join()
 
     def peek_digest(self) -> str:
         """The digest of what was written so far, before deciding to publish it."""
         return "sha256:" + self._hash.hexdigest()
 
     def commit(self) -> Descriptor:
+        self._stop_flusher()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -151,6 +178,7 @@ class BlobWriter:
         return Descriptor("application/octet-stream", self.digest, self.size)
 
     def abort(self) -> None:
+        self._stop_flusher()
         if not self._file.closed:
             self._file.close()
         with contextlib.suppress(FileNotFoundError):
@@ -172,6 +200,20 @@ class GcResult:
     @property
     def bytes_removed(self) -> int:
         return sum(size for _, size in self.removed)
+
+
+def _interrupted_creation(path: Path) -> bool:
+    """Empty, or exactly what a `create` killed before writing `oci-layout` leaves: empty
+    blob folders and our own empty index. Anything else is not ours to take over."""
+    for entry in path.iterdir():
+        if entry.name not in ("blobs", "index.json", TMP_NAME) and not (
+                entry.name.startswith(".index.json.")):
+            return False
+    index = path / "index.json"
+    if index.exists() and index.read_bytes() != _EMPTY_INDEX:
+        return False
+    blobs = path / "blobs"
+    return not blobs.is_dir() or not any(f.is_file() for f in blobs.rglob("*"))
 
 
 class Layout:
@@ -203,12 +245,11 @@ class Layout:
         path = Path(root)
         if (path / "oci-layout").exists():
             return cls.open(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and (not path.is_dir() or not _interrupted_creation(path)):
             raise InputError(f"{path}: exists and is not an OCI layout; choose another path")
         path.mkdir(parents=True, exist_ok=True)
         (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        atomic_write(path / "index.json", canonical_json(
-            {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX, "manifests": []}))
+        atomic_write(path / "index.json", _EMPTY_INDEX)
         atomic_write(path / "oci-layout",
                      canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
         return cls(path)
