@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmfs_inject import __version__
+from cvmfs_inject import __version__, original
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.extract import decompressed, extract
 from cvmfs_inject.images import Image, ImageSource, LayoutSource, load_images
@@ -126,8 +126,9 @@ def inject(ref: ImageRef, tree: Path | None, options: PackOptions, *, new_tag: s
                         init_only=init_only, progress=progress, warn=warn)
         if outcome.new_top is None:
             _tag_unchanged(layout, tag, top)
-        else:
-            layout.set_tag(tag, outcome.new_top)
+        else:  # a changed image: its pulled original no longer applies
+            new_top = outcome.new_top
+            layout.set_tag(tag, new_top.with_annotations(original.forget(new_top.annotations)))
         return outcome.report
 
 

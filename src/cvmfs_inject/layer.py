@@ -35,7 +35,7 @@ BLOCK = 512
 CHUNK = 1 << 20
 QUEUE_DEPTH = 8
 # headers planned ahead while the compressor is busy (a hard-link farm is all headers)
-LOOKAHEAD_BYTES = 16 << 20
+LOOKAHEAD_BYTES = 2 << 20
 MAX_OCTAL_SIZE = 0o77777777777
 MAX_OCTAL_ID = 0o7777777
 COMPRESSIONS = ("gzip", "zstd", "none")

@@ -19,6 +19,10 @@ from cvmfs_inject.errors import InputError
 
 OCI_LAYOUT_VERSION = "1.0.0"
 REF_NAME = "org.opencontainers.image.ref.name"
+# index.json annotations that name blobs kept beside an image (see `original`); gc keeps them
+SOURCE_MANIFEST = "io.cvmfs-inject.source-manifest"
+SOURCE_CONFIG = "io.cvmfs-inject.source-config"
+KEPT_ORIGINALS = (SOURCE_MANIFEST, SOURCE_CONFIG)
 
 
 class MediaType:

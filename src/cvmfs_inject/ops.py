@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_inject import original
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.images import ImageSource, LayoutSource, load_images
 from cvmfs_inject.inject import injected_position
@@ -28,14 +29,20 @@ SOURCE_FORMAT = "io.cvmfs-inject.source-format"
 FORMATS = ("oci", "v2s2", "keep")
 
 
-def source_format(ref: ImageRef, skopeo: Skopeo) -> str:
-    """`v2s2` or `oci`: what the source speaks, so `push --format keep` can give it back."""
+def source_manifest(ref: ImageRef, skopeo: Skopeo) -> tuple[str, bytes | None]:
+    """`v2s2` or `oci` (what the source speaks, so `push --format keep` can give it back),
+    and a registry source's manifest bytes."""
     if ref.transport == "docker-archive":
-        return "v2s2"
+        return "v2s2", None
     if ref.transport == "docker":
-        doc = parse_json(skopeo.inspect_raw(ref), str(ref))
-        return "v2s2" if MediaType.is_docker(str(doc.get("mediaType", ""))) else "oci"
-    return "oci"
+        raw = skopeo.inspect_raw(ref)
+        doc = parse_json(raw, str(ref))
+        return ("v2s2" if MediaType.is_docker(str(doc.get("mediaType", ""))) else "oci"), raw
+    return "oci", None
+
+
+def source_format(ref: ImageRef, skopeo: Skopeo) -> str:
+    return source_manifest(ref, skopeo)[0]
 
 
 def default_tag(src: ImageRef) -> str:
@@ -86,7 +93,7 @@ def pull(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, all_images: bool = Fa
     tag = dest.tag or default_tag(src)
     if src.transport == "oci":  # our own message, listing the tags, before skopeo's
         Layout.open(src.path).resolve(src.tag)
-    fmt = known_format or source_format(src, skopeo)
+    fmt, raw = (known_format, None) if known_format else source_manifest(src, skopeo)
     with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
             layout.staging() as stage:
         skopeo.copy(src, ImageRef("oci", stage, "pull"), all_images=all_images,
@@ -98,6 +105,8 @@ def pull(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, all_images: bool = Fa
                 layout.import_blob(blob, f"{algorithm_dir.name}:{blob.name}")
         annotations = {k: v for k, v in desc.annotations.items()}
         annotations[SOURCE_FORMAT] = fmt
+        if raw is not None and fmt == "v2s2" and not all_images and not platform:
+            annotations.update(original.keep(layout, src, skopeo, desc, raw))
         layout.set_tag(tag, desc.with_annotations(annotations))
     return tag, desc
 
@@ -128,6 +137,10 @@ def push(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, manifest_format: str 
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
                              "push one platform by its own tag, or use oci-archive:")
         layout.check_present(desc)
+        if manifest_format == "keep" and dest.is_registry and original.unchanged_original(desc):
+            with original.view(layout, desc) as source:
+                skopeo.copy(source, dest, preserve_digests=True)
+            return desc
         with _skopeo_view(layout, src, desc) as source:
             if dest.transport == "docker":
                 skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt)

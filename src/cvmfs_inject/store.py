@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 from cvmfs_inject.errors import InputError, IntegrityError, LockedError, NotFoundError
 from cvmfs_inject.model import (
+    KEPT_ORIGINALS,
     OCI_LAYOUT_VERSION,
     REF_NAME,
     Descriptor,
@@ -408,6 +409,11 @@ class Layout:
         through indexes, manifests, configs and layers; documents are read verified."""
         seen: dict[str, int] = {}
         stack = list(self.read_index().manifests if roots is None else roots)
+        for desc in stack:  # original bytes kept beside an image (module `original`)
+            for key in KEPT_ORIGINALS:
+                digest = desc.annotations.get(key)
+                if digest and self.has_blob(digest):
+                    seen[digest] = self.blob_path(digest).stat().st_size
         while stack:
             desc = stack.pop()
             if desc.digest in seen:

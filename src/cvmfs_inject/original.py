@@ -1,0 +1,83 @@
+"""Keep a Docker v2s2 image's own manifest and config, so an unchanged image goes back out
+byte for byte.
+
+A layout holds OCI manifests, so `pull` lets skopeo convert a v2s2 image, and skopeo
+re-serialises the config on the way (fields Docker writes and OCI does not know are
+lost, and the digests change). When the layers are the same blobs either way, the original
+manifest and config are stored beside the converted image and named by annotations on
+its index.json entry; `push --format keep` of the image, still unchanged, then hands skopeo
+those original bytes (through a `dir:` view) with `--preserve-digests`. Once the image is
+injected the annotations are dropped: a changed image is converted like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from cvmfs_inject.errors import CvmfsInjectError
+from cvmfs_inject.model import (
+    KEPT_ORIGINALS,
+    SOURCE_CONFIG,
+    SOURCE_MANIFEST,
+    Descriptor,
+    Manifest,
+    MediaType,
+    sha256_digest,
+)
+from cvmfs_inject.refs import ImageRef
+from cvmfs_inject.store import Layout
+from cvmfs_inject.transport import Skopeo
+
+SOURCE_OF = "io.cvmfs-inject.source-of"
+
+
+def keep(layout: Layout, src: ImageRef, skopeo: Skopeo, converted: Descriptor,
+         manifest_raw: bytes) -> dict[str, str]:
+    """Store the original manifest and config; the annotations that name them, or {}."""
+    try:
+        manifest = Manifest.parse(manifest_raw, str(src))
+    except CvmfsInjectError:
+        return {}
+    if manifest.media_type != MediaType.DOCKER_MANIFEST:
+        return {}
+    if not all(layout.has_blob(layer.digest) for layer in manifest.layers):
+        return {}  # skopeo changed the layers (e.g. recompressed): nothing to keep
+    config_raw = skopeo.inspect_raw(src, config=True)
+    if sha256_digest(config_raw) != manifest.config.digest:
+        return {}
+    stored_manifest = layout.put_bytes(manifest_raw, MediaType.DOCKER_MANIFEST)
+    stored_config = layout.put_bytes(config_raw, MediaType.DOCKER_CONFIG)
+    return {SOURCE_MANIFEST: stored_manifest.digest, SOURCE_CONFIG: stored_config.digest,
+            SOURCE_OF: converted.digest}
+
+
+def unchanged_original(desc: Descriptor) -> bool:
+    """The tag still names the image as it was pulled, and its original bytes are kept."""
+    annotations = desc.annotations
+    return annotations.get(SOURCE_OF) == desc.digest and SOURCE_MANIFEST in annotations
+
+
+def forget(annotations: dict[str, str]) -> dict[str, str]:
+    """The annotations of an image that no longer is its original."""
+    return {k: v for k, v in annotations.items() if k not in (*KEPT_ORIGINALS, SOURCE_OF)}
+
+
+@contextlib.contextmanager
+def view(layout: Layout, desc: Descriptor) -> Iterator[ImageRef]:
+    """A skopeo `dir:` image of the original bytes; its blobs link into the layout."""
+    annotations = desc.annotations
+    manifest_digest = annotations[SOURCE_MANIFEST]
+    raw = layout.read_blob(manifest_digest, layout.blob_path(manifest_digest).stat().st_size)
+    manifest = Manifest.parse(raw, manifest_digest, MediaType.DOCKER_MANIFEST)
+    layout.check_present(Descriptor(MediaType.DOCKER_MANIFEST, manifest_digest, len(raw)))
+    with tempfile.TemporaryDirectory(prefix="cvmfs-inject-original-") as directory:
+        root = Path(directory)
+        (root / "version").write_text("Directory Transport Version: 1.1\n")
+        (root / "manifest.json").write_bytes(raw)
+        for blob in [manifest.config, *manifest.layers]:
+            (root / blob.digest.split(":", 1)[1]).symlink_to(
+                layout.blob_path(blob.digest).absolute())
+        yield ImageRef("dir", directory)
