@@ -95,3 +95,15 @@ def dir_bytes(root: Path) -> dict[str, str]:
         for name in dirnames:
             result[os.path.relpath(os.path.join(dirpath, name), root) + "/"] = "dir"
     return result
+
+
+def assert_same_tree(expected_root: Path, actual_root: Path) -> None:
+    """Same entries, types, modes, mtimes, contents, link targets and hard-link groups."""
+    expected, actual = tree_snapshot(expected_root), tree_snapshot(actual_root)
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    differ = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+    assert not (missing or extra or differ), (
+        f"missing {missing[:5]}, extra {extra[:5]}, differ "
+        f"{[(k, expected[k], actual[k]) for k in differ[:5]]}")
+    assert os.stat(actual_root).st_mode & 0o7777 == os.stat(expected_root).st_mode & 0o7777

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from helpers import make_nasty_tree, tree_snapshot
+from helpers import assert_same_tree, make_nasty_tree
 from registry import Registry, start_registry
 
 from cvmfs_inject.layer import PackOptions, pack
@@ -183,15 +183,6 @@ def uploaded_digests(requests: list[tuple[str, str]], repo: str | None = None) -
     return [query["digest"][0] for method, _, query in uploads(requests, repo)
             if method == "PUT" and "digest" in query]
 
-
-def assert_same_tree(expected_root: Path, actual_root: Path) -> None:
-    expected, actual = tree_snapshot(expected_root), tree_snapshot(actual_root)
-    missing = sorted(set(expected) - set(actual))
-    extra = sorted(set(actual) - set(expected))
-    differ = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
-    assert not (missing or extra or differ), (
-        f"missing {missing[:5]}, extra {extra[:5]}, differ "
-        f"{[(k, expected[k], actual[k]) for k in differ[:5]]}")
 
 
 def check_pulled(cli, url: str, tree: Path, tmp_path: Path, kind: str = "oci",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import dir_bytes, make_nasty_tree, tree_snapshot
+from helpers import assert_same_tree, dir_bytes, make_nasty_tree, tree_snapshot
 
 from cvmfs_inject.model import REF_NAME, MediaType, canonical_json, sha256_digest
 from cvmfs_inject.refs import ImageRef
@@ -110,16 +110,6 @@ def assert_one_error_line(err: str) -> str:
     assert lines[0].startswith(ERROR_PREFIX), lines[0]
     return lines[0]
 
-
-def assert_same_tree(src: Path, out: Path) -> None:
-    expected, actual = tree_snapshot(src), tree_snapshot(out)
-    missing = sorted(set(expected) - set(actual))
-    extra = sorted(set(actual) - set(expected))
-    differ = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
-    assert not (missing or extra or differ), (
-        f"missing {missing[:5]}, extra {extra[:5]}, differ "
-        f"{[(k, expected[k], actual[k]) for k in differ[:5]]}")
-    assert os.stat(out).st_mode & 0o7777 == os.stat(src).st_mode & 0o7777
 
 
 @pytest.fixture

@@ -15,22 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_nasty_tree, tree_snapshot
+from helpers import assert_same_tree, make_nasty_tree
 
 from cvmfs_inject.model import MediaType
 from cvmfs_inject.sample import build_sample_image
 
 NO_TLS = "--no-tls-verify"
 
-
-def assert_same_tree(src: Path, out: Path) -> None:
-    expected, actual = tree_snapshot(src), tree_snapshot(out)
-    missing = sorted(set(expected) - set(actual))
-    extra = sorted(set(actual) - set(expected))
-    differ = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
-    assert not (missing or extra or differ), (
-        f"missing {missing[:5]}, extra {extra[:5]}, differ "
-        f"{[(k, expected[k], actual[k]) for k in differ[:5]]}")
 
 
 def raw_manifest(ref: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import make_nasty_tree, tree_snapshot
+from helpers import assert_same_tree, make_nasty_tree
 
 from cvmfs_inject.sample import build_sample_image
 
@@ -27,16 +27,6 @@ def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:
     assert done.returncode == 0, f"umoci unpack failed: {done.stderr}"
     return bundle / "rootfs"
 
-
-def assert_same_tree(src: Path, out: Path) -> None:
-    expected, actual = tree_snapshot(src), tree_snapshot(out)
-    missing = sorted(set(expected) - set(actual))
-    extra = sorted(set(actual) - set(expected))
-    differ = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
-    assert not (missing or extra or differ), (
-        f"missing {missing[:5]}, extra {extra[:5]}, differ "
-        f"{[(k, expected[k], actual[k]) for k in differ[:5]]}")
-    assert os.stat(out).st_mode & 0o7777 == os.stat(src).st_mode & 0o7777
 
 
 @pytest.mark.parametrize("compress", ["gzip", "none"])

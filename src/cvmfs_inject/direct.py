@@ -16,14 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cvmfs_inject.credentials import Credentials, load_credentials
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
-from cvmfs_inject.extract import decompressed, extract
 from cvmfs_inject.images import load_images
-from cvmfs_inject.inject import LABEL_MOUNT, injected_position
-from cvmfs_inject.injector import InjectReport, Progress, Warn, apply, prepare_target
+from cvmfs_inject.injector import InjectReport, Progress, Warn, apply, extract_injected
 from cvmfs_inject.layer import PackOptions
 from cvmfs_inject.model import Descriptor, ImageConfig, Index, Manifest, MediaType
 from cvmfs_inject.refs import ImageRef
@@ -223,18 +221,15 @@ def unpack_remote(ref: ImageRef, target: Path, access: Access, *, force: bool = 
     client = access.client(ref)
     source = RemoteSource(client, ref)
     _, images = load_images(source, source.top(), platform)
-    image = images[0]
-    position, diff_id = injected_position(image.config, f"{ref} ({image.platform})")
-    prepare_target(target, force)
-    if position is None:
-        return {"status": "empty", "target": str(target),
-                "note": "the image has no injected layer yet"}
-    layer = image.manifest.layers[position]
-    mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
-    with tempfile.TemporaryFile() as spool:
-        for chunk in client.open_blob(ref.repository, layer.digest):
-            spool.write(chunk)
-        spool.seek(0)
-        result = extract(decompressed(spool, layer.media_type), str(target), mount, warn)
-    return {"status": "unpacked", "target": str(target), "diff_id": diff_id,
-            "entries": result.entries, "skipped": result.skipped}
+
+    @contextmanager
+    def spooled(layer: Descriptor) -> Iterator[IO[bytes]]:
+        """Download whole (digest checked at the end) before extracting a byte of it."""
+        with tempfile.TemporaryFile() as spool:
+            for chunk in client.open_blob(ref.repository, layer.digest):
+                spool.write(chunk)
+            spool.seek(0)
+            yield spool
+
+    return extract_injected(images[0], target, str(ref), force=force, mount_point=mount_point,
+                            warn=warn, open_layer=spooled)

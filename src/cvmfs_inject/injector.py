@@ -12,9 +12,10 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cvmfs_inject import __version__, original
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
@@ -201,18 +202,28 @@ def unpack_layout(ref: ImageRef, target: Path, *, force: bool = False,
     with layout.lock(exclusive=False):
         top = layout.resolve(ref.tag)
         _, images = load_images(LayoutSource(layout, ref.tag), top, platform)
-        image = images[0]
-        position, diff_id = injected_position(image.config, f"{ref} ({image.platform})")
-        prepare_target(target, force)
-        if position is None:
-            return {"status": "empty", "target": str(target),
-                    "note": "the image has no injected layer yet"}
-        layer = image.manifest.layers[position]
-        mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
-        with layout.open_blob(layer.digest, layer.size) as blob:
-            result = extract(decompressed(blob, layer.media_type), str(target), mount, warn)
-        return {"status": "unpacked", "target": str(target), "diff_id": diff_id,
-                "entries": result.entries, "skipped": result.skipped}
+        return extract_injected(images[0], target, str(ref), force=force,
+                                mount_point=mount_point, warn=warn,
+                                open_layer=lambda layer: layout.open_blob(layer.digest,
+                                                                          layer.size))
+
+
+def extract_injected(image: Image, target: Path, where: str, *, force: bool,
+                     mount_point: str | None, warn: Warn | None,
+                     open_layer: Callable[[Descriptor], ContextManager[IO[bytes]]]
+                     ) -> dict[str, Any]:
+    """Extract the injected layer of `image` (read through `open_layer`) into `target`."""
+    position, diff_id = injected_position(image.config, f"{where} ({image.platform})")
+    prepare_target(target, force)
+    if position is None:
+        return {"status": "empty", "target": str(target),
+                "note": "the image has no injected layer yet"}
+    layer = image.manifest.layers[position]
+    mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
+    with open_layer(layer) as blob:
+        result = extract(decompressed(blob, layer.media_type), str(target), mount, warn)
+    return {"status": "unpacked", "target": str(target), "diff_id": diff_id,
+            "entries": result.entries, "skipped": result.skipped}
 
 
 def unpack(ref: ImageRef, target: Path, skopeo: Skopeo, *, force: bool = False,
