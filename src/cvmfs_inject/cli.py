@@ -169,7 +169,8 @@ def _skopeo(args: argparse.Namespace) -> Skopeo:
     credentials = _stdin_credentials(args)
     if credentials is not None:
         options = replace(options, authfile=credentials_authfile(credentials, _HOSTS(args)))
-    return Skopeo(options)
+    show_progress = not args.quiet and not args.json and sys.stderr.isatty()
+    return Skopeo(options, show_progress=show_progress)
 
 
 def _access(args: argparse.Namespace) -> Access:

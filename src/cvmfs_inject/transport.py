@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,9 +61,15 @@ class RegistryOptions:
 
 
 def _default_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items()}
-    return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, env=env,
+    return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
                           check=False)
+
+
+def _progress_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    """skopeo draws its progress bars on stdout: send them to our stderr (the terminal), so
+    stdout stays for results and --json; stderr is still captured for error messages."""
+    return subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+                          stderr=subprocess.PIPE, check=False)
 
 
 _MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
@@ -112,9 +119,10 @@ class Skopeo:
     """Thin, typed front of the skopeo CLI. The runner is swappable for tests of error mapping."""
 
     def __init__(self, options: RegistryOptions | None = None,
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, show_progress: bool = False) -> None:
         self.options = options or RegistryOptions()
         self._runner = runner or _default_runner
+        self._show_progress = show_progress and runner is None
 
     def _base(self) -> list[str]:
         binary = shutil.which("skopeo")
@@ -129,9 +137,10 @@ class Skopeo:
             argv.append("--insecure-policy")
         return argv
 
-    def run(self, args: list[str], global_flags: list[str] | None = None) -> bytes:
+    def run(self, args: list[str], global_flags: list[str] | None = None,
+            runner: Runner | None = None) -> bytes:
         argv = [*self._base(), *(global_flags or []), *args]
-        done = self._runner(argv)
+        done = (runner or self._runner)(argv)
         stderr = done.stderr.decode(errors="replace")
         if done.returncode != 0:
             raise classify(key_error_line(stderr), argv, done.returncode, stderr)
@@ -140,7 +149,9 @@ class Skopeo:
     def copy(self, src: ImageRef, dest: ImageRef, *, all_images: bool = False,
              platform: str | None = None, manifest_format: str | None = None,
              preserve_digests: bool = False) -> None:
-        args = ["copy", "--quiet", "--retry-times", "2"]
+        args = ["copy", "--retry-times", "2"]
+        if not self._show_progress:
+            args.append("--quiet")
         if all_images:
             args.append("--all")
         global_flags: list[str] = []
@@ -157,7 +168,7 @@ class Skopeo:
             args.append("--preserve-digests")
         args += self.options.flags("src", src) + self.options.flags("dest", dest)
         args += [src.skopeo(), dest.skopeo()]
-        self.run(args, global_flags)
+        self.run(args, global_flags, _progress_runner if self._show_progress else None)
 
     def inspect_raw(self, ref: ImageRef, config: bool = False) -> bytes:
         args = ["inspect", "--raw", *(["--config"] if config else [])]
