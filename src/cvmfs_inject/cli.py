@@ -314,7 +314,8 @@ def _cmd_gc(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
-                progress: Any = None, warn: Any = None) -> InjectReport:
+                progress: Any = None, warn: Any = None,
+                upload_progress: Any = None) -> InjectReport:
     """A layout is edited in place; a registry image registry-direct (or via a layout)."""
     from cvmfs_inject.direct import destination, inject_remote
 
@@ -323,7 +324,7 @@ def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
     if ref.is_registry and not getattr(args, "via_layout", False):
         return inject_remote(ref, tree, _pack(args), _access(args), dest=dest,
                              new_tag=args.tag, platform=args.platform, init_only=init_only,
-                             progress=progress, warn=warn)
+                             progress=progress, warn=warn, upload_progress=upload_progress)
     if ref.is_registry:
         target = destination(ref, dest, args.tag)
         return run(ref, tree, target, _skopeo(args), _pack(args), platform=args.platform,
@@ -346,7 +347,8 @@ def _cmd_init(args: argparse.Namespace, out: Reporter) -> Any:
 
 def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
     with out.packing(args.dir) as progress:
-        report = _inject_any(args, args.dir, init_only=False, progress=progress, warn=out.warn)
+        report = _inject_any(args, args.dir, init_only=False, progress=progress, warn=out.warn,
+                             upload_progress=out.uploading)
     out.inject_summary(report)
     return report.to_json()
 
@@ -379,7 +381,8 @@ def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
                 raise UsageError("--format converts through a layout: add --via-layout")
             check_tree_dir(args.dir)
             report = inject_remote(src, args.dir, _pack(args), _access(args), dest=dest,
-                                   platform=args.platform, progress=progress, warn=out.warn)
+                                   platform=args.platform, progress=progress, warn=out.warn,
+                                   upload_progress=out.uploading)
         else:
             report = run(src, args.dir, dest, _skopeo(args), _pack(args), cache=args.layout,
                          new_tag=args.tag, platform=args.platform,

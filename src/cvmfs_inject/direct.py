@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +29,14 @@ from cvmfs_inject.registry import RegistryClient
 from cvmfs_inject.schemas import check_document
 from cvmfs_inject.store import Layout
 from cvmfs_inject.transport import RegistryOptions
+
+# upload_progress(total bytes) -> a context yielding a callback(bytes sent), or None
+UploadProgress = Callable[[int], AbstractContextManager[Callable[[int], None] | None]]
+
+
+@contextmanager
+def _no_progress(total: int) -> Iterator[None]:
+    yield None
 
 
 @dataclass(frozen=True)
@@ -125,8 +133,8 @@ def _scratch() -> Iterator[Layout]:
 def inject_remote(src: ImageRef, tree: Path | None, options: PackOptions, access: Access, *,
                   dest: ImageRef | None = None, new_tag: str | None = None,
                   platform: str | None = None, init_only: bool = False,
-                  progress: Progress | None = None, warn: Warn | None = None
-                  ) -> InjectReport:
+                  progress: Progress | None = None, warn: Warn | None = None,
+                  upload_progress: UploadProgress | None = None) -> InjectReport:
     """Inject into a registry image; the result goes to `dest`, `new_tag` or back to `src`."""
     target = destination(src, dest, new_tag)
     src_client = access.client(src)
@@ -139,7 +147,8 @@ def inject_remote(src: ImageRef, tree: Path | None, options: PackOptions, access
                         platform=platform, init_only=init_only, progress=progress, warn=warn)
         if outcome.new_top is None and target == src:
             return outcome.report
-        publisher = _Publisher(store, source, src_client, dest_client, src, target)
+        publisher = _Publisher(store, source, src_client, dest_client, src, target,
+                               upload_progress or _no_progress)
         publisher.publish(outcome.new_top or top)
         outcome.report.reference = str(target)
         return outcome.report
@@ -149,7 +158,9 @@ class _Publisher:
     """Makes every blob present at the destination, then writes manifests, the tag last."""
 
     def __init__(self, store: Layout, source: RemoteSource, src_client: RegistryClient,
-                 dest_client: RegistryClient, src: ImageRef, dest: ImageRef) -> None:
+                 dest_client: RegistryClient, src: ImageRef, dest: ImageRef,
+                 upload_progress: UploadProgress) -> None:
+        self.upload_progress = upload_progress
         self.store = store
         self.source = source
         self.src_client = src_client
@@ -163,8 +174,9 @@ class _Publisher:
             return
         repo = self.dest.repository
         if self.store.has_blob(desc.digest):  # new: layer or config, uploaded unless present
-            self.dest_client.push_blob(repo, self.store.blob_path(desc.digest), desc.digest,
-                                       desc.size)
+            with self.upload_progress(desc.size) as progress:
+                self.dest_client.push_blob(repo, self.store.blob_path(desc.digest),
+                                           desc.digest, desc.size, progress=progress)
         else:  # a base blob: present, else mounted (same registry) or streamed across
             self.dest_client.copy_blob_from(self.src_client, self.src.repository, repo,
                                             desc.digest, desc.size)

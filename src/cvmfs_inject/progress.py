@@ -48,6 +48,7 @@ class Reporter:
     def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet = quiet
         self.json_mode = json_mode
+        self._active: Any = None  # the rich Progress on screen, if any
 
     def line(self, message: str) -> None:
         """A human result line: stdout normally, stderr under --json, nothing under --quiet."""
@@ -89,20 +90,57 @@ class Reporter:
 
         total_bytes, total_files = estimate_tar_size(tree)
         console = Console(stderr=True, highlight=False, soft_wrap=True)
-        progress = Progress(TextColumn("packing"), BarColumn(), DownloadColumn(),
-                            TextColumn("{task.fields[files]:,}/" f"{total_files:,} files"),
+        progress = Progress(TextColumn("{task.description:9}"), BarColumn(), DownloadColumn(),
+                            TextColumn("{task.fields[detail]}"),
                             TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                             transient=True)
-        task = progress.add_task("pack", total=total_bytes, files=0)
+        task = progress.add_task("packing", total=total_bytes,
+                                 detail=f"0/{total_files:,} files")
         done_files = 0
 
         def advance(tar_bytes: int, files: int) -> None:
             nonlocal done_files
             done_files += files
-            progress.update(task, advance=tar_bytes, files=done_files)
+            progress.update(task, advance=tar_bytes,
+                            detail=f"{done_files:,}/{total_files:,} files")
 
         with progress:
-            yield advance
+            self._active = progress
+            try:
+                yield advance
+            finally:
+                self._active = None
+
+    @contextlib.contextmanager
+    def uploading(self, total: int) -> Iterator[Callable[[int], None] | None]:
+        """A bar for a registry-direct upload, on a terminal only."""
+        if self.quiet or not sys.stderr.isatty() or total < (1 << 20):
+            yield None
+            return
+        if self._active is not None:  # one live display at a time: add a line to it
+            active = self._active
+            task_id = active.add_task("uploading", total=total, detail="")
+            try:
+                yield lambda sent: active.advance(task_id, sent)
+            finally:
+                active.remove_task(task_id)
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        progress = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        task = progress.add_task("upload", total=total)
+        with progress:
+            yield lambda sent: progress.advance(task, sent)
 
     def inject_summary(self, report: Any) -> None:
         if report.status == "unchanged":

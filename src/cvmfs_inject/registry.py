@@ -171,6 +171,22 @@ class _StreamWindow:
         return data
 
 
+class _Reporting:
+    """A file whose reads are reported (bytes sent), for an upload progress bar."""
+
+    def __init__(self, f: IO[bytes], progress: Callable[[int], None]) -> None:
+        self._f, self._progress = f, progress
+        self.name = getattr(f, "name", "file")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._progress(len(data))
+        return data
+
+
 class _FileSource:
     """Upload source backed by a file: every window can be re-read, so requests can be replayed."""
 
@@ -788,7 +804,8 @@ class RegistryClient:
         except CvmfsInjectError as exc:
             log.debug("%s: cancelling upload failed: %s", self.registry, exc)
 
-    def push_blob(self, repo: str, path: Path, digest: str, size: int) -> None:
+    def push_blob(self, repo: str, path: Path, digest: str, size: int,
+                  progress: Callable[[int], None] | None = None) -> None:
         """Upload a file as a blob unless the repository has it already.
 
         Files up to `monolithic_limit` go in one streamed PUT, larger ones as PATCH chunks
@@ -815,7 +832,8 @@ class RegistryClient:
                 raise InputError(f"cannot read blob file {path}: "
                                  f"{exc.strerror or exc}") from None
             with f:
-                self._upload(repo, digest, size, _FileSource(f, algorithm), str(path))
+                reader: IO[bytes] = f if progress is None else _Reporting(f, progress)
+                self._upload(repo, digest, size, _FileSource(reader, algorithm), str(path))
 
         self._with_retries(repo, digest, attempt)
         self._check_uploaded(repo, digest, size)
