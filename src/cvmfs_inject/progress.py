@@ -44,6 +44,26 @@ def estimate_tar_size(tree: Path) -> tuple[int, int]:
     return total, files
 
 
+def _bar() -> Any:
+    """A transient rich progress display on stderr; rich is imported only when a bar is
+    shown: most runs (CI, Makefiles) never need it."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(TextColumn("{task.description:9}"), BarColumn(), DownloadColumn(),
+                    TextColumn("{task.fields[detail]}"), TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(stderr=True, highlight=False, soft_wrap=True),
+                    transient=True)
+
+
 class Reporter:
     def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet = quiet
@@ -77,23 +97,8 @@ class Reporter:
         if self.quiet or not sys.stderr.isatty() or not tree.is_dir():
             yield None
             return
-        # rich is imported only when a bar is shown: most runs (CI, Makefiles) never need it
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
         total_bytes, total_files = estimate_tar_size(tree)
-        console = Console(stderr=True, highlight=False, soft_wrap=True)
-        progress = Progress(TextColumn("{task.description:9}"), BarColumn(), DownloadColumn(),
-                            TextColumn("{task.fields[detail]}"),
-                            TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                            transient=True)
+        progress = _bar()
         task = progress.add_task("packing", total=total_bytes,
                                  detail=f"0/{total_files:,} files")
         done_files = 0
@@ -125,20 +130,8 @@ class Reporter:
             finally:
                 active.remove_task(task_id)
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        progress = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
-        task = progress.add_task("upload", total=total)
+        progress = _bar()
+        task = progress.add_task("uploading", total=total, detail="")
         with progress:
             yield lambda sent: progress.advance(task, sent)
 

@@ -113,7 +113,33 @@ _SSL = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\"(]+)")
 # -- request bodies --------------------------------------------------------------------------
 
 
-class _FileWindow:
+class _Window:
+    """A length-aware request body read in small blocks (requests sends `len` as
+    Content-Length and pulls `read`); subclasses say where the bytes come from."""
+
+    def __init__(self, length: int) -> None:
+        self._left = self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        while block := self.read(_BLOCK):
+            yield block
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n is None or n < 0 or n > self._left else n
+        data = self._next(n)
+        self._left -= len(data)
+        return data
+
+    def _next(self, n: int) -> bytes:
+        raise NotImplementedError
+
+
+class _FileWindow(_Window):
     """Bytes [offset, offset+length) of an open file as a requests body (oras-py gap).
 
     requests sends an object with ``__len__`` and ``read`` with a Content-Length header and
@@ -122,30 +148,20 @@ class _FileWindow:
     """
 
     def __init__(self, f: IO[bytes], offset: int, length: int, hasher: Any) -> None:
+        super().__init__(length)
         f.seek(offset)
-        self._f, self._left, self._length, self._hasher = f, length, length, hasher
+        self._f, self._hasher = f, hasher
 
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[bytes]:
-        while block := self.read(_BLOCK):
-            yield block
-
-    def read(self, n: int | None = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        n = self._left if n is None or n < 0 or n > self._left else n
+    def _next(self, n: int) -> bytes:
         data = self._f.read(n)
         if not data:
             raise IntegrityError(f"{getattr(self._f, 'name', 'file')} shrank while it was "
                                  "being uploaded")
-        self._left -= len(data)
         self._hasher.update(data)
         return data
 
 
-class _StreamWindow:
+class _StreamWindow(_Window):
     """The next `length` bytes of a chunk iterator as a requests body (for copy_blob_from).
 
     Hands out at most the requested block per read (slicing one source chunk, not copying
@@ -153,22 +169,11 @@ class _StreamWindow:
     """
 
     def __init__(self, source: _StreamSource, length: int) -> None:
-        self._source, self._left, self._length = source, length, length
+        super().__init__(length)
+        self._source = source
 
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[bytes]:
-        while block := self.read(_BLOCK):
-            yield block
-
-    def read(self, n: int | None = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        n = self._left if n is None or n < 0 or n > self._left else n
-        data = self._source.take(n)
-        self._left -= len(data)
-        return data
+    def _next(self, n: int) -> bytes:
+        return self._source.take(n)
 
 
 class _Reporting:
