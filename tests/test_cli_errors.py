@@ -520,8 +520,8 @@ def test_not_a_layout_directory(cli, tmp_path):
 
 def test_missing_layout_directory(cli, tmp_path):
     missing = tmp_path / "missing"
-    one_error(cli("inspect", missing), NOT_FOUND, str(missing))
-    one_error(cli("gc", missing), NOT_FOUND, str(missing))
+    one_error(cli("inspect", missing), INPUT, str(missing))
+    one_error(cli("gc", missing), INPUT, str(missing))
     assert not missing.exists()
 
 

@@ -20,7 +20,7 @@ def test_inject_json_is_one_document_on_stdout(cli, tmp_path: Path) -> None:
     assert report["status"] == "injected"
     assert report["layer"]["diff_id"].startswith("sha256:")
     assert report["stats"]["files"] > 0
-    assert "injected" in result.err  # the human lines went to stderr
+    assert result.err == ""  # --json: no human lines anywhere, stdout is the document
 
 
 def test_quiet_prints_nothing(cli, tmp_path: Path) -> None:
@@ -46,3 +46,27 @@ def test_console_script_and_module_run(tmp_path: Path) -> None:
     for argv in ([sys.executable, "-m", "cvmfs_inject", "--version"], [str(script), "--version"]):
         done = subprocess.run(argv, capture_output=True, text=True, check=True)
         assert done.stdout.startswith("cvmfs-inject ")
+
+
+def test_validate_without_json_prints_no_json(cli, tmp_path: Path) -> None:
+    bad = tmp_path / "manifest.json"
+    bad.write_text('{"schemaVersion": 2, "layers": []}')
+    result = cli("validate", "--kind", "manifest", bad)
+    assert result.code == 1
+    assert result.out == ""
+    assert "config" in result.err
+
+
+def test_warns_when_dir_is_the_parent_of_the_mount_point(cli, tmp_path: Path) -> None:
+    build_sample_image(tmp_path / "l", "v1")
+    build_sample_tree(tmp_path / "srv" / "cvmfs")
+    result = cli("inject", f"{tmp_path / 'l'}:v1", tmp_path / "srv")
+    assert result.code == 0
+    assert "did you mean" in result.err and str(tmp_path / "srv" / "cvmfs") in result.err
+
+
+def test_pull_of_a_missing_archive_is_an_input_error(cli, tmp_path: Path) -> None:
+    result = cli("pull", f"docker-archive:{tmp_path / 'missing.tar'}", tmp_path / "l")
+    assert result.code == 3
+    assert "no such archive file" in result.err
+    assert not (tmp_path / "l").exists()

@@ -136,8 +136,13 @@ def test_open_rejects(tmp_path: Path, files: dict[str, bytes], error: type[Excep
 
 
 def test_open_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(InputError, match="no such layout directory"):
         Layout.open(tmp_path / "absent")
+
+
+def test_open_missing_directory_that_looks_like_a_registry_suggests_docker() -> None:
+    with pytest.raises(InputError, match=r"docker://registry\.example\.org/hep/el9"):
+        Layout.open("registry.example.org/hep/el9")
 
 
 # -- blobs -----------------------------------------------------------------------------------

@@ -545,3 +545,32 @@ def test_gc_dry_run_then_gc_after_retag(cli, tmp_path):
     res = ok(cli("gc", layout))
     assert "removed 0 blobs, 0 bytes" in res.out
     assert dir_bytes(layout) == after
+
+
+@pytest.mark.registry
+def test_push_reports_the_digest_written_at_the_destination(cli, registry, tmp_path):
+    layout = tmp_path / "oci"
+    build_sample_image(layout, "v1", platforms=("amd64",))
+    name = f"{repo('converted')}:1"
+    result = cli("push", "--json", "--no-tls-verify", "--format", "v2s2", f"{layout}:v1",
+                 registry.url(name))
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["digest"] == sha256(plain_raw(registry, name))
+
+
+@pytest.mark.registry
+def test_zstd_image_pushed_back_as_v2s2_is_refused_up_front(cli, registry, tmp_path):
+    layout = tmp_path / "oci"
+    build_sample_image(layout, "v1", platforms=("amd64",))
+    name = repo("v2s2-zstd")
+    url = registry.url(f"{name}:1")
+    ok(cli("push", "--no-tls-verify", "--format", "v2s2", f"{layout}:v1", url))
+    back = tmp_path / "back"
+    ok(cli("pull", "--no-tls-verify", url, f"{back}:d"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("x")
+    ok(cli("inject", f"{back}:d", tree, "--compress", "zstd"))
+    result = cli("push", "--no-tls-verify", f"{back}:d", registry.url(f"{name}:2"))
+    assert result.code == 2
+    assert "--format oci" in result.err and result.err.count("\n") == 1

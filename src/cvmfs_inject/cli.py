@@ -7,6 +7,7 @@ and are turned into one line on stderr and the documented exit code in `main`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -56,7 +57,9 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
                        help="CA *.crt and client *.cert/*.key for the registry, as skopeo")
     group.add_argument("--authfile", type=Path, default=default, metavar="FILE",
                        help="registry auth file (default: REGISTRY_AUTH_FILE, then "
-                            "$XDG_RUNTIME_DIR/containers/auth.json, then ~/.docker/config.json)")
+                            "$XDG_RUNTIME_DIR/containers/auth.json, "
+                            "~/.config/containers/auth.json, then $DOCKER_CONFIG/config.json "
+                            "or ~/.docker/config.json)")
     group.add_argument("--creds-stdin", action="store_true", default=default,
                        help="read USERNAME:PASSWORD from the first line of stdin (for CI)")
     group.add_argument("--ca-file", type=Path, default=default, metavar="FILE",
@@ -231,9 +234,9 @@ def _cmd_pull(args: argparse.Namespace, out: Reporter) -> Any:
 
 def _cmd_push(args: argparse.Namespace, out: Reporter) -> Any:
     src, dest = parse_layout_ref(args.src), parse_ref(args.dest)
-    desc = ops.push(src, dest, _skopeo(args), manifest_format=args.format)
-    out.line(f"pushed {src} to {dest}")
-    return {"source": str(src), "destination": str(dest), "digest": desc.digest}
+    digest = ops.push(src, dest, _skopeo(args), manifest_format=args.format)
+    out.line(f"pushed {src} to {dest} ({digest})")
+    return {"source": str(src), "destination": str(dest), "digest": digest}
 
 
 def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
@@ -241,6 +244,8 @@ def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.validate import validate_layout
 
     target = args.target
+    if target == "-" and args.creds_stdin:
+        raise UsageError("--creds-stdin and a document on stdin (-) exclude each other")
     if args.kind or target == "-" or Path(target).is_file():
         if target == "-":
             data, where = sys.stdin.buffer.read(), "<stdin>"
@@ -262,7 +267,8 @@ def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
     for problem in problems:
         out.error_line(str(problem))
     if problems:
-        out.emit({"valid": False, "problems": [str(p) for p in problems]})
+        if args.json:
+            out.emit({"valid": False, "problems": [str(p) for p in problems]})
         raise ValidationFailed(f"{target}: {len(problems)} problem(s) found")
     out.line(f"{target}: valid")
     return {"valid": True, "problems": []}
@@ -281,7 +287,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Reporter) -> Any:
 def _format_inspect(report: dict[str, Any]) -> str:
     lines = [f"{report['reference']}  {report['mediaType']}", f"  digest {report['digest']}"]
     if report.get("tags") is not None:
-        lines.append(f"  tags: {', '.join(report['tags']) or '(none)'}")
+        lines.append(f"  layout tags: {', '.join(report['tags']) or '(none)'}")
     for image in report["images"]:
         lines.append(f"  image {image['platform']}  manifest {image['manifest']['digest']}")
         lines.append(f"    config {image['config']['digest']}  created "
@@ -345,7 +351,17 @@ def _cmd_init(args: argparse.Namespace, out: Reporter) -> Any:
     return report.to_json()
 
 
+def _warn_if_parent_of_mount(tree: Path, mount: str, out: Reporter) -> None:
+    """`inject IMG /srv` with only /srv/cvmfs inside gives /cvmfs/cvmfs/...: say so."""
+    with contextlib.suppress(OSError):
+        names = os.listdir(tree)
+        if names == [mount.rstrip("/").rsplit("/", 1)[-1]]:
+            out.warn(f"{tree} holds only '{names[0]}/', which ends up at {mount}/{names[0]}: "
+                     f"DIR is the content of the mount point (did you mean {tree}/{names[0]}?)")
+
+
 def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
+    _warn_if_parent_of_mount(args.dir, args.path, out)
     with out.packing(args.dir) as progress:
         report = _inject_any(args, args.dir, init_only=False, progress=progress, warn=out.warn,
                              upload_progress=out.uploading)
@@ -371,6 +387,7 @@ def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
+    _warn_if_parent_of_mount(args.dir, args.path, out)
     from cvmfs_inject.direct import inject_remote
 
     src, dest = parse_ref(args.src), parse_ref(args.dest)
@@ -388,7 +405,7 @@ def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
                          new_tag=args.tag, platform=args.platform,
                          manifest_format=args.format, progress=progress, warn=out.warn)
     out.inject_summary(report)
-    out.line(f"pushed to {args.dest}")
+    out.line(f"pushed to {args.dest} ({report.pushed_digest or report.digest})")
     return report.to_json()
 
 

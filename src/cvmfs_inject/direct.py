@@ -149,8 +149,11 @@ def inject_remote(src: ImageRef, tree: Path | None, options: PackOptions, access
             return outcome.report
         publisher = _Publisher(store, source, src_client, dest_client, src, target,
                                upload_progress or _no_progress)
-        publisher.publish(outcome.new_top or top)
+        published = outcome.new_top or top
+        publisher.publish(published)
         outcome.report.reference = str(target)
+        outcome.report.destination = str(target)
+        outcome.report.pushed_digest = published.digest
         return outcome.report
 
 

@@ -48,6 +48,8 @@ class InjectReport:
     images: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    destination: str | None = None  # where `run` pushed the result
+    pushed_digest: str | None = None  # the manifest digest there (format may differ)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
@@ -278,7 +280,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, skopeo: Skopeo, option
         if problems:
             raise ValidationFailed(f"{working}: the injected image does not validate: "
                                    f"{problems[0]} ({len(problems)} problem(s))")
-        push(working, dest, skopeo, manifest_format=manifest_format)
+        report.destination = str(dest)
+        report.pushed_digest = push(working, dest, skopeo, manifest_format=manifest_format)
         return report
 
 

@@ -86,7 +86,7 @@ class PackOptions:
 def normalise_mount_point(path: str) -> str:
     parts = [p for p in path.split("/") if p]
     if not path.startswith("/") or not parts or any(p in (".", "..") for p in parts):
-        raise UsageError(f"--path {path!r} must be an absolute path like /cvmfs")
+        raise UsageError(f"--path {path!r} must be an absolute directory below /, like /cvmfs")
     return "/" + "/".join(parts)
 
 

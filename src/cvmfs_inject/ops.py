@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_inject import original
-from cvmfs_inject.errors import UsageError
+from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.images import ImageSource, LayoutSource, load_images
 from cvmfs_inject.inject import injected_position
 from cvmfs_inject.model import Descriptor, MediaType, canonical_json, parse_json
@@ -93,6 +93,8 @@ def pull(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, all_images: bool = Fa
     tag = dest.tag or default_tag(src)
     if src.transport == "oci":  # our own message, listing the tags, before skopeo's
         Layout.open(src.path).resolve(src.tag)
+    elif src.transport != "docker" and not os.path.isfile(src.path):
+        raise InputError(f"{src.path}: no such archive file")
     fmt, raw = (known_format, None) if known_format else source_manifest(src, skopeo)
     with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
             layout.staging() as stage:
@@ -121,15 +123,20 @@ def _skopeo_format(fmt: str, desc: Descriptor) -> str | None:
 
 
 def push(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, manifest_format: str = "keep"
-         ) -> Descriptor:
-    """Copy a layout image out to a registry or an archive; archives appear atomically."""
+         ) -> str:
+    """Copy a layout image out to a registry or an archive; archives appear atomically.
+
+    Returns the digest of the manifest as written at the destination (it differs from the
+    layout's when the format is converted), as skopeo reports it.
+    """
     if src.transport != "oci":
         raise UsageError(f"push reads a local layout; {src} is not oci:DIR[:TAG]")
     if dest.transport == "oci":
         raise UsageError(f"push to another layout: use a docker://, docker-archive: or "
                          f"oci-archive: destination, not {dest}")
     layout = Layout.open(src.path)
-    with layout.lock(exclusive=False):
+    with layout.lock(exclusive=False), tempfile.TemporaryDirectory() as scratch:
+        digestfile = Path(scratch) / "digest"
         desc = layout.resolve(src.tag)
         fmt = _skopeo_format(manifest_format, desc)
         is_index = MediaType.is_index(desc.media_type)
@@ -137,17 +144,35 @@ def push(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, manifest_format: str 
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
                              "push one platform by its own tag, or use oci-archive:")
         layout.check_present(desc)
+        if fmt == "v2s2" or dest.transport == "docker-archive":
+            _check_docker_layers(layout, desc, src)
         if manifest_format == "keep" and dest.is_registry and original.unchanged_original(desc):
             with original.view(layout, desc) as source:
-                skopeo.copy(source, dest, preserve_digests=True)
-            return desc
-        with _skopeo_view(layout, src, desc) as source:
-            if dest.transport == "docker":
-                skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt)
-                return desc
-            with _archive_target(dest) as tmp_dest:
-                skopeo.copy(source, tmp_dest, all_images=is_index, manifest_format=fmt)
-    return desc
+                skopeo.copy(source, dest, preserve_digests=True, digestfile=digestfile)
+        else:
+            with _skopeo_view(layout, src, desc) as source:
+                if dest.transport == "docker":
+                    skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt,
+                                digestfile=digestfile)
+                else:
+                    with _archive_target(dest) as tmp_dest:
+                        skopeo.copy(source, tmp_dest, all_images=is_index,
+                                    manifest_format=fmt, digestfile=digestfile)
+        pushed = digestfile.read_text().strip() if digestfile.exists() else ""
+        return pushed or desc.digest
+
+
+def _check_docker_layers(layout: Layout, desc: Descriptor, src: ImageRef) -> None:
+    """Docker v2s2 carries gzip layers only: say so before skopeo fails half-way."""
+    manifests = ([d for d in layout.read_index_blob(desc).manifests
+                  if MediaType.is_manifest(d.media_type)]
+                 if MediaType.is_index(desc.media_type) else [desc])
+    for manifest_desc in manifests:
+        for layer in layout.read_manifest(manifest_desc).layers:
+            if layer.media_type in (MediaType.OCI_LAYER_ZSTD, MediaType.OCI_LAYER):
+                raise UsageError(f"{src} has {layer.media_type} layers, which a Docker v2s2 "
+                                 "image cannot carry: push with --format oci (to a registry or "
+                                 "oci-archive:), or inject with --compress gzip")
 
 
 @contextlib.contextmanager

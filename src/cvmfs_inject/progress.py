@@ -71,11 +71,11 @@ class Reporter:
         self._active: Any = None  # the rich Progress on screen, if any
 
     def line(self, message: str) -> None:
-        """A human result line: stdout normally, stderr under --json, nothing under --quiet."""
-        if self.quiet:
+        """A human result line on stdout; none under --quiet or --json (which prints one
+        JSON document instead). Warnings and errors still go to stderr."""
+        if self.quiet or self.json_mode:
             return
-        stream = sys.stderr if self.json_mode else sys.stdout
-        print(message, file=stream, flush=True)
+        print(message, file=sys.stdout, flush=True)
 
     human = line
 

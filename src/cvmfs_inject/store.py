@@ -229,7 +229,11 @@ class Layout:
         path = Path(root)
         marker = path / "oci-layout"
         if not path.is_dir():
-            raise NotFoundError(f"{path}: no such layout directory")
+            hint = ""
+            first = str(root).split("/", 1)[0]
+            if "/" in str(root) and ("." in first or ":" in first):
+                hint = f"; for a registry image write docker://{root}"
+            raise InputError(f"{path}: no such layout directory{hint}")
         if not marker.is_file():
             raise InputError(f"{path}: not an OCI layout (no oci-layout file)")
         doc = parse_json(marker.read_bytes(), str(marker))

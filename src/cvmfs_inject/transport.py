@@ -96,6 +96,9 @@ def classify(message: str, argv: list[str], returncode: int, stderr: str) -> Exc
     if "digest did not match" in lower or "checksum mismatch" in lower:
         return IntegrityError(f"skopeo: {message} (a blob of the source is corrupted; run "
                               "`cvmfs-inject validate` on it)")
+    if "no image found in manifest list" in lower:
+        return NotFoundError(f"skopeo: {message} (see the platforms with `cvmfs-inject "
+                             "inspect`)")
     if any(s in lower for s in ("manifest unknown", "name unknown", "not found",
                                 "no such file or directory", "no descriptor found",
                                 "does not exist")):
@@ -148,7 +151,7 @@ class Skopeo:
 
     def copy(self, src: ImageRef, dest: ImageRef, *, all_images: bool = False,
              platform: str | None = None, manifest_format: str | None = None,
-             preserve_digests: bool = False) -> None:
+             preserve_digests: bool = False, digestfile: Path | None = None) -> None:
         args = ["copy", "--retry-times", "2"]
         if not self._show_progress:
             args.append("--quiet")
@@ -166,6 +169,8 @@ class Skopeo:
             args += ["--format", manifest_format]
         if preserve_digests:
             args.append("--preserve-digests")
+        if digestfile is not None:
+            args += ["--digestfile", str(digestfile)]
         args += self.options.flags("src", src) + self.options.flags("dest", dest)
         args += [src.skopeo(), dest.skopeo()]
         self.run(args, global_flags, _progress_runner if self._show_progress else None)

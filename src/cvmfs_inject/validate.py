@@ -36,7 +36,9 @@ class _Walker:
                 return self.layout.read_blob(desc.digest, desc.size)
             self.layout.verify_blob(desc.digest, desc.size)
         except CvmfsInjectError as exc:
-            self.problems.append(Problem(self.where(desc.digest), str(exc)))
+            where = self.where(desc.digest)
+            message = str(exc).removeprefix(f"{where}: ")
+            self.problems.append(Problem(where, message))
         return None
 
     def descriptor(self, raw: object, where: str) -> Descriptor | None:
