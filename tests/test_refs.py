@@ -139,3 +139,23 @@ def test_parse_layout_ref(text: str, ok: bool) -> None:
     else:
         with pytest.raises(UsageError, match="not a local layout"):
             parse_layout_ref(text)
+
+
+@pytest.mark.parametrize("text", [
+    "docker-archive:x.tar:hep/el9:2024",
+    "docker-archive:x.tar:@0",
+    "docker-archive:x.tar:localhost:5000/a/b:1",
+    "docker-archive:x.tar:el9",
+])
+def test_docker_archive_references_accepted(text: str) -> None:
+    assert parse_ref(text).skopeo() == text
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("docker-archive:x.tar:Bad/Ref:x", "lowercase path components"),
+    ("docker-archive:x.tar:@x", "must be @ and a number"),
+    ("docker-archive:x.tar:hep/el9:bad tag", "not a valid tag"),
+])
+def test_docker_archive_references_refused(text: str, why: str) -> None:
+    with pytest.raises(UsageError, match=why):
+        parse_ref(text)

@@ -366,6 +366,8 @@ def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
         report = _inject_any(args, args.dir, init_only=False, progress=progress, warn=out.warn,
                              upload_progress=out.uploading)
     out.inject_summary(report)
+    if report.destination and report.status != "unchanged":
+        out.line(f"written to {report.destination} ({report.pushed_digest})")
     return report.to_json()
 
 

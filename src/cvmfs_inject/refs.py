@@ -115,11 +115,30 @@ def _parse_local(text: str, transport: str, rest: str) -> ImageRef:
     if not tag:
         raise _bad(text, "empty tag after ':'")
     if transport == "docker-archive":
-        # A docker-archive reference is NAME[:TAG] or @INDEX, checked by skopeo itself.
+        _check_archive_reference(text, tag)
         return ImageRef(transport, path, tag)
     if not _OCI_REF_NAME.match(tag):
         raise _bad(text, f"tag {tag!r} is not a valid OCI reference name")
     return ImageRef(transport, path, tag)
+
+
+def _check_archive_reference(text: str, reference: str) -> None:
+    """docker-archive's REF is NAME[:TAG] (a docker reference) or @INDEX, as skopeo reads it."""
+    if reference.startswith("@"):
+        if not reference[1:].isdigit():
+            raise _bad(text, f"archive index {reference!r} must be @ and a number")
+        return
+    name, tag = reference, None
+    if ":" in reference.rsplit("/", 1)[-1]:
+        name, tag = reference.rsplit(":", 1)
+    if tag is not None and not _TAG.match(tag):
+        raise _bad(text, f"tag {tag!r} is not a valid tag")
+    first, _, remainder = name.partition("/")
+    is_host = remainder and ("." in first or ":" in first or first == "localhost")
+    repository = remainder if is_host else name
+    if (is_host and not _HOST.match(first)) or not _REPOSITORY.match(repository):
+        raise _bad(text, f"archive reference {name!r} must be lowercase path components, "
+                         "like hep/el9:2024")
 
 
 def parse_ref(text: str) -> ImageRef:
