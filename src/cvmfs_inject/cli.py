@@ -104,40 +104,44 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
 
     p = command("pull", "copy an image into a local OCI layout")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dest", metavar="LAYOUT[:TAG]")
+    p.add_argument("src", metavar="SRC",
+                   help="docker://, docker-archive:, oci-archive: or oci: image")
+    p.add_argument("dest", metavar="LAYOUT[:TAG]", help="local OCI layout (created if needed)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="all platforms of an index")
     group.add_argument("--platform", metavar="OS/ARCH", help="one platform of an index")
 
     p = command("push", "copy a layout image to a registry or an archive")
-    p.add_argument("src", metavar="LAYOUT[:TAG]")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("src", metavar="LAYOUT[:TAG]", help="local OCI layout image")
+    p.add_argument("dest", metavar="DEST", help="docker://, docker-archive: or oci-archive:")
     p.add_argument("--format", choices=ops.FORMATS, default="keep",
                    help="manifest format (default keep: what it was pulled as)")
 
     p = command("validate", "check a layout, an image, or one JSON document")
-    p.add_argument("target", metavar="REF|FILE|-")
+    p.add_argument("target", metavar="REF|FILE|-",
+                   help="layout (all tags), LAYOUT:TAG, registry or archive image, or one "
+                        "JSON document (- for stdin)")
     p.add_argument("--kind", choices=KINDS, help="validate FILE (or - for stdin) as this kind")
 
     p = command("inspect", "show tags, platforms, layers, labels and history")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("--platform", metavar="OS/ARCH")
+    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("--platform", metavar="OS/ARCH", help="only this platform of an index")
 
     p = command("gc", "delete blobs no tag reaches")
-    p.add_argument("layout", metavar="LAYOUT")
+    p.add_argument("layout", metavar="LAYOUT", help="local OCI layout directory")
     p.add_argument("--dry-run", action="store_true", help="only say what would go")
 
     p = command("init", "add an empty mount-point layer (idempotent)")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("--path", default="/cvmfs", metavar="MOUNT")
-    p.add_argument("--platform", metavar="OS/ARCH")
-    p.add_argument("--tag", metavar="NEW")
+    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("--path", default="/cvmfs", metavar="MOUNT",
+                   help="mount point in the image (default /cvmfs)")
+    p.add_argument("--platform", metavar="OS/ARCH", help="only this platform of an index")
+    p.add_argument("--tag", metavar="NEW", help="write the result under a new tag")
     p.add_argument("--dest", metavar="DEST", help="registry-direct: write the result here")
 
     p = command("unpack", "write the injected layer's content into DIR")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("dir", type=Path, metavar="DIR", help="where the mount point's content goes")
     p.add_argument("--force", action="store_true", help="unpack into a non-empty DIR")
     p.add_argument("--platform", metavar="OS/ARCH")
     p.add_argument("--path", metavar="MOUNT", help="mount point (default: from the image)")
@@ -145,19 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry images: pull the whole image first")
 
     p = command("inject", "pack DIR and put it into the image at the mount point")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("ref", metavar="REF", help="layout image (edited in place) or docker:// image")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the content of the mount point")
     _pack_options(p)
     p.add_argument("--dest", metavar="DEST",
                    help="registry-direct: write the result to this docker:// reference")
 
     p = command("run", "pull SRC, inject DIR, validate, push to DEST")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("src", metavar="SRC", help="docker://, docker-archive:, oci-archive: or oci:")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the content of the mount point")
+    p.add_argument("dest", metavar="DEST", help="docker://, docker-archive: or oci-archive:")
     _pack_options(p)
     p.add_argument("--layout", metavar="CACHE", help="keep the working layout here")
-    p.add_argument("--format", choices=ops.FORMATS, default="keep")
+    p.add_argument("--format", choices=ops.FORMATS, default="keep",
+                   help="manifest format at DEST (default keep; oci/v2s2 need the layout path)")
     return parser
 
 
