@@ -440,13 +440,19 @@ def test_push_with_missing_blob_fails_even_if_registry_has_it(cli, registry, sam
     assert dir_bytes(layout) == before
 
 
-def test_corrupted_layer_blob(cli, sample):
-    layout, top = sample
+def flip_a_byte_of_the_first_layer(layout, top):
+    """Corrupt the first layer blob in place, keeping its size; returns (descriptor, path)."""
     layer = read_doc(layout, top.digest)["layers"][0]
     path = blob_path(layout, layer["digest"])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+    return layer, path
+
+
+def test_corrupted_layer_blob(cli, sample):
+    layout, top = sample
+    layer, path = flip_a_byte_of_the_first_layer(layout, top)
     assert path.stat().st_size == layer["size"]
     before = dir_bytes(layout)
     err = validate_failed(cli("validate", layout), str(path), "does not match digest")
@@ -457,11 +463,7 @@ def test_corrupted_layer_blob(cli, sample):
 def test_push_of_corrupted_blob_is_an_integrity_error(cli, sample, tmp_path):
     """A layer whose bytes no longer match its digest: exit 5 (integrity), nothing written."""
     layout, top = sample
-    layer = read_doc(layout, top.digest)["layers"][0]
-    path = blob_path(layout, layer["digest"])
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    layer, _ = flip_a_byte_of_the_first_layer(layout, top)
     before = dir_bytes(layout)
     archive = tmp_path / "out.tar"
     res = cli("push", f"{layout}:v1", f"oci-archive:{archive}:x")

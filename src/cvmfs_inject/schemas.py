@@ -27,14 +27,10 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.model import MediaType
 
 KINDS = ("layout", "index", "manifest", "config", "descriptor")
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 
 _DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
@@ -64,9 +60,9 @@ def detect_kind(doc: dict[str, Any]) -> str | None:
     if "schemaVersion" not in doc and {"digest", "size", "mediaType"} <= doc.keys():
         return "descriptor"
     media_type = doc.get("mediaType")
-    if media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
+    if MediaType.is_index(media_type):
         return "index"
-    if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
+    if MediaType.is_manifest(media_type):
         return "manifest"
     # An image config's media type lives only in the descriptor pointing at it.
     if "rootfs" in doc:
@@ -252,11 +248,13 @@ def _schema_name(kind: str, doc: dict[str, Any], media_type: str | None) -> str:
     own = doc.get("mediaType")
     declared = own if own is not None else media_type
     if kind == "index":
-        return "docker-manifest-list.json" if declared == DOCKER_MANIFEST_LIST else "oci-index.json"
+        docker = declared == MediaType.DOCKER_LIST
+        return "docker-manifest-list.json" if docker else "oci-index.json"
     if kind == "manifest":
-        return "docker-manifest.json" if declared == DOCKER_MANIFEST else "oci-manifest.json"
+        docker = declared == MediaType.DOCKER_MANIFEST
+        return "docker-manifest.json" if docker else "oci-manifest.json"
     if kind == "config":
-        return "docker-config.json" if media_type == DOCKER_CONFIG else "oci-config.json"
+        return "docker-config.json" if media_type == MediaType.DOCKER_CONFIG else "oci-config.json"
     return {"layout": "oci-layout.json", "descriptor": "oci-descriptor.json"}[kind]
 
 
