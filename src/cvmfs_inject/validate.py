@@ -24,6 +24,7 @@ class _Walker:
         self.layout = layout
         self.problems: list[Problem] = []
         self.checked: set[str] = set()
+        self.configs: dict[str, dict] = {}  # valid configs by digest, read once
 
     def where(self, digest: str) -> str:
         return f"{self.layout.root}/blobs/{digest.replace(':', '/', 1)}"
@@ -77,6 +78,8 @@ class _Walker:
                     self.walk(child)
         elif kind == "manifest":
             self.manifest(desc, doc, where)
+        else:
+            self.configs[desc.digest] = doc
 
     def manifest(self, desc: Descriptor, doc: dict, where: str) -> None:
         config = self.descriptor(doc["config"], f"{where} config")
@@ -96,11 +99,10 @@ class _Walker:
                 self._blob(layer)
 
     def _diff_ids(self, config: Descriptor, layer_count: int, where: str) -> None:
-        try:
-            doc = json.loads(self.layout.read_blob(config.digest, config.size))
-            diff_ids = doc["rootfs"]["diff_ids"]
-        except (CvmfsInjectError, ValueError, KeyError, TypeError):
-            return  # already reported by the config's own check
+        doc = self.configs.get(config.digest)
+        if doc is None:
+            return  # the config itself is broken: already reported
+        diff_ids = doc["rootfs"]["diff_ids"]
         if len(diff_ids) != layer_count:
             self.problems.append(Problem(where, f"manifest has {layer_count} layers but its "
                                          f"config has {len(diff_ids)} diff_ids"))
