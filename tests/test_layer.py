@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import stat
@@ -18,6 +19,7 @@ import pytest
 import zstandard
 from helpers import EPOCH, make_nasty_tree, tree_snapshot
 
+from cvmfs_inject import layer
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.layer import (
     CHUNK,
@@ -449,6 +451,36 @@ def test_pack_twice_identical(nasty: Path, tmp_path: Path, compression: str) -> 
     third, r3 = pack_bytes(copy, compression=compression)
     assert third == first
     assert r3.diff_id == r1.diff_id
+
+
+def header_heavy_tree(root: Path) -> Path:
+    """Over 2 MiB of headers among file contents: planning ahead moves chunk boundaries."""
+    root.mkdir()
+    for d in range(40):
+        sub = root / f"d{d:02d}"
+        sub.mkdir()
+        body = hashlib.sha256(str(d).encode()).digest() * 700
+        (sub / "data").write_bytes(body)
+        for n in range(60):
+            os.link(sub / "data", sub / f"link-{n:02d}")
+            (sub / f"dir-{n:02d}").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_bytes_do_not_depend_on_thread_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              compression: str) -> None:
+    """The producer plans ahead while the compressor's queue is full, which moves where its
+    chunks are cut; ISA-L's output depends on those cuts unless the compressor re-cuts."""
+    tree = header_heavy_tree(tmp_path / "src")
+    calm, calm_result = pack_bytes(tree, compression=compression)
+    busy_patterns = [itertools.repeat(True), itertools.cycle([True, False, False]),
+                     itertools.cycle([False, True, True, True, False])]
+    for pattern in busy_patterns:
+        monkeypatch.setattr(layer._Pipeline, "full", lambda self, p=pattern: next(p))
+        busy, busy_result = pack_bytes(tree, compression=compression)
+        assert busy_result.diff_id == calm_result.diff_id
+        assert busy == calm
 
 
 @pytest.mark.parametrize(("compression", "level"), [("gzip", 0), ("gzip", 3), ("zstd", 1),

@@ -416,6 +416,14 @@ def _listing(path: str) -> list[str]:
 
 # -- the packer -------------------------------------------------------------------------------
 class _Compressor:
+    """Compresses the tar stream in fixed CHUNK-sized calls at fixed stream offsets.
+
+    ISA-L's deflate output depends on where its input is split between calls, and the
+    packer's chunk boundaries depend on thread timing (planning ahead while the queue is
+    full). Re-cutting the stream here makes the blob a function of the tar bytes alone, so
+    the same tree gives the same digest however the two threads were scheduled.
+    """
+
     def __init__(self, compression: str, level: int) -> None:
         self._obj: object | None
         if compression == "gzip":
@@ -426,12 +434,35 @@ class _Compressor:
             self._obj = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
         else:
             self._obj = None
+        self._pending = bytearray()
 
-    def compress(self, data: bytes | bytearray) -> bytes | bytearray:
-        return data if self._obj is None else self._obj.compress(data)  # type: ignore[attr-defined]
+    def compress(self, data: bytes | bytearray) -> list[bytes | bytearray | memoryview]:
+        obj = self._obj
+        if obj is None:
+            return [data]
+        outputs: list[bytes | bytearray | memoryview] = []
+        with memoryview(data) as view:
+            start = 0
+            if self._pending:
+                start = min(CHUNK - len(self._pending), len(view))
+                self._pending += view[:start]
+                if len(self._pending) < CHUNK:
+                    return outputs
+                outputs.append(obj.compress(self._pending))  # type: ignore[attr-defined]
+                self._pending = bytearray()
+            end = start + (len(view) - start) // CHUNK * CHUNK
+            outputs += [obj.compress(view[offset:offset + CHUNK])  # type: ignore[attr-defined]
+                        for offset in range(start, end, CHUNK)]
+            self._pending += view[end:]
+        return outputs
 
-    def flush(self) -> bytes:
-        return b"" if self._obj is None else self._obj.flush()  # type: ignore[attr-defined]
+    def flush(self) -> list[bytes]:
+        obj = self._obj
+        if obj is None:
+            return []
+        outputs = [obj.compress(self._pending)] if self._pending else []  # type: ignore[attr-defined]
+        self._pending = bytearray()
+        return [*outputs, obj.flush()]  # type: ignore[attr-defined]
 
 
 class _Pipeline:
@@ -455,12 +486,12 @@ class _Pipeline:
         try:
             while (chunk := self._queue.get()) is not None:
                 self._diff.update(chunk)
-                out = self._compressor.compress(chunk)
+                for out in self._compressor.compress(chunk):
+                    if out:
+                        self._sink.write(out)
+            for out in self._compressor.flush():
                 if out:
                     self._sink.write(out)
-            tail = self._compressor.flush()
-            if tail:
-                self._sink.write(tail)
         except BaseException as exc:  # handed to the producer, re-raised there
             self._error = exc
             if chunk is not None:  # unblock the producer until its end marker arrives
