@@ -39,8 +39,12 @@ CHUNK = 1 << 20
 QUEUE_DEPTH = 8
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 256 << 10
-# headers planned ahead while the compressor is busy (a hard-link farm is all headers)
-LOOKAHEAD_BYTES = 16 << 20
+# Memory held by headers planned ahead while the compressor is busy (a hard-link farm is
+# all headers). Runs of headers are held zlib-compressed, ~25x smaller, so this covers tens
+# of thousands of entries; each file planned ahead costs its path besides.
+LOOKAHEAD_BYTES = 4 << 20
+RUN_BYTES = 64 << 10  # a run of planned headers is compressed once it is this long
+PLANNED_FILE_BYTES = 200  # what a planned file's (path, size) costs, beyond the path
 MAX_OCTAL_SIZE = 0o77777777777
 MAX_OCTAL_ID = 0o7777777
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -244,8 +248,14 @@ class _Packer:
         self.pos = 0
         self.entries = self.files = self.hardlinks = 0
         self.plan: Iterator[tuple[bytes, str | None, int]] | None = None
-        self.lookahead: deque[tuple[bytes, str | None, int] | bytearray] = deque()
+        # compressed runs of headers, and (path, size) of the file whose header ends the run
+        # before it
+        self.lookahead: deque[bytes | tuple[str, int]] = deque()
         self.lookahead_bytes = 0
+        self.run = bytearray()
+        # one stream each way, flushed per run: no compressor set up per run
+        self.run_packer = isal_zlib.compressobj(1)
+        self.run_unpacker = isal_zlib.decompressobj()
         self.planned_all = False
         epoch = options.source_date_epoch
         self.epoch = epoch
@@ -308,16 +318,18 @@ class _Packer:
         while True:
             if lookahead:
                 planned = lookahead.popleft()
-                if isinstance(planned, bytearray):  # a run of header-only entries
+                if isinstance(planned, bytes):
                     self.lookahead_bytes -= len(planned)
-                    emit(planned)
-                    continue
-                item = planned
-                self.lookahead_bytes -= len(item[0])
-            else:
-                item = next(plan, None)
-                if item is None:
-                    break
+                    emit(self.run_unpacker.decompress(planned))
+                else:
+                    path, size = planned
+                    self.lookahead_bytes -= len(path) + PLANNED_FILE_BYTES
+                    self.copy_file(path, size)
+                    self.files += 1
+                continue
+            item = next(plan, None)
+            if item is None:
+                break
             header, path, size = item
             emit(header)
             if path is not None:
@@ -326,31 +338,43 @@ class _Packer:
 
     def _plan_ahead(self) -> None:
         """Called while the queue to the compressor is full: instead of waiting, walk and
-        build headers for the entries to come (a hard-link farm is all headers, and the
-        compressor would idle through it otherwise). Bounded by LOOKAHEAD_BYTES."""
+        build headers for the entries to come. A shrinkwrap tree's content comes first
+        (`.data`, compressor-bound) and its hard-link farm after (all headers, bound by the
+        walk), so the walk done here is walk not done later: 20k tree, 4.4 s without,
+        3.6 s with. Runs of headers are kept compressed, so memory stays small and flat."""
         plan = self.plan
         if plan is None or self.planned_all:
             return
+        run = self.run
         while self.pipeline.full() and self.lookahead_bytes < LOOKAHEAD_BYTES:
             item = next(plan, None)
             if item is None:
                 self.planned_all = True
-                return
-            header, path, _ = item
-            self.lookahead_bytes += len(header)
+                break
+            header, path, size = item
+            run += header
             if path is not None:
-                self.lookahead.append(item)
-            elif self.lookahead and isinstance(self.lookahead[-1], bytearray):
-                self.lookahead[-1] += header  # compact: no Python object per planned entry
-            else:
-                self.lookahead.append(bytearray(header))
+                self._close_run()
+                self.lookahead.append((path, size))
+                self.lookahead_bytes += len(path) + PLANNED_FILE_BYTES
+            elif len(run) >= RUN_BYTES:
+                self._close_run()
+        self._close_run()
+
+    def _close_run(self) -> None:
+        if self.run:
+            packed = (self.run_packer.compress(self.run)
+                      + self.run_packer.flush(isal_zlib.Z_SYNC_FLUSH))
+            self.lookahead.append(packed)
+            self.lookahead_bytes += len(packed)
+            self.run.clear()
 
     def _plan(self, root: str, mount: bytes) -> Iterator[tuple[bytes, str | None, int]]:
         """(header bytes, path of the content to copy or None, content size) in tar order."""
         excluder = Excluder(self.options.excludes)
         keep_owner = self.options.keep_owner
         headers, clamp = self.headers, self.clamp
-        seen_inodes: dict[tuple[int, int], bytes] = {}
+        first_names = _FirstNames()
         lstat, fsencode = os.lstat, os.fsencode
         s_isreg, s_isdir, s_islnk, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_IMODE
         # each stack item: (directory path, its tar name prefix, iterator over sorted names)
@@ -380,14 +404,12 @@ class _Packer:
             self.entries += 1
             if s_isreg(mode):
                 if st.st_nlink > 1:
-                    key = (st.st_dev, st.st_ino)
-                    first = seen_inodes.get(key)
+                    first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
                     if first is not None:
                         self.hardlinks += 1
                         yield (headers(tar_name, perms, uid, gid, 0, mtime, _TYPE_HARDLINK,
                                        first), None, 0)
                         continue
-                    seen_inodes[key] = tar_name
                 size = st.st_size
                 yield headers(tar_name, perms, uid, gid, size, mtime, _TYPE_FILE), path, size
             elif s_isdir(mode):
@@ -429,6 +451,30 @@ class _Packer:
         padding = -size % BLOCK
         if padding:
             self.emit(_ZEROS[:padding])
+
+
+class _FirstNames:
+    """The first tar name of every multiply-linked inode: what later links point to.
+
+    This is the one part of the packer's memory that grows with the tree, so it is kept
+    compact: an int key and an int value per inode, the names packed in one bytearray.
+    A dict of (dev, ino) tuples to bytes took about 300 bytes an inode; this takes about
+    100 plus the name (34,000 hard-linked inodes: 10 MiB before, 5 MiB now).
+    """
+
+    def __init__(self) -> None:
+        self._where: dict[int, int] = {}  # dev << 64 | ino -> offset << 32 | length
+        self._names = bytearray()
+
+    def get_or_add(self, dev: int, ino: int, name: bytes) -> bytes | None:
+        key = dev << 64 | ino
+        where = self._where.get(key)
+        if where is not None:
+            offset, length = where >> 32, where & 0xFFFFFFFF
+            return bytes(self._names[offset:offset + length])
+        self._where[key] = len(self._names) << 32 | len(name)
+        self._names += name
+        return None
 
 
 def _listing(path: str) -> list[str]:
