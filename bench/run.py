@@ -46,6 +46,7 @@ class Result:
     walls: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
     output_bytes: int = 0
+    layer_digests: set[str] = field(default_factory=set)
     note: str = ""
 
     @property
@@ -89,9 +90,9 @@ def shell(command: str) -> list[str]:
     return ["bash", "-o", "pipefail", "-c", command]
 
 
-def blob_size(layout: Path) -> int:
-    """Size of the largest blob: the injected /cvmfs layer."""
-    return max(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
+def largest_blob(layout: Path) -> Path:
+    """The injected /cvmfs layer: the largest blob."""
+    return max((layout / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
 
 
 def bench_tree(name: str, runs: int, only_ours: bool = False) -> list[Result]:
@@ -130,7 +131,9 @@ def bench_tree(name: str, runs: int, only_ours: bool = False) -> list[Result]:
             results[label].walls.append(wall)
             results[label].rss_kib.append(rss)
             if layout is not None:
-                results[label].output_bytes = blob_size(layout)
+                layer = largest_blob(layout)
+                results[label].output_bytes = layer.stat().st_size
+                results[label].layer_digests.add(layer.name)
             elif "pigz" in label:
                 results[label].output_bytes = (work / "pigz.gz").stat().st_size
             elif "gzip -n" in label:
@@ -149,17 +152,20 @@ def table(name: str, results: list[Result], tree: Path) -> str:
     lines = [f"### tree `{name}` ({int(tar_bytes) / 1e6:.0f} MB tar stream; "
              f"make_shrinkwrap_tree.py {' '.join(TREES[name])})", "",
              "| pipeline | median wall (s) | runs | x floor | x umoci | peak RSS (MiB) | "
-             "output (MB) |", "|---|---|---|---|---|---|---|"]
+             "output (MB) | layer digests |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if not r.walls:
-            lines.append(f"| {r.name.replace('|', chr(92) + '|')} | {r.note} | | | | | |")
+            lines.append(f"| {r.name.replace('|', chr(92) + '|')} | {r.note} | | | | | | |")
             continue
         vs_umoci = f"{r.median / umoci:.2f}" if umoci else "-"
         out = f"{r.output_bytes / 1e6:.0f}" if r.output_bytes else "-"
         runs = " ".join(f"{w:.2f}" for w in r.walls)
         label = r.name.replace("|", "\\|")
+        # the same tree must give the same layer in every run (one digest)
+        digests = (f"{len(r.layer_digests)} distinct in {len(r.walls)} runs"
+                   if r.layer_digests else "-")
         lines.append(f"| {label} | {r.median:.2f} | {runs} | {r.median / floor:.2f} | "
-                     f"{vs_umoci} | {max(r.rss_kib) / 1024:.0f} | {out} |")
+                     f"{vs_umoci} | {max(r.rss_kib) / 1024:.0f} | {out} | {digests} |")
     return "\n".join(lines)
 
 
