@@ -471,7 +471,7 @@ def header_heavy_tree(root: Path) -> Path:
 def test_bytes_do_not_depend_on_thread_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               compression: str) -> None:
     """The producer plans ahead while the compressor's queue is full, which moves where its
-    chunks are cut; ISA-L's output depends on those cuts unless the compressor re-cuts."""
+    chunks would be cut; ISA-L's output depends on those cuts, so chunks must be fixed."""
     tree = header_heavy_tree(tmp_path / "src")
     calm, calm_result = pack_bytes(tree, compression=compression)
     busy_patterns = [itertools.repeat(True), itertools.cycle([True, False, False]),
@@ -481,6 +481,30 @@ def test_bytes_do_not_depend_on_thread_timing(tmp_path: Path, monkeypatch: pytes
         busy, busy_result = pack_bytes(tree, compression=compression)
         assert busy_result.diff_id == calm_result.diff_id
         assert busy == calm
+
+
+def test_planning_ahead_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the queue always full the producer plans as far as it may: the memory it holds
+    stays within the bound (plus the one run or file that crosses it), and nothing is lost."""
+    tree = header_heavy_tree(tmp_path / "src")
+    calm, _ = pack_bytes(tree, compression="none")
+    bound = 16 << 10
+    monkeypatch.setattr(layer, "LOOKAHEAD_BYTES", bound)
+    monkeypatch.setattr(layer, "RUN_BYTES", 4 << 10)
+    monkeypatch.setattr(layer._Pipeline, "full", lambda self: True)
+    held: list[int] = []
+    close_run = layer._Packer._close_run
+
+    def watched_close_run(self: layer._Packer) -> None:
+        close_run(self)
+        held.append(self.lookahead_bytes)
+
+    monkeypatch.setattr(layer._Packer, "_close_run", watched_close_run)
+    busy, _ = pack_bytes(tree, compression="none")
+    assert busy == calm
+    assert max(held) >= bound, "the bound was never reached: the test tree is too small"
+    slack = (4 << 10) + layer.PLANNED_FILE_BYTES + 4096  # a run, or a file and its path
+    assert max(held) <= bound + slack, f"held {max(held)} bytes"
 
 
 @pytest.mark.parametrize(("compression", "level"), [("gzip", 0), ("gzip", 3), ("zstd", 1),
