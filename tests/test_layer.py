@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -813,6 +814,65 @@ def test_sink_error_propagates(tmp_path: Path, compression: str, fail_on: int,
         (root / "big").write_bytes(os.urandom(12 * CHUNK))
     error = pack_with_deadline(root, BrokenSink(fail_on), PackOptions(compression=compression))
     assert isinstance(error, OSError) and "No space" in str(error)
+
+
+class SlowSink(Sink):
+    def write(self, data: bytes | memoryview) -> None:
+        time.sleep(0.02)
+        super().write(data)
+
+
+def test_interrupt_stops_writes_at_once(tmp_path: Path) -> None:
+    """After an interrupt the worker must not go on writing the queued chunks into a sink
+    that is being aborted: at most the write under way finishes."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "big").write_bytes(os.urandom(24 * CHUNK))
+    sink = SlowSink()
+    writes_at_interrupt: list[int] = []
+
+    def progress(tar_bytes: int, files: int) -> None:
+        if sink.writes >= 3 and not writes_at_interrupt:
+            writes_at_interrupt.append(sink.writes)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(root, sink, PackOptions(compression="none"), progress=progress)
+    assert writes_at_interrupt, "the interrupt was never raised"
+    written_after = sink.writes - writes_at_interrupt[0]
+    time.sleep(0.1)
+    assert sink.writes - writes_at_interrupt[0] == written_after, "worker still writing"
+    assert written_after <= 1
+    assert not [t for t in threading.enumerate() if t.name == "cvmfs-inject-compress"]
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["calm", "planning-ahead"])
+def test_first_error_in_walk_order_whatever_the_timing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busy: bool) -> None:
+    """An error met while planning ahead is raised only when the walk reaches it, so the
+    error reported is the first in walk order, not the first the planner saw."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a").write_bytes(os.urandom(3 * CHUNK))
+    (root / "b").write_bytes(b"b")
+    (root / "c").mkdir()
+    real_open, real_listing = os.open, layer._listing
+
+    def failing_open(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith("/src/b"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    def failing_listing(path: str) -> list[str]:
+        if path.endswith("/src/c"):
+            raise InputError(f"{path}: cannot read directory: Permission denied")
+        return real_listing(path)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    monkeypatch.setattr(layer, "_listing", failing_listing)
+    monkeypatch.setattr(layer._Pipeline, "full", lambda self: busy)
+    with pytest.raises(InputError, match=r"/src/b: cannot read: Permission denied"):
+        pack_bytes(root, compression="gzip")
 
 
 # -- cross-check with the shared shrinkwrap generator --------------------------------------------

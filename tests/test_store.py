@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import dir_bytes
@@ -193,6 +194,28 @@ def test_writer_streams_and_commits(layout: Layout) -> None:
         desc = writer.commit()
     assert (desc.digest, desc.size) == (sha256_digest(b"a" * 1000 + b"b" * 5000), 6000)
     assert tmp_files(layout) == []
+
+
+class ShortWrites:
+    """A file whose writes take at most 1000 bytes, as a nearly full disk may."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def write(self, data: memoryview) -> int:
+        return self.file.write(data[:1000])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def test_writer_completes_short_writes(layout: Layout) -> None:
+    data = os.urandom(10_000)
+    with layout.writer() as writer:
+        writer._file = ShortWrites(writer._file)  # type: ignore[assignment]
+        writer.write(data)
+        desc = writer.commit()
+    assert layout.blob_path(desc.digest).read_bytes() == data
 
 
 BLOB = b"the quick brown fox jumps over the lazy dog\n" * 100

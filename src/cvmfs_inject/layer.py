@@ -8,10 +8,12 @@ a fixed set of 1 MiB chunk buffers. Hashing and compression run in one worker th
 overlap on two cores. Memory is bounded by the chunk buffers and the plan-ahead bound,
 whatever the tree size, apart from the hard-link table.
 
-The same tree and options give the same bytes on any host and under any thread timing:
-entries in sorted order, owner 0:0 with empty names, mtimes clamped to SOURCE_DATE_EPOCH
-when it is set, no atime/ctime, a gzip header without name or mtime, a fixed level, and
-the stream cut into fixed 1 MiB pieces for the compressor.
+The same tree and options give the same tar bytes (diff_id) on any host, and the same
+compressed bytes under any thread timing and core count: entries in sorted order, owner
+0:0 with empty names, mtimes clamped to SOURCE_DATE_EPOCH when it is set, no atime/ctime,
+a gzip header without name or mtime, a fixed level, and the stream cut into fixed 1 MiB
+pieces for the compressor. (ISA-L's deflate code differs by CPU family, so gzip bytes
+may differ between, say, x86-64 and aarch64.)
 """
 
 from __future__ import annotations
@@ -250,9 +252,9 @@ class _Packer:
         self.pos = 0
         self.entries = self.files = self.hardlinks = 0
         self.plan: Iterator[tuple[bytes, str | None, int]] | None = None
-        # compressed runs of headers, and (path, size) of the file whose header ends the run
-        # before it
-        self.lookahead: deque[bytes | tuple[str, int]] = deque()
+        # compressed runs of headers, (path, size) of the file whose header ends the run
+        # before it, and an error met while planning, raised when the walk reaches it
+        self.lookahead: deque[bytes | tuple[str, int] | InputError] = deque()
         self.lookahead_bytes = 0
         self.run = bytearray()
         # one stream each way, flushed per run: no compressor set up per run
@@ -290,18 +292,21 @@ class _Packer:
         must depend on the tar bytes alone."""
         if self.lookahead_bytes < LOOKAHEAD_BYTES and self.pipeline.full():
             self._plan_ahead()
-        self.pipeline.put(self.chunk, self.pos)
-        if self.progress is not None:
-            self.progress(self.pos, self.files - self._reported_files)
-            self._reported_files = self.files
+        self._hand_over()
         self.chunk = self.pipeline.take()
         self.view = memoryview(self.chunk)
         self.pos = 0
 
+    def _hand_over(self) -> None:
+        self.pipeline.put(self.chunk, self.pos)
+        if self.progress is not None:
+            self.progress(self.pos, self.files - self._reported_files)
+            self._reported_files = self.files
+
     def finish(self) -> None:
         self.emit(bytes(2 * BLOCK))
         if self.pos:
-            self._put()
+            self._hand_over()
 
     def root(self, tree: Path | None, mount: bytes) -> None:
         if tree is None:
@@ -323,6 +328,8 @@ class _Packer:
                 if isinstance(planned, bytes):
                     self.lookahead_bytes -= len(planned)
                     emit(self.run_unpacker.decompress(planned))
+                elif isinstance(planned, InputError):
+                    raise planned
                 else:
                     path, size = planned
                     self.lookahead_bytes -= len(path) + PLANNED_FILE_BYTES
@@ -349,7 +356,13 @@ class _Packer:
             return
         run = self.run
         while self.pipeline.full() and self.lookahead_bytes < LOOKAHEAD_BYTES:
-            item = next(plan, None)
+            try:
+                item = next(plan, None)
+            except InputError as exc:  # not before the entries planned ahead of it
+                self._close_run()
+                self.lookahead.append(exc)
+                self.planned_all = True
+                break
             if item is None:
                 self.planned_all = True
                 break
@@ -527,16 +540,30 @@ class _Pipeline:
         self._compressor = _Compressor(options.compression, options.level or 0)
         self._diff = hashlib.sha256()
         self._error: BaseException | None = None
+        # Set by the worker when it has stopped for good. Waited on instead of join():
+        # on Python 3.11 a join() interrupted by Ctrl-C marks the thread stopped while it
+        # still runs, and it would go on writing into a sink being aborted.
+        self._stopped = threading.Event()
+        self._cancelled = False  # then the worker only drains the queue
         self.size = 0
         self._thread = threading.Thread(target=self._run, name="cvmfs-inject-compress",
                                         daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            self._stopped.set()
+
+    def _work(self) -> None:
         item: tuple[bytearray, int] | None = None
         try:
             while (item := self._queue.get()) is not None:
                 buffer, length = item
+                if self._cancelled:
+                    self._free.put(buffer)
+                    continue
                 with memoryview(buffer) as whole, whole[:length] as data:
                     self._diff.update(data)
                     out = self._compressor.compress(data)
@@ -544,6 +571,8 @@ class _Pipeline:
                         self._sink.write(out)
                     del out
                 self._free.put(buffer)
+            if self._cancelled:
+                return
             tail = self._compressor.flush()
             if tail:
                 self._sink.write(tail)
@@ -576,14 +605,17 @@ class _Pipeline:
 
     def finish(self) -> str:
         self._queue.put(None)
-        self._thread.join()
+        self._stopped.wait()
         if self._error is not None:
             raise self._error
         return "sha256:" + self._diff.hexdigest()
 
     def cancel(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        """Stop the worker without writing more; return when it will not touch the sink."""
+        self._cancelled = True
+        if not self._stopped.is_set():
+            self._queue.put(None)
+        self._stopped.wait()
 
 
 @functools.cache
@@ -617,8 +649,8 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
     _steady_malloc()
     mount = options.mount_point.strip("/").encode()
     pipeline = _Pipeline(sink, options)
-    packer = _Packer(pipeline, options, note, progress)
     try:
+        packer = _Packer(pipeline, options, note, progress)
         packer.root(tree, mount)
         if tree is not None:
             packer.tree(str(tree).rstrip("/") or "/", mount)

@@ -139,7 +139,9 @@ class BlobWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
-        self._file.write(data)
+        view = memoryview(data)
+        while view:  # an unbuffered write may be short (a full disk, a signal)
+            view = view[self._file.write(view):]
         self.size += len(data)
         if self._flusher is None and self.size >= FLUSH_AFTER:
             self._flusher = threading.Thread(target=self._flush_while_writing,
