@@ -335,11 +335,12 @@ def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
     dest = parse_ref(args.dest) if args.dest else None
     if ref.is_registry:
         from cvmfs_inject.direct import destination, inject_remote
-    if ref.is_registry and not getattr(args, "via_layout", False):
-        return inject_remote(ref, tree, _pack(args), _access(args), dest=dest,
-                             new_tag=args.tag, platform=args.platform, init_only=init_only,
-                             progress=progress, warn=warn, upload_progress=upload_progress)
-    if ref.is_registry:
+
+        if not getattr(args, "via_layout", False):
+            return inject_remote(ref, tree, _pack(args), _access(args), dest=dest,
+                                 new_tag=args.tag, platform=args.platform,
+                                 init_only=init_only, progress=progress, warn=warn,
+                                 upload_progress=upload_progress)
         target = destination(ref, dest, args.tag)
         return run(ref, tree, target, _skopeo(args), _pack(args), platform=args.platform,
                    progress=progress, warn=warn, init_only=init_only)
