@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cvmfs_inject.sample import build_sample_image, build_sample_tree
 
 
@@ -70,3 +72,22 @@ def test_pull_of_a_missing_archive_is_an_input_error(cli, tmp_path: Path) -> Non
     assert result.code == 3
     assert "no such archive file" in result.err
     assert not (tmp_path / "l").exists()
+
+
+def test_interrupt_while_loading_the_cli_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during the imports (a few tenths of a second) ends like one later on."""
+    import builtins
+
+    from cvmfs_inject import entry
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name: str, *args: object, **kwargs: object) -> object:
+        if name == "cvmfs_inject.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "cvmfs-inject: error: interrupted\n"

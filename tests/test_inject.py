@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -678,3 +679,39 @@ def test_killed_inject_leaves_the_image_intact(cli, base, tmp_path):
     assert index_entry(base, "base")["digest"] != old_entry["digest"]
     assert cli("validate", base).code == 0
 
+
+@pytest.mark.parametrize(("signum", "code", "word"), [
+    pytest.param(signal.SIGINT, 130, "interrupted", id="ctrl-c"),
+    pytest.param(signal.SIGTERM, 143, "terminated", id="sigterm"),
+])
+def test_interrupted_inject_cleans_up_and_says_so(cli, base, tmp_path, signum, code, word):
+    """Ctrl-C and SIGTERM (timeout, a CI cancel) end with one line and their exit code,
+    remove the half-written blob and leave the image as it was."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    words = b"lib bin etc share root geant4 muon calo track".split()
+    rng = random.Random(5)
+    (tree / "text").write_bytes(b" ".join(rng.choice(words) for _ in range(2_000_000)))
+    old_entry = index_entry(base, "base")
+    tmp_area = base / ".cvmfs-inject-tmp"
+    # zstd level 19 on 12 MB of text takes seconds: time to interrupt it mid-pack
+    proc = subprocess.Popen([sys.executable, "-m", "cvmfs_inject", "inject", f"{base}:base",
+                             str(tree), "--compress", "zstd", "--level", "19"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            if tmp_area.is_dir() and any(p.is_file() for p in tmp_area.iterdir()):
+                break
+            time.sleep(0.01)
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == code, err
+    assert err == f"cvmfs-inject: error: {word}\n"
+    assert not tmp_area.exists() or not any(tmp_area.iterdir())
+    assert index_entry(base, "base") == old_entry
+    assert cli("validate", base).code == 0

@@ -496,8 +496,11 @@ def test_gc_dry_run_deletes_nothing(layout: Layout) -> None:
     assert {d for d, _ in result.removed} == (image_blobs(layout, images["b"])
                                               - image_blobs(layout, images["a"]))
     assert dir_bytes(layout.root) == before
-    # the real run removes the same set and the temp area
-    assert layout.gc().removed == result.removed
+    assert result.temp_removed == [(".cvmfs-inject-tmp/leftover", 1)]
+    # the real run removes the same set and the temp area, and counts its bytes
+    real = layout.gc()
+    assert (real.removed, real.temp_removed) == (result.removed, result.temp_removed)
+    assert real.bytes_removed == sum(size for _, size in result.removed) + 1
     assert not layout.tmp_dir.exists()
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from cvmfs_inject.cli import main
+from cvmfs_inject.entry import main
 
 sys.exit(main())

@@ -9,15 +9,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject import __version__, ops
-from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError, ValidationFailed
+from cvmfs_inject.errors import (
+    CvmfsInjectError,
+    InputError,
+    Terminated,
+    UsageError,
+    ValidationFailed,
+)
 from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.layer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
@@ -315,13 +323,18 @@ def _format_inspect(report: dict[str, Any]) -> str:
 def _cmd_gc(args: argparse.Namespace, out: Reporter) -> Any:
     report = ops.gc(parse_ref(args.layout), args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    for digest, size in report.result.removed:
+    result = report.result
+    for digest, size in result.removed:
         out.line(f"{verb} {digest} ({size} B)")
-    out.line(f"{verb} {len(report.result.removed)} blobs, {report.result.bytes_removed} bytes; "
-             f"kept {report.result.kept}")
-    return {"dry_run": args.dry_run, "removed": [
-        {"digest": d, "size": s} for d, s in report.result.removed],
-        "bytes_removed": report.result.bytes_removed, "kept": report.result.kept}
+    for path, size in result.temp_removed:
+        out.line(f"{verb} {path} ({size} B, left by an interrupted command)")
+    temp = f" and {len(result.temp_removed)} temp files" if result.temp_removed else ""
+    out.line(f"{verb} {len(result.removed)} blobs{temp}, {result.bytes_removed} bytes; "
+             f"kept {result.kept}")
+    return {"dry_run": args.dry_run,
+            "removed": [{"digest": d, "size": s} for d, s in result.removed],
+            "temp_removed": [{"path": p, "size": s} for p, s in result.temp_removed],
+            "bytes_removed": result.bytes_removed, "kept": result.kept}
 
 
 def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
@@ -427,18 +440,38 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Reporter], Any]] = {
 }
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Reporter(quiet=bool(args.quiet), json_mode=bool(args.json))
     try:
-        result = COMMANDS[args.command](args, out)
+        with _sigterm_as_interrupt():
+            result = COMMANDS[args.command](args, out)
     except CvmfsInjectError as exc:
         if args.debug:
             raise
         if not isinstance(exc, ValidationFailed) or not args.json:
             out.fatal(str(exc))
         return exc.exit_code
+    except Terminated:
+        out.fatal("terminated")
+        return 143
     except KeyboardInterrupt:
         out.fatal("interrupted")
         return 130

@@ -62,6 +62,11 @@ class MissingDependencyError(CvmfsInjectError):
     exit_code = 8
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a CI cancel, systemd), raised like Ctrl-C so the same clean-up
+    runs: temp blobs removed, skopeo killed, the layout left as it was."""
+
+
 class ValidationFailed(CvmfsInjectError):
     """`validate` found problems; each was already reported, this only carries the exit code."""
 

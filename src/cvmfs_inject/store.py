@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -199,10 +199,12 @@ class BlobWriter:
 class GcResult:
     removed: list[tuple[str, int]]
     kept: int
+    # (path under the temp area, size): what killed commands left behind
+    temp_removed: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def bytes_removed(self) -> int:
-        return sum(size for _, size in self.removed)
+        return sum(size for _, size in self.removed) + sum(s for _, s in self.temp_removed)
 
 
 def _interrupted_creation(path: Path) -> bool:
@@ -462,9 +464,13 @@ class Layout:
                 removed.append((digest, blob.stat().st_size))
                 if not dry_run:
                     blob.unlink()
-        if not dry_run and self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        return GcResult(removed, len(keep))
+        temp_removed = []
+        if self.tmp_dir.exists():
+            temp_removed = [(str(path.relative_to(self.root)), path.lstat().st_size)
+                            for path in sorted(self.tmp_dir.rglob("*")) if path.is_file()]
+            if not dry_run:
+                shutil.rmtree(self.tmp_dir)
+        return GcResult(removed, len(keep), temp_removed)
 
     def staging(self) -> tempfile.TemporaryDirectory[str]:
         """A scratch directory on the layout's filesystem, so staged blobs can be renamed in."""
