@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import socket
 import sys
 import tarfile
@@ -458,6 +459,27 @@ def test_corrupted_layer_blob(cli, sample):
     err = validate_failed(cli("validate", layout), str(path), "does not match digest")
     assert layer["digest"] in err
     assert dir_bytes(layout) == before
+
+
+def test_unpack_of_corrupted_layer_writes_nothing(cli, sample, tmp_path):
+    """A flipped byte inside incompressible content leaves a valid tar and deflate stream:
+    only the digest (and the gzip CRC at the very end) can tell. Unpack must check the
+    blob before writing a file: exit 5 and no target directory."""
+    layout, _ = sample
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "random").write_bytes(os.urandom(2 << 20))
+    assert cli("inject", f"{layout}:v1", tree).code == 0
+    top = Layout.open(layout).resolve("v1")
+    layer = read_doc(layout, top.digest)["layers"][-1]
+    path = blob_path(layout, layer["digest"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    target = tmp_path / "out"
+    res = cli("unpack", f"{layout}:v1", target)
+    one_error(res, INTEGRITY, layer["digest"][7:])
+    assert not target.exists()
 
 
 def test_push_of_corrupted_blob_is_an_integrity_error(cli, sample, tmp_path):

@@ -357,6 +357,15 @@ def corrupt(kind: str) -> tuple[bytes, str]:
         return b"not gzip at all" * 10, "gzip"
     if kind == "gzip-flipped-byte-mid-stream":
         return gz[:mid] + bytes([gz[mid] ^ 0xFF]) + gz[mid + 1:], "gzip"
+    if kind == "gzip-flipped-byte-in-stored-content":
+        # level 0: stored blocks, the tar bytes verbatim after a 10-byte gzip header and a
+        # 5-byte block header; raw offset 2000 is inside f00's content, so the tar stays
+        # valid and only the CRC at the end of the stream can tell. Padding after the tar
+        # (as GNU tar's records add) keeps a reader that stops at the end-of-archive
+        # marker from reaching the CRC by chance.
+        stored = bytearray(gzip.compress(raw + bytes(256 << 10), compresslevel=0, mtime=0))
+        stored[10 + 5 + 2000] ^= 0x01
+        return bytes(stored), "gzip"
     if kind == "gzip-garbage-deflate-block":
         return gz[:10] + b"\xff" * 20 + gz[30:], "gzip"
     if kind == "gzip-truncated":
@@ -380,7 +389,8 @@ def corrupt(kind: str) -> tuple[bytes, str]:
 
 
 @pytest.mark.parametrize("kind", [
-    "gzip-bad-magic", "gzip-flipped-byte-mid-stream", "gzip-garbage-deflate-block",
+    "gzip-bad-magic", "gzip-flipped-byte-mid-stream", "gzip-flipped-byte-in-stored-content",
+    "gzip-garbage-deflate-block",
     "gzip-truncated", "gzip-bad-crc", "gzip-bad-length", "zstd-truncated", "zstd-bad-magic",
     "tar-truncated-mid-data", "tar-garbage", "tar-empty",
 ])

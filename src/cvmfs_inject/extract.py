@@ -159,6 +159,11 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
                     skip(member.name, "device nodes, fifos and other special files are refused")
                     continue
                 result.entries += 1
+        # Read past the end-of-archive marker to the end of the stream: only there are the
+        # gzip CRC and length, the zstd checksum and the blob's digest checked. Content in
+        # stored (incompressible) blocks can be corrupted without breaking the tar.
+        while fileobj.read(CHUNK):
+            pass
     except tarfile.TarError as exc:
         raise InputError(f"layer is not a valid tar stream: {exc}") from None
     except (OSError, EOFError, zstandard.ZstdError, igzip_lib.IsalError) as exc:

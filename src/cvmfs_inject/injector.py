@@ -11,15 +11,16 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from cvmfs_inject import __version__, original
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
-from cvmfs_inject.extract import decompressed, extract
+from cvmfs_inject.extract import CHUNK, decompressed, extract
 from cvmfs_inject.images import Image, ImageSource, LayoutSource, load_images
 from cvmfs_inject.inject import (
     LABEL_MOUNT,
@@ -189,12 +190,11 @@ def _commit_index(layout: Layout, top: Descriptor, index: Any,
 
 
 # -- unpack ----------------------------------------------------------------------------------
-def prepare_target(target: Path, force: bool) -> None:
+def check_target(target: Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise InputError(f"{target}: directory is not empty; use --force to unpack into it")
-    target.mkdir(parents=True, exist_ok=True)
 
 
 def unpack_layout(ref: ImageRef, target: Path, *, force: bool = False,
@@ -204,25 +204,36 @@ def unpack_layout(ref: ImageRef, target: Path, *, force: bool = False,
     with layout.lock(exclusive=False):
         top = layout.resolve(ref.tag)
         _, images = load_images(LayoutSource(layout, ref.tag), top, platform)
+
+        @contextmanager
+        def verified_first(layer: Descriptor) -> Iterator[IO[bytes]]:
+            """Check the whole blob against its digest before a byte is written out."""
+            with layout.open_blob(layer.digest, layer.size) as reader:
+                while reader.read(CHUNK):
+                    pass
+            with layout.open_blob(layer.digest, layer.size) as reader:
+                yield reader
+
         return extract_injected(images[0], target, str(ref), force=force,
-                                mount_point=mount_point, warn=warn,
-                                open_layer=lambda layer: layout.open_blob(layer.digest,
-                                                                          layer.size))
+                                mount_point=mount_point, warn=warn, open_layer=verified_first)
 
 
 def extract_injected(image: Image, target: Path, where: str, *, force: bool,
                      mount_point: str | None, warn: Warn | None,
                      open_layer: Callable[[Descriptor], ContextManager[IO[bytes]]]
                      ) -> dict[str, Any]:
-    """Extract the injected layer of `image` (read through `open_layer`) into `target`."""
+    """Extract the injected layer of `image` (read through `open_layer`, which checks the
+    blob's digest before yielding it) into `target`."""
     position, diff_id = injected_position(image.config, f"{where} ({image.platform})")
-    prepare_target(target, force)
+    check_target(target, force)
     if position is None:
+        target.mkdir(parents=True, exist_ok=True)
         return {"status": "empty", "target": str(target),
                 "note": "the image has no injected layer yet"}
     layer = image.manifest.layers[position]
     mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
     with open_layer(layer) as blob:
+        target.mkdir(parents=True, exist_ok=True)
         result = extract(decompressed(blob, layer.media_type), str(target), mount, warn)
     return {"status": "unpacked", "target": str(target), "diff_id": diff_id,
             "entries": result.entries, "skipped": result.skipped}
