@@ -45,7 +45,7 @@ QUEUE_DEPTH = 8
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 256 << 10
 # Memory held by headers planned ahead while the compressor is busy (a hard-link farm is
-# all headers). Runs of headers are held zlib-compressed, ~25x smaller, so this covers tens
+# all headers). Runs of headers are held zlib-compressed, 25x smaller or more, so this covers tens
 # of thousands of entries; each file planned ahead costs its path besides.
 LOOKAHEAD_BYTES = 4 << 20
 RUN_BYTES = 64 << 10  # a run of planned headers is compressed once it is this long
@@ -472,8 +472,9 @@ class _Packer:
 class _FirstNames:
     """The first tar name of every multiply-linked inode: what later links point to.
 
-    This is the one part of the packer's memory that grows with the tree, so it is kept
-    compact: an int key and an int value per inode, the names packed in one bytearray.
+    It grows with the number of hard-linked files (the other part of the packer's memory
+    that grows is the name lists of the directories being walked), so it is kept compact:
+    an int key and an int value per inode, the names packed in one bytearray.
     A dict of (dev, ino) tuples to bytes took about 300 bytes an inode; this takes about
     110 plus the name (34,000 hard-linked inodes: 10 MiB before, 5 MiB now).
     """
