@@ -9,10 +9,21 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
 EPOCH = 1_700_000_000
+
+
+def unique_repo(area: str, prefix: str) -> str:
+    """A repository name no other test (or earlier run on the session registry) uses."""
+    return f"{area}/{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def sha256(data: bytes) -> str:
+    """Computed here, not with the code under test, so a bug there cannot hide."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def make_nasty_tree(root: Path, *, files: int = 20) -> Path:

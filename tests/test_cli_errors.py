@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import dir_bytes
+from helpers import dir_bytes, unique_repo
 
 from cvmfs_inject.sample import build_sample_image
 from cvmfs_inject.store import Layout
@@ -65,7 +65,7 @@ def free_port() -> int:
 
 
 def repo(prefix: str) -> str:
-    return f"errors/{prefix}-{uuid.uuid4().hex[:10]}"
+    return unique_repo("errors", prefix)
 
 
 def blob_path(layout: Path, digest: str) -> Path:

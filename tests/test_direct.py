@@ -10,7 +10,6 @@ back into a layout that must validate and unpack to the injected tree.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -23,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from helpers import assert_same_tree, make_nasty_tree
+from helpers import assert_same_tree, make_nasty_tree, sha256, unique_repo
 from registry import Registry, start_registry
 
 from cvmfs_inject.layer import PackOptions, pack
@@ -50,12 +49,7 @@ SUBPROCESS_TIMEOUT = 60.0
 
 
 def unique(prefix: str) -> str:
-    """A repository name no other test (or earlier run on the session registry) uses."""
-    return f"direct/{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return unique_repo("direct", prefix)
 
 
 def ok(result: Any) -> Any:

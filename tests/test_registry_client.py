@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import sha256, unique_repo
 from registry import Registry
 
 from cvmfs_inject.credentials import Credentials, load_credentials, read_credentials_stdin
@@ -45,12 +46,7 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 def new_repo(prefix: str) -> str:
-    """A repository name no other test uses."""
-    return f"rc/{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return unique_repo("rc", prefix)
 
 
 def blob_file(tmp_path: Path, data: bytes) -> tuple[Path, str]:

@@ -7,16 +7,14 @@ repository names on the session registries, so tests do not depend on each other
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import dir_bytes
+from helpers import dir_bytes, sha256, unique_repo
 
 from cvmfs_inject.sample import build_sample_image
 
@@ -31,12 +29,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 
 
 def repo(prefix: str) -> str:
-    """A repository name no other test uses."""
-    return f"e2e/{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return unique_repo("e2e", prefix)
 
 
 def skopeo_raw(ref: str, *flags: str, config: bool = False) -> bytes:
