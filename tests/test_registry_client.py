@@ -120,6 +120,15 @@ def image_blobs(tmp_path: Path, config_type: str) -> tuple[tuple[Path, str, int]
     return tuple(out)
 
 
+def push_image(client: RegistryClient, repo: str, tmp_path: Path, media_type: str,
+               config_type: str, layer_type: str, note: str) -> bytes:
+    """Push a fresh layer and config to repo; the manifest bytes for them (not pushed)."""
+    layer, config = image_blobs(tmp_path, config_type)
+    for path, digest, size in (layer, config):
+        client.push_blob(repo, path, digest, size)
+    return make_manifest(media_type, config[1:], config_type, layer[1:], layer_type, note)
+
+
 def make_manifest(media_type: str, config: tuple[str, int], config_type: str,
                   layer: tuple[str, int], layer_type: str, note: str) -> bytes:
     """Manifest bytes deliberately not in canonical form: they must come back byte-exact."""
@@ -312,10 +321,7 @@ def test_manifest_round_trip_keeps_bytes_and_type(
         layer_type: str) -> None:
     repo = new_repo("manifest")
     client = plain(registry)
-    layer, config = image_blobs(tmp_path, config_type)
-    for path, digest, size in (layer, config):
-        client.push_blob(repo, path, digest, size)
-    raw = make_manifest(media_type, config[1:], config_type, layer[1:], layer_type, "aaaa")
+    raw = push_image(client, repo, tmp_path, media_type, config_type, layer_type, "aaaa")
 
     digest = client.put_manifest(repo, "v1", raw, media_type)
 
@@ -339,10 +345,7 @@ def test_manifest_round_trip_keeps_bytes_and_type(
 def test_corrupted_manifest_in_registry_is_detected(registry: Registry, tmp_path: Path) -> None:
     repo = new_repo("badmanifest")
     client = plain(registry)
-    layer, config = image_blobs(tmp_path, OCI_CONFIG)
-    for path, digest, size in (layer, config):
-        client.push_blob(repo, path, digest, size)
-    raw = make_manifest(OCI_MANIFEST, config[1:], OCI_CONFIG, layer[1:], OCI_LAYER, "aaaa")
+    raw = push_image(client, repo, tmp_path, OCI_MANIFEST, OCI_CONFIG, OCI_LAYER, "aaaa")
     digest = client.put_manifest(repo, "v1", raw, OCI_MANIFEST)
 
     corrupt_in_storage(registry, digest, b'"aaaa"', b'"bbbb"')
@@ -398,11 +401,7 @@ def test_secure_registry_with_authfile_credentials(
 
     assert client.get_blob(repo, big_digest) == big_data
     assert client.mount_blob(new_repo("secure-mount"), big_digest, repo)
-    layer, config = image_blobs(tmp_path, DOCKER_CONFIG)
-    for path, digest, size in (layer, config):
-        client.push_blob(repo, path, digest, size)
-    raw = make_manifest(DOCKER_MANIFEST, config[1:], DOCKER_CONFIG, layer[1:], DOCKER_LAYER,
-                        "x")
+    raw = push_image(client, repo, tmp_path, DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER, "x")
     digest = client.put_manifest(repo, "1", raw, DOCKER_MANIFEST)
     assert client.get_manifest(repo, "1") == (raw, DOCKER_MANIFEST, digest)
     assert len(methods(repo_requests(secure_registry, repo), "PATCH")) == 5
