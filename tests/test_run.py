@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from helpers import assert_same_tree, make_nasty_tree
 
-from cvmfs_inject.model import MediaType
+from cvmfs_inject.oci.model import MediaType
 from cvmfs_inject.sample import build_sample_image
 
 NO_TLS = "--no-tls-verify"

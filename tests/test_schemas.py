@@ -1,4 +1,4 @@
-"""Tests for cvmfs_inject.schemas: our schemas, the extra rules, and agreement with upstream OCI."""
+"""Tests for cvmfs_inject.oci.schema: our schemas, the extra rules, agreement with upstream OCI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from cvmfs_inject import schemas
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.schemas import (
+from cvmfs_inject.oci import schema as schemas
+from cvmfs_inject.oci.schema import (
     KINDS,
     Problem,
     check_descriptor,

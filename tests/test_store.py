@@ -17,7 +17,7 @@ from cvmfs_inject.errors import (
     LockedError,
     NotFoundError,
 )
-from cvmfs_inject.model import (
+from cvmfs_inject.oci.model import (
     REF_NAME,
     Descriptor,
     MediaType,

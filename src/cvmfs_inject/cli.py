@@ -253,7 +253,7 @@ def _cmd_push(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
-    from cvmfs_inject.schemas import check_document
+    from cvmfs_inject.oci.schema import check_document
     from cvmfs_inject.validate import validate_layout
 
     target = args.target

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cvmfs_inject.errors import NotFoundError, UsageError
-from cvmfs_inject.model import (
+from cvmfs_inject.oci.model import (
     Descriptor,
     ImageConfig,
     Index,

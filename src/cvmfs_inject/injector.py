@@ -31,7 +31,7 @@ from cvmfs_inject.inject import (
     with_config,
 )
 from cvmfs_inject.layer import PackOptions, Progress, pack
-from cvmfs_inject.model import Descriptor, canonical_json
+from cvmfs_inject.oci.model import Descriptor, canonical_json
 from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.store import Layout

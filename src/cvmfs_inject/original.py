@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError
-from cvmfs_inject.model import (
+from cvmfs_inject.oci.model import (
     KEPT_ORIGINALS,
     SOURCE_CONFIG,
     SOURCE_MANIFEST,

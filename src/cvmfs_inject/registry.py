@@ -79,7 +79,7 @@ from cvmfs_inject.errors import (
     ToolError,
     UsageError,
 )
-from cvmfs_inject.model import MediaType, check_digest, sha256_digest
+from cvmfs_inject.oci.model import MediaType, check_digest, sha256_digest
 
 __all__ = ["MANIFEST_ACCEPT", "RegistryClient"]
 

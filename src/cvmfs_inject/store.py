@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_inject.errors import InputError, IntegrityError, LockedError, NotFoundError
-from cvmfs_inject.model import (
+from cvmfs_inject.oci.model import (
     KEPT_ORIGINALS,
     OCI_LAYOUT_VERSION,
     REF_NAME,

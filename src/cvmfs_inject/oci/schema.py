@@ -27,7 +27,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.model import MediaType
+from cvmfs_inject.oci.model import MediaType
 
 KINDS = ("layout", "index", "manifest", "config", "descriptor")
 
@@ -263,7 +263,7 @@ def _schema_dir() -> Traversable:
     packaged = resources.files("cvmfs_inject") / "_schemas"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2] / "schemas"
+    return Path(__file__).resolve().parents[3] / "schemas"
 
 
 def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
