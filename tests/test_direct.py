@@ -26,8 +26,8 @@ from helpers import assert_same_tree, make_nasty_tree, sha256, unique_repo
 from registry import Registry, start_registry
 
 from cvmfs_inject.layer import PackOptions, pack
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.sample import build_sample_image
-from cvmfs_inject.store import Layout
 
 pytestmark = pytest.mark.registry
 

@@ -17,6 +17,7 @@ from cvmfs_inject.errors import (
     LockedError,
     NotFoundError,
 )
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import (
     REF_NAME,
     Descriptor,
@@ -24,7 +25,6 @@ from cvmfs_inject.oci.model import (
     canonical_json,
     sha256_digest,
 )
-from cvmfs_inject.store import Layout
 
 
 @pytest.fixture

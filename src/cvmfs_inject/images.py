@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cvmfs_inject.errors import NotFoundError, UsageError
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import (
     Descriptor,
     ImageConfig,
@@ -20,7 +21,6 @@ from cvmfs_inject.oci.model import (
     platform_matches,
     platform_string,
 )
-from cvmfs_inject.store import Layout
 
 
 class ImageSource(Protocol):

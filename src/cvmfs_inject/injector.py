@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cvmfs_inject import __version__, original
+from cvmfs_inject import __version__
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.extract import CHUNK, decompressed, extract
 from cvmfs_inject.images import Image, ImageSource, LayoutSource, load_images
@@ -31,10 +31,11 @@ from cvmfs_inject.inject import (
     with_config,
 )
 from cvmfs_inject.layer import PackOptions, Progress, pack
+from cvmfs_inject.layout import original
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import Descriptor, canonical_json
 from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.store import Layout
 from cvmfs_inject.transport import Skopeo
 
 Warn = Callable[[str], None]

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_inject import original
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.images import ImageSource, LayoutSource, load_images
 from cvmfs_inject.inject import injected_position
+from cvmfs_inject.layout import original
+from cvmfs_inject.layout.store import GcResult, Layout
 from cvmfs_inject.oci.model import Descriptor, MediaType, canonical_json, parse_json
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.store import GcResult, Layout
 from cvmfs_inject.transport import Skopeo
 
 SOURCE_FORMAT = "io.cvmfs-inject.source-format"

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from cvmfs_inject.layer import PackOptions, pack
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import REF_NAME, Descriptor, MediaType, canonical_json
-from cvmfs_inject.store import Layout
 
 SAMPLE_EPOCH = 1_700_000_000
 
