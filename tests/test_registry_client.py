@@ -24,7 +24,6 @@ import pytest
 from helpers import sha256, unique_repo
 from registry import Registry
 
-from cvmfs_inject.credentials import Credentials, load_credentials, read_credentials_stdin
 from cvmfs_inject.errors import (
     InputError,
     IntegrityError,
@@ -32,7 +31,8 @@ from cvmfs_inject.errors import (
     ToolError,
     UsageError,
 )
-from cvmfs_inject.registry import RegistryClient
+from cvmfs_inject.registry.client import RegistryClient
+from cvmfs_inject.registry.credentials import Credentials, load_credentials, read_credentials_stdin
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -582,7 +582,7 @@ def test_registry_dying_mid_upload_fails_quickly(registry: Registry, tmp_path: P
 _MEMORY_PROBE = """
 import json, resource, sys
 from pathlib import Path
-from cvmfs_inject.registry import RegistryClient
+from cvmfs_inject.registry.client import RegistryClient
 
 host, repo, path, digest, size = sys.argv[1:6]
 client = RegistryClient(host, tls_verify=False)

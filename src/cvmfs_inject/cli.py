@@ -30,11 +30,11 @@ from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unp
 from cvmfs_inject.layer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
 from cvmfs_inject.refs import ImageRef, parse_layout_ref, parse_ref
-from cvmfs_inject.transport import RegistryOptions, Skopeo, credentials_authfile
+from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo, credentials_authfile
 
 if TYPE_CHECKING:
-    from cvmfs_inject.credentials import Credentials
     from cvmfs_inject.direct import Access
+    from cvmfs_inject.registry.credentials import Credentials
 
 # Registry-direct (oras, requests) and validation (jsonschema) are imported where they are
 # used: a local inject should not pay their start-up time.
@@ -216,7 +216,7 @@ def _stdin_credentials(args: argparse.Namespace) -> Credentials | None:
     if not args.creds_stdin:
         return None
     if getattr(args, "stdin_credentials", None) is None:
-        from cvmfs_inject.credentials import read_credentials_stdin
+        from cvmfs_inject.registry.credentials import read_credentials_stdin
 
         args.stdin_credentials = read_credentials_stdin()
     credentials: Credentials = args.stdin_credentials

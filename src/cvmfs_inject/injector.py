@@ -36,7 +36,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import Descriptor, canonical_json
 from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.transport import Skopeo
+from cvmfs_inject.skopeo.command import Skopeo
 
 Warn = Callable[[str], None]
 

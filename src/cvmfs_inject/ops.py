@@ -23,7 +23,7 @@ from cvmfs_inject.layout import original
 from cvmfs_inject.layout.store import GcResult, Layout
 from cvmfs_inject.oci.model import Descriptor, MediaType, canonical_json, parse_json
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.transport import Skopeo
+from cvmfs_inject.skopeo.command import Skopeo
 
 SOURCE_FORMAT = "io.cvmfs-inject.source-format"
 FORMATS = ("oci", "v2s2", "keep")

@@ -29,7 +29,7 @@ from cvmfs_inject.oci.model import (
     sha256_digest,
 )
 from cvmfs_inject.refs import ImageRef
-from cvmfs_inject.transport import Skopeo
+from cvmfs_inject.skopeo.command import Skopeo
 
 SOURCE_OF = "io.cvmfs-inject.source-of"
 

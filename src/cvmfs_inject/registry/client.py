@@ -70,7 +70,6 @@ import requests
 import requests.utils
 import urllib3.exceptions
 
-from cvmfs_inject.credentials import DOCKER_HUB, DOCKER_HUB_API, Credentials, canonical_host
 from cvmfs_inject.errors import (
     CvmfsInjectError,
     InputError,
@@ -80,6 +79,12 @@ from cvmfs_inject.errors import (
     UsageError,
 )
 from cvmfs_inject.oci.model import MediaType, check_digest, sha256_digest
+from cvmfs_inject.registry.credentials import (
+    DOCKER_HUB,
+    DOCKER_HUB_API,
+    Credentials,
+    canonical_host,
+)
 
 __all__ = ["MANIFEST_ACCEPT", "RegistryClient"]
 

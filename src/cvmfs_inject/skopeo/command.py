@@ -30,7 +30,7 @@ from cvmfs_inject.errors import (
 from cvmfs_inject.refs import ImageRef
 
 if TYPE_CHECKING:
-    from cvmfs_inject.credentials import Credentials
+    from cvmfs_inject.registry.credentials import Credentials
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
 

@@ -1,0 +1,1 @@
+"""The registry-direct client: the OCI distribution API over HTTP, and credentials."""

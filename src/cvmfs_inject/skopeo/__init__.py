@@ -1,0 +1,1 @@
+"""skopeo behind one wrapper: the only place that spawns it."""
