@@ -11,9 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from cvmfs_inject.layer import PackOptions, pack
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import REF_NAME, Descriptor, MediaType, canonical_json
+from cvmfs_inject.pack.packer import PackOptions, pack
 
 SAMPLE_EPOCH = 1_700_000_000
 

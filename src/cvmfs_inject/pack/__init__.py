@@ -1,0 +1,1 @@
+"""The packer (directory -> reproducible tar -> diff_id -> compressed blob) and extraction."""
