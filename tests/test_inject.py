@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 from helpers import assert_same_tree, dir_bytes, make_nasty_tree, tree_snapshot
 
+from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import REF_NAME, MediaType, canonical_json, sha256_digest
-from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.sample import build_sample_image
 from cvmfs_inject.validate import validate_layout
 

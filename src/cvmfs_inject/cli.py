@@ -26,10 +26,10 @@ from cvmfs_inject.errors import (
     UsageError,
     ValidationFailed,
 )
+from cvmfs_inject.image.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.pack.packer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
-from cvmfs_inject.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo, credentials_authfile
 
 if TYPE_CHECKING:

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
-from cvmfs_inject.images import load_images
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.source import load_images
 from cvmfs_inject.injector import InjectReport, Progress, Warn, apply, extract_injected
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import Descriptor, ImageConfig, Index, Manifest, MediaType
 from cvmfs_inject.oci.schema import check_document
 from cvmfs_inject.pack.packer import PackOptions
-from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.registry.client import RegistryClient
 from cvmfs_inject.registry.credentials import Credentials, load_credentials
 from cvmfs_inject.skopeo.command import RegistryOptions

@@ -20,8 +20,7 @@ from typing import IO, Any
 
 from cvmfs_inject import __version__
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
-from cvmfs_inject.images import Image, ImageSource, LayoutSource, load_images
-from cvmfs_inject.inject import (
+from cvmfs_inject.image.edit import (
     LABEL_MOUNT,
     NewLayer,
     edit_image,
@@ -29,13 +28,14 @@ from cvmfs_inject.inject import (
     layer_media_type,
     with_config,
 )
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.source import Image, ImageSource, LayoutSource, load_images
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import Descriptor, canonical_json
 from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.pack.extract import CHUNK, decompressed, extract
 from cvmfs_inject.pack.packer import PackOptions, Progress, pack
-from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.skopeo.command import Skopeo
 
 Warn = Callable[[str], None]

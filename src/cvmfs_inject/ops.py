@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_inject.errors import InputError, UsageError
-from cvmfs_inject.images import ImageSource, LayoutSource, load_images
-from cvmfs_inject.inject import injected_position
+from cvmfs_inject.image.edit import injected_position
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.source import ImageSource, LayoutSource, load_images
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.store import GcResult, Layout
 from cvmfs_inject.oci.model import Descriptor, MediaType, canonical_json, parse_json
-from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.skopeo.command import Skopeo
 
 SOURCE_FORMAT = "io.cvmfs-inject.source-format"

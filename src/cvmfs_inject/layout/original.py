@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError
+from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import (
     KEPT_ORIGINALS,
@@ -28,7 +29,6 @@ from cvmfs_inject.oci.model import (
     MediaType,
     sha256_digest,
 )
-from cvmfs_inject.refs import ImageRef
 from cvmfs_inject.skopeo.command import Skopeo
 
 SOURCE_OF = "io.cvmfs-inject.source-of"

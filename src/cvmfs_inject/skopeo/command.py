@@ -27,7 +27,7 @@ from cvmfs_inject.errors import (
     ToolError,
     UsageError,
 )
-from cvmfs_inject.refs import ImageRef
+from cvmfs_inject.image.refs import ImageRef
 
 if TYPE_CHECKING:
     from cvmfs_inject.registry.credentials import Credentials
