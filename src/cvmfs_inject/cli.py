@@ -18,7 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cvmfs_inject import __version__, ops
+from cvmfs_inject import __version__
+from cvmfs_inject.commands import ops
+from cvmfs_inject.commands.inject import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.errors import (
     CvmfsInjectError,
     InputError,
@@ -27,13 +29,12 @@ from cvmfs_inject.errors import (
     ValidationFailed,
 )
 from cvmfs_inject.image.refs import ImageRef, parse_layout_ref, parse_ref
-from cvmfs_inject.injector import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.pack.packer import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.progress import Reporter
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo, credentials_authfile
 
 if TYPE_CHECKING:
-    from cvmfs_inject.direct import Access
+    from cvmfs_inject.commands.direct import Access
     from cvmfs_inject.registry.credentials import Credentials
 
 # Registry-direct (oras, requests) and validation (jsonschema) are imported where they are
@@ -190,7 +191,7 @@ def _skopeo(args: argparse.Namespace) -> Skopeo:
 
 
 def _access(args: argparse.Namespace) -> Access:
-    from cvmfs_inject.direct import Access
+    from cvmfs_inject.commands.direct import Access
 
     return Access(_registry_options(args), _stdin_credentials(args), args.ca_file)
 
@@ -253,8 +254,8 @@ def _cmd_push(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
+    from cvmfs_inject.commands.validate import validate_layout
     from cvmfs_inject.oci.schema import check_document
-    from cvmfs_inject.validate import validate_layout
 
     target = args.target
     if target == "-" and args.creds_stdin:
@@ -288,7 +289,7 @@ def _cmd_validate(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Reporter) -> Any:
-    from cvmfs_inject.direct import RemoteSource
+    from cvmfs_inject.commands.direct import RemoteSource
 
     ref = parse_ref(args.ref)
     remote = RemoteSource(_access(args).client(ref), ref) if ref.is_registry else None
@@ -347,7 +348,7 @@ def _inject_any(args: argparse.Namespace, tree: Path | None, init_only: bool,
     ref = parse_ref(args.ref)
     dest = parse_ref(args.dest) if args.dest else None
     if ref.is_registry:
-        from cvmfs_inject.direct import destination, inject_remote
+        from cvmfs_inject.commands.direct import destination, inject_remote
 
         if not getattr(args, "via_layout", False):
             return inject_remote(ref, tree, _pack(args), _access(args), dest=dest,
@@ -394,7 +395,7 @@ def _cmd_inject(args: argparse.Namespace, out: Reporter) -> Any:
 
 
 def _cmd_unpack(args: argparse.Namespace, out: Reporter) -> Any:
-    from cvmfs_inject.direct import unpack_remote
+    from cvmfs_inject.commands.direct import unpack_remote
 
     ref = parse_ref(args.ref)
     if ref.is_registry and not args.via_layout:
@@ -416,7 +417,7 @@ def _cmd_run(args: argparse.Namespace, out: Reporter) -> Any:
     direct = src.is_registry and dest.is_registry and not args.via_layout and not args.layout
     with out.packing(args.dir) as progress:
         if direct:
-            from cvmfs_inject.direct import inject_remote
+            from cvmfs_inject.commands.direct import inject_remote
 
             if args.format != "keep":
                 raise UsageError("--format converts through a layout: add --via-layout")

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cvmfs_inject.commands.inject import InjectReport, Progress, Warn, apply, extract_injected
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import load_images
-from cvmfs_inject.injector import InjectReport, Progress, Warn, apply, extract_injected
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import Descriptor, ImageConfig, Index, Manifest, MediaType
 from cvmfs_inject.oci.schema import check_document

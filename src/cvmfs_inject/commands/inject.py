@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cvmfs_inject import __version__
+from cvmfs_inject.commands.ops import default_tag, pull, push, source_format
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.edit import (
     LABEL_MOUNT,
@@ -33,7 +34,6 @@ from cvmfs_inject.image.source import Image, ImageSource, LayoutSource, load_ima
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import Descriptor, canonical_json
-from cvmfs_inject.ops import default_tag, pull, push, source_format
 from cvmfs_inject.pack.extract import CHUNK, decompressed, extract
 from cvmfs_inject.pack.packer import PackOptions, Progress, pack
 from cvmfs_inject.skopeo.command import Skopeo
@@ -267,7 +267,7 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, skopeo: Skopeo, option
     if dest.transport == "oci":
         raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
                          "and `inject` to edit a layout")
-    from cvmfs_inject.validate import validate_layout  # jsonschema only when it is needed
+    from cvmfs_inject.commands.validate import validate_layout  # jsonschema only when it is needed
 
     if tree is not None:
         check_tree_dir(tree)

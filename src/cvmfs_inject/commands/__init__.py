@@ -1,0 +1,1 @@
+"""One module per user-visible operation; each is one function over the image model."""
