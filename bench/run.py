@@ -73,7 +73,7 @@ def make_base_layout() -> Path:
     base = CACHE / "base-layout"
     if not (base / "index.json").exists():
         subprocess.run([sys.executable, "-c",
-                        "from cvmfs_inject.sample import build_sample_image as b;"
+                        "from cvmfs_inject.demo.sample import build_sample_image as b;"
                         f"b({str(base)!r}, 'v1')"], check=True)
     return base
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from helpers import dir_bytes, unique_repo
 
+from cvmfs_inject.demo.sample import build_sample_image
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.sample import build_sample_image
 
 USAGE, INPUT, NOT_FOUND, INTEGRITY, TOOL, LOCKED, MISSING, INVALID = 2, 3, 4, 5, 6, 7, 8, 1
 PREFIX = "cvmfs-inject: error: "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_inject.sample import build_sample_image, build_sample_tree
+from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
 
 
 def test_inject_json_is_one_document_on_stdout(cli, tmp_path: Path) -> None:

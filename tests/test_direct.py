@@ -25,9 +25,9 @@ import pytest
 from helpers import assert_same_tree, make_nasty_tree, sha256, unique_repo
 from registry import Registry, start_registry
 
+from cvmfs_inject.demo.sample import build_sample_image
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.packer import PackOptions, pack
-from cvmfs_inject.sample import build_sample_image
 
 pytestmark = pytest.mark.registry
 

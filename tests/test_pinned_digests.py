@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from cvmfs_inject import __version__
+from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
 from cvmfs_inject.oci.model import REF_NAME, canonical_json
-from cvmfs_inject.sample import build_sample_image, build_sample_tree
 
 SAMPLE_TREE_DIFF_ID = "sha256:39f52a879d71533a56a954335a150935164e6c90fc1bbd6238854807ceebf849"
 INJECTED_CONFIGS = {

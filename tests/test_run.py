@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from helpers import assert_same_tree, make_nasty_tree
 
+from cvmfs_inject.demo.sample import build_sample_image
 from cvmfs_inject.oci.model import MediaType
-from cvmfs_inject.sample import build_sample_image
 
 NO_TLS = "--no-tls-verify"
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from helpers import dir_bytes, sha256, unique_repo
 
-from cvmfs_inject.sample import build_sample_image
+from cvmfs_inject.demo.sample import build_sample_image
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_tree, make_nasty_tree
 
-from cvmfs_inject.sample import build_sample_image
+from cvmfs_inject.demo.sample import build_sample_image
 
 
 def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:

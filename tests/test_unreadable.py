@@ -15,7 +15,7 @@ from pathlib import Path
 from helpers import dir_bytes
 
 from cvmfs_inject.cli import main
-from cvmfs_inject.sample import build_sample_image, build_sample_tree
+from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
 
 NOBODY = 65534
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject import __version__
+from cvmfs_inject.cli.render import Reporter
 from cvmfs_inject.commands import ops
 from cvmfs_inject.commands.inject import InjectReport, check_tree_dir, inject, run, unpack
 from cvmfs_inject.errors import (
@@ -30,7 +31,6 @@ from cvmfs_inject.errors import (
 )
 from cvmfs_inject.image.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.pack.packer import COMPRESSIONS, PackOptions, source_date_epoch
-from cvmfs_inject.progress import Reporter
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo, credentials_authfile
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cvmfs_inject.cli import main as cli_main
-from cvmfs_inject.sample import build_sample_image, build_sample_tree
+from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
 
 SHARED_TREE_TOOL = Path(__file__).resolve().parents[3] / "shared/tools/make_shrinkwrap_tree.py"
 
