@@ -16,7 +16,7 @@ import zstandard
 from helpers import EPOCH, dir_bytes, make_nasty_tree, tree_snapshot
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.oci.model import MediaType
+from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.pack.extract import ExtractResult, decompressed, extract
 from cvmfs_inject.pack.packer import PackOptions, pack
 

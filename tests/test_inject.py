@@ -30,7 +30,10 @@ from cvmfs_inject.commands.validate import validate_layout
 from cvmfs_inject.demo.sample import build_sample_image
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.oci.model import REF_NAME, MediaType, canonical_json, sha256_digest
+from cvmfs_inject.oci.digest import sha256_digest
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import REF_NAME
 
 SHRINKWRAP_TOOL = Path(__file__).resolve().parents[2] / "shared/tools/make_shrinkwrap_tree.py"
 LABEL_TAR = "cvmfs_injection_tar"

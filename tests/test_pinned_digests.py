@@ -21,7 +21,8 @@ import pytest
 
 from cvmfs_inject import __version__
 from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
-from cvmfs_inject.oci.model import REF_NAME, canonical_json
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.model import REF_NAME
 
 SAMPLE_TREE_DIFF_ID = "sha256:39f52a879d71533a56a954335a150935164e6c90fc1bbd6238854807ceebf849"
 INJECTED_CONFIGS = {

@@ -110,6 +110,10 @@ REJECTED = [
     pytest.param("docker-archive:f.tar:", "empty tag", id="docker-archive-empty-ref"),
     pytest.param("oci:dir:bad tag", "tag", id="oci-tag-space"),
     pytest.param("oci:dir:-lead", "tag", id="oci-tag-leading-dash"),
+    pytest.param("docker://ubuntu:v1\n", "tag", id="tag-trailing-newline"),
+    pytest.param("oci:dir:v1\n", "tag", id="oci-tag-trailing-newline"),
+    pytest.param("docker://ubuntu@sha256:" + "a" * 64 + "\n", "digest",
+                 id="digest-trailing-newline"),
 ]
 
 

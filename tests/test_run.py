@@ -18,7 +18,7 @@ import pytest
 from helpers import assert_same_tree, make_nasty_tree
 
 from cvmfs_inject.demo.sample import build_sample_image
-from cvmfs_inject.oci.model import MediaType
+from cvmfs_inject.oci.media import MediaType
 
 NO_TLS = "--no-tls-verify"
 

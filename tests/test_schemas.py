@@ -13,11 +13,11 @@ from jsonschema import Draft202012Validator
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci import schema as schemas
+from cvmfs_inject.oci.digest import digest_problem
 from cvmfs_inject.oci.schema import (
     KINDS,
     Problem,
     check_descriptor,
-    check_digest,
     check_document,
     detect_kind,
 )
@@ -351,8 +351,8 @@ def test_schema_problems_are_sorted_by_path() -> None:
     (42, "must be a string"),
 ], ids=["sha256", "sha512", "upper", "short256", "short512", "blake3", "sha384", "upper-alg",
         "empty-encoded", "leading-space", "not-a-string"])
-def test_check_digest(digest: Any, expected: str | None) -> None:
-    result = check_digest(digest)
+def test_digest_problem(digest: Any, expected: str | None) -> None:
+    result = digest_problem(digest)
     if expected is None:
         assert result is None
     else:

@@ -18,13 +18,10 @@ from cvmfs_inject.errors import (
     NotFoundError,
 )
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.oci.model import (
-    REF_NAME,
-    Descriptor,
-    MediaType,
-    canonical_json,
-    sha256_digest,
-)
+from cvmfs_inject.oci.digest import sha256_digest
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import REF_NAME, Descriptor
 
 
 @pytest.fixture

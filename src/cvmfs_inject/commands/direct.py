@@ -23,7 +23,8 @@ from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import load_images
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.oci.model import Descriptor, ImageConfig, Index, Manifest, MediaType
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor, ImageConfig, Index, Manifest
 from cvmfs_inject.oci.schema import check_document
 from cvmfs_inject.pack.packer import PackOptions
 from cvmfs_inject.registry.client import RegistryClient

@@ -33,7 +33,8 @@ from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import Image, ImageSource, LayoutSource, load_images
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.oci.model import Descriptor, canonical_json
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.pack.extract import CHUNK, decompressed, extract
 from cvmfs_inject.pack.packer import PackOptions, Progress, pack
 from cvmfs_inject.skopeo.command import Skopeo

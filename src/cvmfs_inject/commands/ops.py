@@ -22,7 +22,9 @@ from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource, LayoutSource, load_images
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.store import GcResult, Layout
-from cvmfs_inject.oci.model import Descriptor, MediaType, canonical_json, parse_json
+from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.skopeo.command import Skopeo
 
 SOURCE_FORMAT = "io.cvmfs-inject.source-format"

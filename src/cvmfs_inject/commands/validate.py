@@ -12,7 +12,8 @@ from pathlib import Path
 from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.store import CHUNK, Layout
-from cvmfs_inject.oci.model import Descriptor, MediaType
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
 
 _CONFIG_FOR = {MediaType.DOCKER_MANIFEST: MediaType.DOCKER_CONFIG,

@@ -17,7 +17,8 @@ from typing import Any
 
 from cvmfs_inject import __version__
 from cvmfs_inject.errors import InputError, NotFoundError, UsageError
-from cvmfs_inject.oci.model import Descriptor, ImageConfig, Manifest, MediaType
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor, ImageConfig, Manifest
 
 LABEL_TAR = "cvmfs_injection_tar"
 LABEL_GZ = "cvmfs_injection_gz"

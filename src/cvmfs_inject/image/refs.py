@@ -7,10 +7,11 @@ local transports ends at the first colon, so a directory name cannot contain one
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from cvmfs_inject.errors import UsageError
+from cvmfs_inject.oci import names
+from cvmfs_inject.oci.digest import VALID as VALID_DIGEST
 
 TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive")
 
@@ -18,15 +19,6 @@ FORMS = (
     "docker://HOST/REPO[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], "
     "docker-archive:FILE[:REF] or a layout directory DIR[:TAG]"
 )
-
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_HOST = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?$")
-_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-# org.opencontainers.image.ref.name grammar from the image-layout spec.
-_OCI_REF_NAME = re.compile(r"^[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
-                           r"(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*$")
 
 DEFAULT_REGISTRY = "docker.io"
 
@@ -84,22 +76,22 @@ def _parse_docker(text: str, rest: str) -> ImageRef:
     digest = None
     if "@" in name:
         name, digest = name.split("@", 1)
-        if not _DIGEST.match(digest):
+        if not VALID_DIGEST.match(digest):
             raise _bad(text, f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
     tag = None
     last = name.rsplit("/", 1)[-1]
     if ":" in last:
         name, tag = name.rsplit(":", 1)
-        if not _TAG.match(tag):
+        if not names.TAG.match(tag):
             raise _bad(text, f"tag {tag!r} is not a valid tag")
     if not name:
         raise _bad(text, "missing repository")
     first, _, remainder = name.partition("/")
     is_host = remainder and ("." in first or ":" in first or first == "localhost")
-    if is_host and not _HOST.match(first):
+    if is_host and not names.HOST.match(first):
         raise _bad(text, f"registry host {first!r} is not valid")
     repository = remainder if is_host else name
-    if not _REPOSITORY.match(repository):
+    if not names.REPOSITORY.match(repository):
         raise _bad(text, f"repository {repository!r} must be lowercase path components")
     if tag is None and digest is None:
         tag = "latest"
@@ -117,7 +109,7 @@ def _parse_local(text: str, transport: str, rest: str) -> ImageRef:
     if transport == "docker-archive":
         _check_archive_reference(text, tag)
         return ImageRef(transport, path, tag)
-    if not _OCI_REF_NAME.match(tag):
+    if not names.REF_NAME.match(tag):
         raise _bad(text, f"tag {tag!r} is not a valid OCI reference name")
     return ImageRef(transport, path, tag)
 
@@ -131,12 +123,12 @@ def _check_archive_reference(text: str, reference: str) -> None:
     name, tag = reference, None
     if ":" in reference.rsplit("/", 1)[-1]:
         name, tag = reference.rsplit(":", 1)
-    if tag is not None and not _TAG.match(tag):
+    if tag is not None and not names.TAG.match(tag):
         raise _bad(text, f"tag {tag!r} is not a valid tag")
     first, _, remainder = name.partition("/")
     is_host = remainder and ("." in first or ":" in first or first == "localhost")
     repository = remainder if is_host else name
-    if (is_host and not _HOST.match(first)) or not _REPOSITORY.match(repository):
+    if (is_host and not names.HOST.match(first)) or not names.REPOSITORY.match(repository):
         raise _bad(text, f"archive reference {name!r} must be lowercase path components, "
                          "like hep/el9:2024")
 

@@ -12,12 +12,12 @@ from typing import Protocol
 
 from cvmfs_inject.errors import NotFoundError, UsageError
 from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import (
     Descriptor,
     ImageConfig,
     Index,
     Manifest,
-    MediaType,
     platform_matches,
     platform_string,
 )

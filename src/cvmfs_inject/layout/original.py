@@ -20,17 +20,15 @@ from pathlib import Path
 from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.oci.model import (
-    KEPT_ORIGINALS,
-    SOURCE_CONFIG,
-    SOURCE_MANIFEST,
-    Descriptor,
-    Manifest,
-    MediaType,
-    sha256_digest,
-)
+from cvmfs_inject.oci.digest import sha256_digest
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor, Manifest
 from cvmfs_inject.skopeo.command import Skopeo
 
+# index.json annotations naming the original blobs kept beside an image; gc keeps them
+SOURCE_MANIFEST = "io.cvmfs-inject.source-manifest"
+SOURCE_CONFIG = "io.cvmfs-inject.source-config"
+KEPT_ORIGINALS = (SOURCE_MANIFEST, SOURCE_CONFIG)
 SOURCE_OF = "io.cvmfs-inject.source-of"
 
 

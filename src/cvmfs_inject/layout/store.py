@@ -22,20 +22,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_inject.errors import InputError, IntegrityError, LockedError, NotFoundError
-from cvmfs_inject.oci.model import (
-    KEPT_ORIGINALS,
-    OCI_LAYOUT_VERSION,
-    REF_NAME,
-    Descriptor,
-    ImageConfig,
-    Index,
-    Manifest,
-    MediaType,
-    canonical_json,
-    check_digest,
-    parse_json,
-)
+from cvmfs_inject.oci.digest import check_digest
+from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import REF_NAME, Descriptor, ImageConfig, Index, Manifest
 
+OCI_LAYOUT_VERSION = "1.0.0"
 TMP_NAME = ".cvmfs-inject-tmp"
 CHUNK = 1 << 20
 _EMPTY_INDEX = canonical_json({"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
@@ -415,6 +407,8 @@ class Layout:
     def reachable(self, roots: list[Descriptor] | None = None) -> dict[str, int]:
         """Digest → size of every blob reachable from `roots` (default: all of index.json)
         through indexes, manifests, configs and layers; documents are read verified."""
+        from cvmfs_inject.layout.original import KEPT_ORIGINALS
+
         seen: dict[str, int] = {}
         stack = list(self.read_index().manifests if roots is None else roots)
         for desc in stack:  # original bytes kept beside an image (module `original`)

@@ -9,82 +9,15 @@ edited document is re-serialised, with `canonical_json`.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.oci.digest import check_digest, sha256_digest
+from cvmfs_inject.oci.jsondoc import parse_json
+from cvmfs_inject.oci.media import MediaType
 
-OCI_LAYOUT_VERSION = "1.0.0"
 REF_NAME = "org.opencontainers.image.ref.name"
-# index.json annotations that name blobs kept beside an image (see `original`); gc keeps them
-SOURCE_MANIFEST = "io.cvmfs-inject.source-manifest"
-SOURCE_CONFIG = "io.cvmfs-inject.source-config"
-KEPT_ORIGINALS = (SOURCE_MANIFEST, SOURCE_CONFIG)
-
-
-class MediaType:
-    """Media types we read and write, with predicates over both families."""
-
-    OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-    OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-    OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-    OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-    OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-    OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-    OCI_LAYER_NONDIST_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-    DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-    DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-    DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-    DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-    DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-
-    INDEXES = frozenset({OCI_INDEX, DOCKER_LIST})
-    MANIFESTS = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-    CONFIGS = frozenset({OCI_CONFIG, DOCKER_CONFIG})
-
-    @staticmethod
-    def is_index(media_type: str) -> bool:
-        return media_type in MediaType.INDEXES
-
-    @staticmethod
-    def is_manifest(media_type: str) -> bool:
-        return media_type in MediaType.MANIFESTS
-
-    @staticmethod
-    def is_docker(media_type: str) -> bool:
-        return media_type.startswith("application/vnd.docker.")
-
-
-_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-
-
-def check_digest(digest: str) -> str:
-    """Return the digest if it is sha256/sha512 in lowercase hex; raise InputError otherwise."""
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise InputError(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
-    return digest
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Compact, key-sorted UTF-8 JSON: the same document always gives the same digest."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def parse_json(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{where}: invalid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{where}: expected a JSON object, found {type(doc).__name__}")
-    return doc
 
 
 @dataclass(frozen=True)

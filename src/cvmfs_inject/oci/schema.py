@@ -27,13 +27,13 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.oci.model import MediaType
+from cvmfs_inject.oci.digest import digest_problem
+from cvmfs_inject.oci.jsondoc import json_type, shorten
+from cvmfs_inject.oci.media import MediaType
 
 KINDS = ("layout", "index", "manifest", "config", "descriptor")
 
 
-_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
-_HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # JSON strings (skipped whole, escapes included) or the non-JSON constants Python would accept.
 _CONSTANT = re.compile(r'"(?:[^"\\]|\\.)*"|-?Infinity|NaN', re.DOTALL)
@@ -89,7 +89,7 @@ def check_document(data: bytes, kind: str | None = None, *, media_type: str | No
     if problem is not None:
         return [Problem(where, problem)]
     if not isinstance(doc, dict):
-        return [Problem(where, f"top level must be a JSON object, not {_json_type(doc)}")]
+        return [Problem(where, f"top level must be a JSON object, not {json_type(doc)}")]
     if kind is None:
         kind = detect_kind(doc)
         if kind is None:
@@ -113,7 +113,8 @@ def check_document(data: bytes, kind: str | None = None, *, media_type: str | No
         # The extra rules say the same thing about a malformed digest, more helpfully.
         if error.validator == "pattern" and path in extra_paths:
             continue
-        problems.append(Problem(where, f"schema: {_shorten(error.message)}{_at(path)}"))
+        message = shorten(error.message, _MAX_MESSAGE)
+        problems.append(Problem(where, f"schema: {message}{_at(path)}"))
     problems.extend(Problem(where, f"{message}{_at(path)}") for path, message in extra)
     return problems
 
@@ -124,33 +125,8 @@ def check_descriptor(desc: dict[str, Any], where: str) -> list[Problem]:
     Missing or mistyped fields are the schema's business and are not reported here.
     """
     if not isinstance(desc, dict):
-        return [Problem(where, f"descriptor must be a JSON object, not {_json_type(desc)}")]
+        return [Problem(where, f"descriptor must be a JSON object, not {json_type(desc)}")]
     return [Problem(where, f"{msg}{_at(path)}") for path, msg in _descriptor_rules(desc, "")]
-
-
-def check_digest(digest: str) -> str | None:
-    """Return why ``digest`` is not a usable digest, or None if it is.
-
-    Only sha256 and sha512 are accepted: they are the algorithms the OCI spec registers and
-    the only ones registries and tools reliably verify.
-    """
-    if not isinstance(digest, str):
-        return f"digest must be a string, not {_json_type(digest)}"
-    shown = _shorten(repr(digest), 90)
-    if not _DIGEST.fullmatch(digest):
-        return f"invalid digest {shown}: expected <algorithm>:<encoded>"
-    algorithm, _, encoded = digest.partition(":")
-    length = _HEX_LENGTH.get(algorithm)
-    if length is None:
-        return f"unsupported digest algorithm {algorithm!r} in {shown}: use sha256 or sha512"
-    if not re.fullmatch(r"[0-9a-fA-F]+", encoded):
-        return f"invalid digest {shown}: {algorithm} needs {length} lowercase hex characters"
-    if encoded != encoded.lower():
-        return f"invalid digest {shown}: {algorithm} encoding must be lowercase hex"
-    if len(encoded) != length:
-        return (f"invalid digest {shown}: {algorithm} needs {length} lowercase hex characters, "
-                f"got {len(encoded)}")
-    return None
 
 
 def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -171,17 +147,17 @@ def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
         env = config.get("Env") if isinstance(config, dict) else None
         for i, entry in enumerate(env if isinstance(env, list) else []):
             if isinstance(entry, str) and ("=" not in entry or entry.startswith("=")):
-                yield f"config.Env[{i}]", f"Env entry {_shorten(repr(entry), 90)} is not KEY=value"
+                yield f"config.Env[{i}]", f"Env entry {shorten(repr(entry), 90)} is not KEY=value"
         rootfs = doc.get("rootfs")
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         for i, diff_id in enumerate(diff_ids if isinstance(diff_ids, list) else []):
-            if isinstance(diff_id, str) and (message := check_digest(diff_id)):
+            if isinstance(diff_id, str) and (message := digest_problem(diff_id)):
                 yield f"rootfs.diff_ids[{i}]", message
 
 
 def _descriptor_rules(desc: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
     digest = desc.get("digest")
-    if isinstance(digest, str) and (message := check_digest(digest)):
+    if isinstance(digest, str) and (message := digest_problem(digest)):
         yield _join(path, "digest"), message
     data = desc.get("data")
     if isinstance(data, str):
@@ -205,7 +181,7 @@ def _data_problems(data: str, desc: dict[str, Any]) -> Iterator[str]:
     if isinstance(size, int) and not isinstance(size, bool) and size != len(raw):
         yield f"data decodes to {len(raw)} bytes but size is {size}"
     digest = desc.get("digest")
-    if isinstance(digest, str) and check_digest(digest) is None:
+    if isinstance(digest, str) and digest_problem(digest) is None:
         algorithm, _, encoded = digest.partition(":")
         actual = hashlib.new(algorithm, raw).hexdigest()
         if actual != encoded:
@@ -315,15 +291,3 @@ def _join(path: str, key: str) -> str:
 
 def _at(path: str) -> str:
     return f" at {path}" if path else ""
-
-
-def _shorten(text: str, limit: int = _MAX_MESSAGE) -> str:
-    """Keep messages to one readable line even when they quote a large value."""
-    text = " ".join(text.splitlines())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

@@ -20,7 +20,7 @@ import zstandard
 from isal import igzip, igzip_lib
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.oci.model import MediaType
+from cvmfs_inject.oci.media import MediaType
 
 CHUNK = 1 << 20
 

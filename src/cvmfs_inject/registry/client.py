@@ -78,7 +78,9 @@ from cvmfs_inject.errors import (
     ToolError,
     UsageError,
 )
-from cvmfs_inject.oci.model import MediaType, check_digest, sha256_digest
+from cvmfs_inject.oci import names
+from cvmfs_inject.oci.digest import check_digest, digest_of, sha256_digest
+from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.registry.credentials import (
     DOCKER_HUB,
     DOCKER_HUB_API,
@@ -107,10 +109,6 @@ RETRY_BACKOFF = 0.5  # seconds before the 1st retry, doubled each time
 DOWNLOAD_CHUNK = 1 << 20
 _BLOCK = 64 << 10
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_HOST = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]+)?$")
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 _SSL = re.compile(r"\[SSL(?:: [A-Z_]+)?\] ([^'\"(]+)")
 
@@ -326,10 +324,6 @@ def _split_digest(digest: str) -> tuple[str, str]:
     return algorithm, encoded
 
 
-def _digest_of(data: bytes, algorithm: str) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
 def _cert_pair(cert_dir: Path) -> tuple[str, str] | None:
     """The client certificate in a containers-certs.d dir: ``NAME.cert`` with ``NAME.key``."""
     certs = sorted(cert_dir.glob("*.cert"))
@@ -393,7 +387,7 @@ class RegistryClient:
         is started over (0: never).
         """
         registry = registry.strip().rstrip("/")
-        if not registry or not _HOST.match(registry):
+        if not registry or not names.HOST.match(registry):
             raise UsageError(f"invalid registry host {registry!r}: expected HOST[:PORT]")
         if chunk_size < 1 or monolithic_limit < 0 or retries < 0:
             raise UsageError("chunk_size must be >= 1, monolithic_limit and retries >= 0")
@@ -473,7 +467,7 @@ class RegistryClient:
     # -- plumbing ------------------------------------------------------------------------
 
     def _repo(self, repo: str) -> str:
-        if not isinstance(repo, str) or not _REPOSITORY.match(repo):
+        if not isinstance(repo, str) or not names.REPOSITORY.match(repo):
             raise UsageError(f"invalid repository {repo!r}: expected lowercase path "
                              "components like 'team/app'")
         return repo
@@ -481,7 +475,7 @@ class RegistryClient:
     def _reference(self, reference: str) -> str:
         if isinstance(reference, str) and ":" in reference:
             return check_digest(reference)
-        if not isinstance(reference, str) or not _TAG.match(reference):
+        if not isinstance(reference, str) or not names.TAG.match(reference):
             raise UsageError(f"invalid tag {reference!r}")
         return reference
 
@@ -636,9 +630,9 @@ class RegistryClient:
         digest = sha256_digest(raw)
         if ":" in reference:
             algorithm, _ = _split_digest(reference)
-            if _digest_of(raw, algorithm) != reference:
+            if digest_of(raw, algorithm) != reference:
                 raise InputError(f"{self.registry}: manifest {name} has digest "
-                                 f"{_digest_of(raw, algorithm)}, not the one requested")
+                                 f"{digest_of(raw, algorithm)}, not the one requested")
         header = resp.headers.get("Docker-Content-Digest", "")
         if header.startswith("sha256:") and header != digest:
             raise IntegrityError(f"{self.registry}: manifest {name}: registry says {header}, "
@@ -679,7 +673,7 @@ class RegistryClient:
         digest = sha256_digest(raw)
         if ":" in reference:
             algorithm, _ = _split_digest(reference)
-            if _digest_of(raw, algorithm) != reference:
+            if digest_of(raw, algorithm) != reference:
                 raise InputError(f"manifest bytes do not match the digest reference {reference}")
         name = f"{repo}@{reference}" if ":" in reference else f"{repo}:{reference}"
         resp = self._request("PUT", f"/v2/{repo}/manifests/{reference}", repo=repo,
