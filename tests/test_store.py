@@ -17,6 +17,7 @@ from cvmfs_inject.errors import (
     LockedError,
     NotFoundError,
 )
+from cvmfs_inject.layout.gc import collect, reachable
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import sha256_digest
 from cvmfs_inject.oci.jsondoc import canonical_json
@@ -450,15 +451,15 @@ def test_gc_removes_only_unreachable_blobs(layout: Layout) -> None:
     images = shared_layer_layout(layout)
     keep_a, keep_b = image_blobs(layout, images["a"]), image_blobs(layout, images["b"])
     stray = layout.put_bytes(b"stray", MediaType.OCI_LAYER)
-    assert set(layout.reachable()) == keep_a | keep_b
-    result = layout.gc()
+    assert set(reachable(layout)) == keep_a | keep_b
+    result = collect(layout)
     assert [d for d, _ in result.removed] == [stray.digest]
     assert result.bytes_removed == 5
     assert blob_files(layout) == keep_a | keep_b
 
     # retag b onto a: b's manifest, config and own layer go; the shared layer stays
     layout.set_tag("b", images["a"])
-    result = layout.gc()
+    result = collect(layout)
     assert {d for d, _ in result.removed} == keep_b - keep_a
     assert sha256_digest(b"shared layer") in blob_files(layout)
     assert blob_files(layout) == keep_a
@@ -478,8 +479,8 @@ def test_gc_follows_nested_index(layout: Layout) -> None:
                         "manifests": [nested.with_annotations({REF_NAME: "multi"}).to_dict()]})
     expected = {nested.digest} | image_blobs(layout, images["a"]) | image_blobs(layout,
                                                                                 images["b"])
-    assert set(layout.reachable()) == expected
-    assert layout.gc().removed == []
+    assert set(reachable(layout)) == expected
+    assert collect(layout).removed == []
     assert blob_files(layout) == expected
 
 
@@ -489,13 +490,13 @@ def test_gc_dry_run_deletes_nothing(layout: Layout) -> None:
     layout.tmp_dir.mkdir(exist_ok=True)
     (layout.tmp_dir / "leftover").write_bytes(b"x")
     before = dir_bytes(layout.root)
-    result = layout.gc(dry_run=True)
+    result = collect(layout, dry_run=True)
     assert {d for d, _ in result.removed} == (image_blobs(layout, images["b"])
                                               - image_blobs(layout, images["a"]))
     assert dir_bytes(layout.root) == before
     assert result.temp_removed == [(".cvmfs-inject-tmp/leftover", 1)]
     # the real run removes the same set and the temp area, and counts its bytes
-    real = layout.gc()
+    real = collect(layout)
     assert (real.removed, real.temp_removed) == (result.removed, result.temp_removed)
     assert real.bytes_removed == sum(size for _, size in result.removed) + 1
     assert not layout.tmp_dir.exists()
@@ -507,7 +508,7 @@ def test_gc_refuses_when_a_manifest_is_missing(layout: Layout) -> None:
     layout.blob_path(images["b"].digest).unlink()
     before = dir_bytes(layout.root)
     with pytest.raises(NotFoundError, match=images["b"].digest):
-        layout.gc()
+        collect(layout)
     assert dir_bytes(layout.root) == before
 
 
@@ -518,7 +519,7 @@ def test_gc_refuses_when_a_manifest_is_corrupted(layout: Layout) -> None:
     path.write_bytes(path.read_bytes().replace(b"schemaVersion", b"schemaVersioN"))
     before = dir_bytes(layout.root)
     with pytest.raises(CvmfsInjectError):
-        layout.gc()
+        collect(layout)
     assert dir_bytes(layout.root) == before
 
 
@@ -526,9 +527,9 @@ def test_gc_keeps_missing_layer_reference_without_failing(layout: Layout) -> Non
     """A missing layer blob is only a name in the keep set: gc must not crash on it."""
     images = shared_layer_layout(layout)
     layout.blob_path(sha256_digest(b"only in a")).unlink()
-    result = layout.gc()
+    result = collect(layout)
     assert result.removed == []
-    assert sha256_digest(b"only in a") in layout.reachable()
+    assert sha256_digest(b"only in a") in reachable(layout)
     assert images["a"].digest in blob_files(layout)
 
 

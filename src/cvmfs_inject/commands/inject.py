@@ -32,10 +32,11 @@ from cvmfs_inject.image.edit import (
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import Image, ImageSource, LayoutSource, load_images
 from cvmfs_inject.layout import original
+from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
 from cvmfs_inject.oci.model import Descriptor
-from cvmfs_inject.pack.extract import CHUNK, decompressed, extract
+from cvmfs_inject.pack.extract import decompressed, extract
 from cvmfs_inject.pack.packer import PackOptions, Progress, pack
 from cvmfs_inject.skopeo.command import Skopeo
 
@@ -211,7 +212,7 @@ def unpack_layout(ref: ImageRef, target: Path, *, force: bool = False,
         def verified_first(layer: Descriptor) -> Iterator[IO[bytes]]:
             """Check the whole blob against its digest before a byte is written out."""
             with layout.open_blob(layer.digest, layer.size) as reader:
-                while reader.read(CHUNK):
+                while reader.read(READ_CHUNK):
                     pass
             with layout.open_blob(layer.digest, layer.size) as reader:
                 yield reader

@@ -20,14 +20,16 @@ from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.image.edit import injected_position
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource, LayoutSource, load_images
+from cvmfs_inject.layout import gc as layout_gc
 from cvmfs_inject.layout import original
-from cvmfs_inject.layout.store import GcResult, Layout
+from cvmfs_inject.layout.annotations import SOURCE_FORMAT
+from cvmfs_inject.layout.gc import GcResult, check_present
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.skopeo.command import Skopeo
 
-SOURCE_FORMAT = "io.cvmfs-inject.source-format"
 FORMATS = ("oci", "v2s2", "keep")
 
 
@@ -145,7 +147,7 @@ def push(src: ImageRef, dest: ImageRef, skopeo: Skopeo, *, manifest_format: str 
         if is_index and dest.transport == "docker-archive":
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
                              "push one platform by its own tag, or use oci-archive:")
-        layout.check_present(desc)
+        check_present(layout, desc)
         if fmt == "v2s2" or dest.transport == "docker-archive":
             _check_docker_layers(layout, desc, src)
         if manifest_format == "keep" and dest.is_registry and original.unchanged_original(desc):
@@ -286,4 +288,4 @@ def gc(ref: ImageRef, dry_run: bool = False) -> GcReport:
     layout = Layout.open(ref.path)
     guard = layout.lock() if dry_run else layout.writing()
     with guard:
-        return GcReport(ref.path, layout.gc(dry_run), dry_run)
+        return GcReport(ref.path, layout_gc.collect(layout, dry_run), dry_run)

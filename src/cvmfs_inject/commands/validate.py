@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.image.refs import ImageRef
-from cvmfs_inject.layout.store import CHUNK, Layout
+from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
@@ -130,4 +130,4 @@ def validate_layout(ref: ImageRef) -> list[Problem]:
     return walker.problems
 
 
-__all__ = ["CHUNK", "validate_layout"]
+__all__ = ["validate_layout"]

@@ -19,17 +19,18 @@ from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.layout.annotations import (
+    KEPT_ORIGINALS,
+    SOURCE_CONFIG,
+    SOURCE_MANIFEST,
+    SOURCE_OF,
+)
+from cvmfs_inject.layout.gc import check_present
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import sha256_digest
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor, Manifest
 from cvmfs_inject.skopeo.command import Skopeo
-
-# index.json annotations naming the original blobs kept beside an image; gc keeps them
-SOURCE_MANIFEST = "io.cvmfs-inject.source-manifest"
-SOURCE_CONFIG = "io.cvmfs-inject.source-config"
-KEPT_ORIGINALS = (SOURCE_MANIFEST, SOURCE_CONFIG)
-SOURCE_OF = "io.cvmfs-inject.source-of"
 
 
 def keep(layout: Layout, src: ImageRef, skopeo: Skopeo, converted: Descriptor,
@@ -70,7 +71,7 @@ def view(layout: Layout, desc: Descriptor) -> Iterator[ImageRef]:
     manifest_digest = annotations[SOURCE_MANIFEST]
     raw = layout.read_blob(manifest_digest, layout.blob_path(manifest_digest).stat().st_size)
     manifest = Manifest.parse(raw, manifest_digest, MediaType.DOCKER_MANIFEST)
-    layout.check_present(Descriptor(MediaType.DOCKER_MANIFEST, manifest_digest, len(raw)))
+    check_present(layout, Descriptor(MediaType.DOCKER_MANIFEST, manifest_digest, len(raw)))
     with tempfile.TemporaryDirectory(prefix="cvmfs-inject-original-") as directory:
         root = Path(directory)
         (root / "version").write_text("Directory Transport Version: 1.1\n")

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import io
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from cvmfs_inject.errors import InputError, IntegrityError, LockedError, NotFoundError
+from cvmfs_inject.errors import InputError, LockedError, NotFoundError
+from cvmfs_inject.layout.blobs import (
+    READ_CHUNK,
+    BlobWriter,
+    VerifiedReader,
+    atomic_write,
+    fsync_dir,
+)
 from cvmfs_inject.oci.digest import check_digest
 from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
 from cvmfs_inject.oci.media import MediaType
@@ -29,174 +32,10 @@ from cvmfs_inject.oci.model import REF_NAME, Descriptor, ImageConfig, Index, Man
 
 OCI_LAYOUT_VERSION = "1.0.0"
 TMP_NAME = ".cvmfs-inject-tmp"
-CHUNK = 1 << 20
 _EMPTY_INDEX = canonical_json({"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
                                "manifests": []})
-FLUSH_AFTER = 16 << 20  # blobs this large are written back while they are produced
-FLUSH_INTERVAL = 0.25
 # JSON documents are read whole; anything larger than this is not a manifest or config.
 MAX_DOCUMENT = 64 << 20
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write `data` to `path` via temp file + fsync + rename (+ fsync of the directory)."""
-    directory = tmp_dir or path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-class VerifiedReader(io.RawIOBase):
-    """A blob reader that fails at EOF (or on overrun) if size or digest differ from the name."""
-
-    def __init__(self, handle: BinaryIO, digest: str, size: int, where: str) -> None:
-        super().__init__()
-        algorithm, self._expected_hex = digest.split(":", 1)
-        self._hash = hashlib.new(algorithm)
-        self._handle = handle
-        self._size = size
-        self._seen = 0
-        self._where = where
-        self._digest = digest
-        self._checked = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        # read one byte beyond the declared size so an overlong blob is noticed
-        limit = min(len(view), self._size - self._seen + 1)
-        count = self._handle.readinto(view[:limit]) if limit > 0 else 0
-        if count:
-            self._seen += count
-            if self._seen > self._size:
-                raise IntegrityError(f"{self._where}: blob is larger than its size {self._size}")
-            self._hash.update(view[:count])
-        if not count or self._seen == self._size:
-            self._check_end()
-        return count
-
-    def _check_end(self) -> None:
-        if self._checked:
-            return
-        if self._seen != self._size:
-            raise IntegrityError(
-                f"{self._where}: blob has {self._seen} bytes, its descriptor says {self._size}")
-        if self._handle.read(1):
-            raise IntegrityError(f"{self._where}: blob is larger than its size {self._size}")
-        if self._hash.hexdigest() != self._expected_hex:
-            raise IntegrityError(
-                f"{self._where}: content does not match digest {self._digest} (corrupted blob)")
-        self._checked = True
-
-    def close(self) -> None:
-        self._handle.close()
-        super().close()
-
-
-class BlobWriter:
-    """Streams a new blob into the layout's temp area, hashing as it goes; `commit` publishes.
-
-    Writing the temp file and hashing in one pass means a blob is never read back to name it.
-    """
-
-    def __init__(self, layout: Layout) -> None:
-        self._layout = layout
-        layout.tmp_dir.mkdir(exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix="blob-", dir=layout.tmp_dir)
-        self._file = os.fdopen(fd, "wb", buffering=0)
-        self._hash = hashlib.sha256()
-        self.size = 0
-        self.digest: str | None = None
-        self._flusher: threading.Thread | None = None
-        self._stop_flushing = threading.Event()
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
-        view = memoryview(data)
-        while view:  # an unbuffered write may be short (a full disk, a signal)
-            view = view[self._file.write(view):]
-        self.size += len(data)
-        if self._flusher is None and self.size >= FLUSH_AFTER:
-            self._flusher = threading.Thread(target=self._flush_while_writing,
-                                             name="cvmfs-inject-flush", daemon=True)
-            self._flusher.start()
-
-    def _flush_while_writing(self) -> None:
-        """Write a large blob back to disk while it is produced, so the fsync in `commit`
-        finds little left to do (it was 0.5 s of a 4 s inject for a 300 MB layer)."""
-        fd = self._file.fileno()
-        while not self._stop_flushing.wait(FLUSH_INTERVAL):
-            try:
-                os.fdatasync(fd)
-            except OSError:
-                return  # commit's own fsync reports a real problem
-
-    def _stop_flusher(self) -> None:
-        self._stop_flushing.set()
-        if self._flusher is not None:
-            self._flusher.join()
-
-    def peek_digest(self) -> str:
-        """The digest of what was written so far, before deciding to publish it."""
-        return "sha256:" + self._hash.hexdigest()
-
-    def commit(self) -> Descriptor:
-        self._stop_flusher()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self.digest = "sha256:" + self._hash.hexdigest()
-        target = self._layout.blob_path(self.digest)
-        # Replacing an existing blob (same digest) costs one rename and repairs a damaged copy.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._tmp, target)
-        _fsync_dir(target.parent)
-        return Descriptor("application/octet-stream", self.digest, self.size)
-
-    def abort(self) -> None:
-        self._stop_flusher()
-        if not self._file.closed:
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
-
-    def __enter__(self) -> BlobWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is not None or self.digest is None:
-            self.abort()
-
-
-@dataclass(frozen=True)
-class GcResult:
-    removed: list[tuple[str, int]]
-    kept: int
-    # (path under the temp area, size): what killed commands left behind
-    temp_removed: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def bytes_removed(self) -> int:
-        return sum(size for _, size in self.removed) + sum(s for _, s in self.temp_removed)
 
 
 def _interrupted_creation(path: Path) -> bool:
@@ -322,11 +161,11 @@ class Layout:
 
     def verify_blob(self, digest: str, size: int) -> None:
         with self.open_blob(digest, size) as reader:
-            while reader.read(CHUNK):
+            while reader.read(READ_CHUNK):
                 pass
 
     def writer(self) -> BlobWriter:
-        return BlobWriter(self)
+        return BlobWriter(self.tmp_dir, self.blob_path)
 
     def put_bytes(self, data: bytes, media_type: str) -> Descriptor:
         with self.writer() as writer:
@@ -339,7 +178,7 @@ class Layout:
         with source.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             reader = VerifiedReader(handle, digest, size, str(source))
-            while reader.read(CHUNK):
+            while reader.read(READ_CHUNK):
                 pass
             reader.close()
         if path.exists():
@@ -348,21 +187,22 @@ class Layout:
         with source.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(source, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     # -- typed documents -------------------------------------------------------------------
     def read_manifest(self, desc: Descriptor) -> Manifest:
-        return Manifest.parse(self.read_blob(desc.digest, desc.size), self._where(desc),
+        return Manifest.parse(self.read_blob(desc.digest, desc.size), self.where(desc),
                               desc.media_type)
 
     def read_index_blob(self, desc: Descriptor) -> Index:
-        return Index.parse(self.read_blob(desc.digest, desc.size), self._where(desc),
+        return Index.parse(self.read_blob(desc.digest, desc.size), self.where(desc),
                            desc.media_type)
 
     def read_config(self, desc: Descriptor) -> ImageConfig:
-        return ImageConfig.parse(self.read_blob(desc.digest, desc.size), self._where(desc))
+        return ImageConfig.parse(self.read_blob(desc.digest, desc.size), self.where(desc))
 
-    def _where(self, desc: Descriptor) -> str:
+    def where(self, desc: Descriptor) -> str:
+        """Where a blob lives, for messages."""
         return f"{self.root}/blobs/{desc.digest.replace(':', '/', 1)}"
 
     # -- index.json ------------------------------------------------------------------------
@@ -402,69 +242,6 @@ class Layout:
                 if (d.get("annotations") or {}).get(REF_NAME) != tag]
         doc["manifests"] = [*kept, entry]
         self.write_index(doc)
-
-    # -- garbage collection ----------------------------------------------------------------
-    def reachable(self, roots: list[Descriptor] | None = None) -> dict[str, int]:
-        """Digest → size of every blob reachable from `roots` (default: all of index.json)
-        through indexes, manifests, configs and layers; documents are read verified."""
-        from cvmfs_inject.layout.original import KEPT_ORIGINALS
-
-        seen: dict[str, int] = {}
-        stack = list(self.read_index().manifests if roots is None else roots)
-        for desc in stack:  # original bytes kept beside an image (module `original`)
-            for key in KEPT_ORIGINALS:
-                digest = desc.annotations.get(key)
-                if digest and self.has_blob(digest):
-                    seen[digest] = self.blob_path(digest).stat().st_size
-        while stack:
-            desc = stack.pop()
-            if desc.digest in seen:
-                continue
-            seen[desc.digest] = desc.size
-            if MediaType.is_index(desc.media_type):
-                stack.extend(self.read_index_blob(desc).manifests)
-            elif MediaType.is_manifest(desc.media_type):
-                manifest = self.read_manifest(desc)
-                stack.append(manifest.config)
-                stack.extend(manifest.layers)
-                if isinstance(manifest.doc.get("subject"), dict):
-                    stack.append(Descriptor.from_dict(manifest.doc["subject"], "subject"))
-        return seen
-
-    def check_present(self, desc: Descriptor) -> None:
-        """Every blob `desc` reaches exists with its declared size (layers are not hashed:
-        whoever reads them checks their digest)."""
-        for digest, size in self.reachable([desc]).items():
-            path = self.blob_path(digest)
-            try:
-                actual = path.stat().st_size
-            except FileNotFoundError:
-                raise NotFoundError(f"{self.root}: missing blob {digest}") from None
-            if actual != size:
-                raise IntegrityError(f"{path}: blob has {actual} bytes, its descriptor says "
-                                     f"{size}")
-
-    def gc(self, dry_run: bool = False) -> GcResult:
-        """Delete unreachable blobs and leftover temp files. The caller holds the lock."""
-        keep = self.reachable()
-        removed: list[tuple[str, int]] = []
-        for algorithm_dir in sorted((self.root / "blobs").iterdir()):
-            if not algorithm_dir.is_dir():
-                continue
-            for blob in sorted(algorithm_dir.iterdir()):
-                digest = f"{algorithm_dir.name}:{blob.name}"
-                if digest in keep:
-                    continue
-                removed.append((digest, blob.stat().st_size))
-                if not dry_run:
-                    blob.unlink()
-        temp_removed = []
-        if self.tmp_dir.exists():
-            temp_removed = [(str(path.relative_to(self.root)), path.lstat().st_size)
-                            for path in sorted(self.tmp_dir.rglob("*")) if path.is_file()]
-            if not dry_run:
-                shutil.rmtree(self.tmp_dir)
-        return GcResult(removed, len(keep), temp_removed)
 
     def staging(self) -> tempfile.TemporaryDirectory[str]:
         """A scratch directory on the layout's filesystem, so staged blobs can be renamed in."""

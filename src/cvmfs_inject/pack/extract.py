@@ -20,9 +20,8 @@ import zstandard
 from isal import igzip, igzip_lib
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.oci.media import MediaType
-
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -131,7 +130,7 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
                     assert source is not None
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                     with os.fdopen(fd, "wb") as out:
-                        while data := source.read(CHUNK):
+                        while data := source.read(READ_CHUNK):
                             out.write(data)
                     os.chmod(path, mode)
                     os.utime(path, (member.mtime, member.mtime))
@@ -162,7 +161,7 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
         # Read past the end-of-archive marker to the end of the stream: only there are the
         # gzip CRC and length, the zstd checksum and the blob's digest checked. Content in
         # stored (incompressible) blocks can be corrupted without breaking the tar.
-        while fileobj.read(CHUNK):
+        while fileobj.read(READ_CHUNK):
             pass
     except tarfile.TarError as exc:
         raise InputError(f"layer is not a valid tar stream: {exc}") from None
