@@ -31,7 +31,8 @@ from cvmfs_inject.errors import (
 )
 from cvmfs_inject.image.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.pack.packer import COMPRESSIONS, PackOptions, source_date_epoch
-from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo, credentials_authfile
+from cvmfs_inject.skopeo.auth import credentials_authfile
+from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
 
 if TYPE_CHECKING:
     from cvmfs_inject.commands.direct import Access

@@ -1,36 +1,22 @@
-"""skopeo as a subprocess: the only place that spawns it, and the place that explains its failures.
+"""skopeo as a subprocess: the only place that spawns it.
 
-Credentials never reach skopeo's argv: it is given an auth *file* (ours or its own default
-lookup), so `ps` never shows a password.
+Credentials never reach skopeo's argv: it is given an auth *file* (ours, `skopeo.auth`, or
+its own default lookup), so `ps` never shows a password. Its failures are explained by
+`skopeo.errors`.
 """
 
 from __future__ import annotations
 
-import atexit
-import base64
-import json
-import os
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cvmfs_inject.errors import (
-    IntegrityError,
-    MissingDependencyError,
-    NotFoundError,
-    ToolError,
-    UsageError,
-)
+from cvmfs_inject.errors import MissingDependencyError, UsageError
 from cvmfs_inject.image.refs import ImageRef
-
-if TYPE_CHECKING:
-    from cvmfs_inject.registry.credentials import Credentials
+from cvmfs_inject.skopeo.errors import classify, key_error_line
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
 
@@ -70,52 +56,6 @@ def _progress_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
     stdout stays for results and --json; stderr is still captured for error messages."""
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
                           stderr=subprocess.PIPE, check=False)
-
-
-_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
-
-
-def key_error_line(stderr: str) -> str:
-    """The one line of skopeo's stderr that says what went wrong."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "level=fatal" in line or "level=error" in line:
-            match = _MSG.search(line)
-            if match:
-                return match.group(1).replace('\\"', '"')
-            return line
-    for line in reversed(lines):
-        if line.lower().startswith(("error", "fatal")):
-            return line
-    return lines[-1] if lines else "no error output"
-
-
-def classify(message: str, argv: list[str], returncode: int, stderr: str) -> Exception:
-    """Turn skopeo's message into our error types: not-found vs auth vs network vs other."""
-    lower = message.lower()
-    if "digest did not match" in lower or "checksum mismatch" in lower:
-        return IntegrityError(f"skopeo: {message} (a blob of the source is corrupted; run "
-                              "`cvmfs-inject validate` on it)")
-    if "no image found in manifest list" in lower:
-        return NotFoundError(f"skopeo: {message} (see the platforms with `cvmfs-inject "
-                             "inspect`)")
-    if any(s in lower for s in ("manifest unknown", "name unknown", "not found",
-                                "no such file or directory", "no descriptor found",
-                                "does not exist")):
-        return NotFoundError(f"skopeo: {message}")
-    if "unauthorized" in lower or "authentication required" in lower or "401" in lower:
-        return ToolError(f"skopeo: authentication failed: {message} (check --authfile or "
-                         "the registry credentials)", argv, returncode, stderr)
-    if "connection refused" in lower or "no such host" in lower or "i/o timeout" in lower:
-        return ToolError(f"skopeo: registry unreachable: {message}", argv, returncode, stderr)
-    if "x509" in lower or "certificate" in lower:
-        return ToolError(f"skopeo: TLS verification failed: {message} (use --cert-dir with the "
-                         "registry's CA, or --no-tls-verify for plain http)", argv, returncode,
-                         stderr)
-    if "server gave http response to https client" in lower:
-        return ToolError(f"skopeo: {message} (the registry speaks plain http: use "
-                         "--no-tls-verify)", argv, returncode, stderr)
-    return ToolError(f"skopeo: {message}", argv, returncode, stderr)
 
 
 class Skopeo:
@@ -181,14 +121,3 @@ class Skopeo:
         return self.run(args)
 
 
-def credentials_authfile(credentials: Credentials, hosts: list[str]) -> Path:
-    """A private auth file for `--creds-stdin`, so skopeo gets the secret from a file, never
-    from its argv. It lives in a 0700 temp directory removed when the process exits."""
-    directory = Path(tempfile.mkdtemp(prefix="cvmfs-inject-auth-"))
-    atexit.register(shutil.rmtree, directory, True)
-    token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    path = directory / "auth.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"auths": {host: {"auth": token} for host in hosts}}, handle)
-    return path
