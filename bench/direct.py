@@ -32,7 +32,8 @@ from cvmfs_inject.demo.sample import build_sample_image  # noqa: E402
 from cvmfs_inject.layout.store import Layout  # noqa: E402
 from cvmfs_inject.oci.jsondoc import canonical_json  # noqa: E402
 from cvmfs_inject.oci.media import MediaType  # noqa: E402
-from cvmfs_inject.pack.packer import PackOptions, pack  # noqa: E402
+from cvmfs_inject.pack.options import PackOptions  # noqa: E402
+from cvmfs_inject.pack.packer import pack  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "cvmfs-inject")
 ACCESS = re.compile(r'"(GET|HEAD|PUT|PATCH|POST) (\S+) HTTP/[\d.]+" (\d+) (\d+|-)')

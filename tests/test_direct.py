@@ -27,7 +27,8 @@ from registry import Registry, start_registry
 
 from cvmfs_inject.demo.sample import build_sample_image
 from cvmfs_inject.layout.store import Layout
-from cvmfs_inject.pack.packer import PackOptions, pack
+from cvmfs_inject.pack.options import PackOptions
+from cvmfs_inject.pack.packer import pack
 
 pytestmark = pytest.mark.registry
 

@@ -18,7 +18,8 @@ from helpers import EPOCH, dir_bytes, make_nasty_tree, tree_snapshot
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.pack.extract import ExtractResult, decompressed, extract
-from cvmfs_inject.pack.packer import PackOptions, pack
+from cvmfs_inject.pack.options import PackOptions
+from cvmfs_inject.pack.packer import pack
 
 MEDIA = {"none": MediaType.OCI_LAYER, "gzip": MediaType.OCI_LAYER_GZIP,
          "zstd": MediaType.OCI_LAYER_ZSTD}

@@ -21,15 +21,9 @@ import zstandard
 from helpers import EPOCH, make_nasty_tree, tree_snapshot
 
 from cvmfs_inject.errors import InputError, UsageError
-from cvmfs_inject.pack import packer
-from cvmfs_inject.pack.packer import (
-    CHUNK,
-    PackOptions,
-    PackResult,
-    normalise_mount_point,
-    pack,
-    source_date_epoch,
-)
+from cvmfs_inject.pack import lookahead, pipeline, walker
+from cvmfs_inject.pack.options import CHUNK, PackOptions, normalise_mount_point, source_date_epoch
+from cvmfs_inject.pack.packer import PackResult, pack
 
 GNU_TAR = shutil.which("tar")
 SHRINKWRAP = Path(__file__).resolve().parents[2] / "shared/tools/make_shrinkwrap_tree.py"
@@ -478,7 +472,7 @@ def test_bytes_do_not_depend_on_thread_timing(tmp_path: Path, monkeypatch: pytes
     busy_patterns = [itertools.repeat(True), itertools.cycle([True, False, False]),
                      itertools.cycle([False, True, True, True, False])]
     for pattern in busy_patterns:
-        monkeypatch.setattr(packer._Pipeline, "full", lambda self, p=pattern: next(p))
+        monkeypatch.setattr(pipeline.Pipeline, "full", lambda self, p=pattern: next(p))
         busy, busy_result = pack_bytes(tree, compression=compression)
         assert busy_result.diff_id == calm_result.diff_id
         assert busy == calm
@@ -490,21 +484,21 @@ def test_planning_ahead_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     tree = header_heavy_tree(tmp_path / "src")
     calm, _ = pack_bytes(tree, compression="none")
     bound = 16 << 10
-    monkeypatch.setattr(packer, "LOOKAHEAD_BYTES", bound)
-    monkeypatch.setattr(packer, "RUN_BYTES", 4 << 10)
-    monkeypatch.setattr(packer._Pipeline, "full", lambda self: True)
+    monkeypatch.setattr(lookahead, "LOOKAHEAD_BYTES", bound)
+    monkeypatch.setattr(lookahead, "RUN_BYTES", 4 << 10)
+    monkeypatch.setattr(pipeline.Pipeline, "full", lambda self: True)
     held: list[int] = []
-    close_run = packer._Packer._close_run
+    close_run = lookahead.Lookahead._close_run
 
-    def watched_close_run(self: packer._Packer) -> None:
+    def watched_close_run(self: lookahead.Lookahead) -> None:
         close_run(self)
-        held.append(self.lookahead_bytes)
+        held.append(self.held)
 
-    monkeypatch.setattr(packer._Packer, "_close_run", watched_close_run)
+    monkeypatch.setattr(lookahead.Lookahead, "_close_run", watched_close_run)
     busy, _ = pack_bytes(tree, compression="none")
     assert busy == calm
     assert max(held) >= bound, "the bound was never reached: the test tree is too small"
-    slack = (4 << 10) + packer.PLANNED_FILE_BYTES + 4096  # a run, or a file and its path
+    slack = (4 << 10) + lookahead.PLANNED_FILE_BYTES + 4096  # a run, or a file and its path
     assert max(held) <= bound + slack, f"held {max(held)} bytes"
 
 
@@ -839,9 +833,9 @@ def test_interrupt_stops_writes_at_once(tmp_path: Path,
     sink = SlowSink()
     workers: list[threading.Thread] = []
     writes_when_cancelled: list[int] = []
-    cancel = packer._Pipeline.cancel
+    cancel = pipeline.Pipeline.cancel
 
-    def watched_cancel(self: packer._Pipeline) -> None:
+    def watched_cancel(self: pipeline.Pipeline) -> None:
         workers.append(self._thread)
         writes_when_cancelled.append(sink.started)
         cancel(self)
@@ -850,7 +844,7 @@ def test_interrupt_stops_writes_at_once(tmp_path: Path,
         if sink.writes >= 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(packer._Pipeline, "cancel", watched_cancel)
+    monkeypatch.setattr(pipeline.Pipeline, "cancel", watched_cancel)
     with pytest.raises(KeyboardInterrupt):
         pack(root, sink, PackOptions(compression="none"), progress=progress)
     assert writes_when_cancelled, "cancel() was never called"
@@ -870,7 +864,7 @@ def test_first_error_in_walk_order_whatever_the_timing(
     (root / "a").write_bytes(os.urandom(3 * CHUNK))
     (root / "b").write_bytes(b"b")
     (root / "c").mkdir()
-    real_open, real_listing = os.open, packer._listing
+    real_open, real_listing = os.open, walker._listing
 
     def failing_open(path: str, flags: int, *args: object, **kwargs: object) -> int:
         if str(path).endswith("/src/b"):
@@ -883,8 +877,8 @@ def test_first_error_in_walk_order_whatever_the_timing(
         return real_listing(path)
 
     monkeypatch.setattr(os, "open", failing_open)
-    monkeypatch.setattr(packer, "_listing", failing_listing)
-    monkeypatch.setattr(packer._Pipeline, "full", lambda self: busy)
+    monkeypatch.setattr(walker, "_listing", failing_listing)
+    monkeypatch.setattr(pipeline.Pipeline, "full", lambda self: busy)
     with pytest.raises(InputError, match=r"/src/b: cannot read: Permission denied"):
         pack_bytes(root, compression="gzip")
 

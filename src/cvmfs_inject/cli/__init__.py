@@ -30,7 +30,7 @@ from cvmfs_inject.errors import (
     ValidationFailed,
 )
 from cvmfs_inject.image.refs import ImageRef, parse_layout_ref, parse_ref
-from cvmfs_inject.pack.packer import COMPRESSIONS, PackOptions, source_date_epoch
+from cvmfs_inject.pack.options import COMPRESSIONS, PackOptions, source_date_epoch
 from cvmfs_inject.skopeo.auth import credentials_authfile
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
 

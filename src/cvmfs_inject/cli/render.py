@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cvmfs_inject.pack.packer import BLOCK
+from cvmfs_inject.pack.headers import BLOCK
 
 PROG = "cvmfs-inject"
 

@@ -26,7 +26,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor, ImageConfig, Index, Manifest
 from cvmfs_inject.oci.schema import check_document
-from cvmfs_inject.pack.packer import PackOptions
+from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.registry.client import RegistryClient
 from cvmfs_inject.registry.credentials import Credentials, load_credentials
 from cvmfs_inject.skopeo.command import RegistryOptions

@@ -37,7 +37,8 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.pack.extract import decompressed, extract
-from cvmfs_inject.pack.packer import PackOptions, Progress, pack
+from cvmfs_inject.pack.options import PackOptions, Progress
+from cvmfs_inject.pack.packer import pack
 from cvmfs_inject.skopeo.command import Skopeo
 
 Warn = Callable[[str], None]

@@ -15,7 +15,8 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import REF_NAME, Descriptor
-from cvmfs_inject.pack.packer import PackOptions, pack
+from cvmfs_inject.pack.options import PackOptions
+from cvmfs_inject.pack.packer import pack
 
 SAMPLE_EPOCH = 1_700_000_000
 

@@ -1,0 +1,164 @@
+"""The walk: a directory tree in tar order, as (header, file to copy, size) entries.
+
+Depth first with names sorted (code-point order is UTF-8 byte order, so the stream is the
+same on every host), one lstat per entry, an explicit stack in one loop (no generator per
+directory): per-entry Python work is what bounds the packer's speed on shrinkwrap trees.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from collections.abc import Callable, Iterator
+
+from cvmfs_inject.errors import InputError, UsageError
+from cvmfs_inject.pack.headers import TYPE_DIR, TYPE_FILE, TYPE_HARDLINK, TYPE_SYMLINK, TarHeaders
+from cvmfs_inject.pack.options import PackOptions
+
+# (header bytes, path of the content to copy or None, content size), in tar order
+Entry = tuple[bytes, str | None, int]
+
+
+class Excluder:
+    """gitignore-like patterns: no '/' → match any basename; with '/' → anchored at DIR;
+    a trailing '/' → directories only. fnmatch wildcards (`*`, `?`, `[...]`)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self._rules: list[tuple[str, bool, bool]] = []
+        for raw in patterns:
+            if not raw or raw.strip("/") == "":
+                raise UsageError(f"--exclude {raw!r} is empty")
+            dir_only = raw.endswith("/")
+            pattern = raw.rstrip("/")
+            anchored = "/" in pattern
+            self._rules.append((pattern.lstrip("/"), anchored, dir_only))
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def excluded(self, rel: str, is_dir: bool) -> bool:
+        parts = rel.split("/")
+        for pattern, anchored, dir_only in self._rules:
+            if dir_only and not is_dir:
+                continue
+            if anchored:
+                # gitignore: wildcards never match '/', so compare component by component
+                pattern_parts = pattern.split("/")
+                if len(pattern_parts) == len(parts) and all(
+                        fnmatch.fnmatchcase(part, pat) for part, pat in zip(parts, pattern_parts,
+                                                                           strict=True)):
+                    return True
+            elif fnmatch.fnmatchcase(parts[-1], pattern):
+                return True
+        return False
+
+
+class TreeWalker:
+    """Walks a tree once and yields its entries; counts what it emitted."""
+
+    def __init__(self, options: PackOptions, headers: TarHeaders,
+                 clamp: Callable[[float], int], note: Callable[[str], None]) -> None:
+        self.options = options
+        self.headers = headers
+        self.clamp = clamp
+        self.note = note
+        self.entries = self.hardlinks = 0
+
+    def entries_of(self, root: str, mount: bytes) -> Iterator[Entry]:
+        """(header bytes, path of the content to copy or None, content size) in tar order."""
+        excluder = Excluder(self.options.excludes)
+        keep_owner = self.options.keep_owner
+        headers, clamp = self.headers, self.clamp
+        first_names = FirstNames()
+        lstat, fsencode = os.lstat, os.fsencode
+        s_isreg, s_isdir, s_islnk, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_IMODE
+        # each stack item: (directory path, its tar name prefix, iterator over sorted names)
+        stack = [(root, mount + b"/", "", iter(_listing(root)))]
+        while stack:
+            directory, prefix, rel_prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            path = directory + "/" + name
+            try:
+                st = lstat(path)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot stat: {exc.strerror}") from None
+            mode = st.st_mode
+            if excluder and excluder.excluded(rel_prefix + name, s_isdir(mode)):
+                continue
+            if name.startswith(".wh."):
+                self.note(f"{path}: skipped (a '.wh.' name is a layer whiteout; it would "
+                          "delete files of the base image)")
+                continue
+            tar_name = prefix + fsencode(name)
+            uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
+            perms = s_imode(mode)
+            mtime = clamp(st.st_mtime)
+            self.entries += 1
+            if s_isreg(mode):
+                if st.st_nlink > 1:
+                    first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
+                    if first is not None:
+                        self.hardlinks += 1
+                        yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
+                                       first), None, 0)
+                        continue
+                size = st.st_size
+                yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
+            elif s_isdir(mode):
+                stack.append((path, tar_name + b"/", rel_prefix + name + "/",
+                              iter(_listing(path))))
+                yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
+            elif s_islnk(mode):
+                target = fsencode(os.readlink(path))
+                yield headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target), None, 0
+            else:
+                self.entries -= 1
+                self.note(f"{path}: skipped (sockets, fifos and device nodes are not packed)")
+
+class FirstNames:
+    """The first tar name of every multiply-linked inode: what later links point to.
+
+    It grows with the number of hard-linked files (the other part of the packer's memory
+    that grows is the name lists of the directories being walked), so it is kept compact:
+    an int key and an int value per inode, the names packed in one bytearray.
+    A dict of (dev, ino) tuples to bytes took about 300 bytes an inode; this takes about
+    110 plus the name (34,000 hard-linked inodes: 10 MiB before, 5 MiB now).
+    """
+
+    def __init__(self) -> None:
+        self._where: dict[int, int] = {}  # dev << 64 | ino -> offset << 32 | length
+        self._names = bytearray()
+
+    def get_or_add(self, dev: int, ino: int, name: bytes) -> bytes | None:
+        key = dev << 64 | ino
+        where = self._where.get(key)
+        if where is not None:
+            offset, length = where >> 32, where & 0xFFFFFFFF
+            return bytes(self._names[offset:offset + length])
+        self._where[key] = len(self._names) << 32 | len(name)
+        self._names += name
+        return None
+
+
+def _listing(path: str) -> list[str]:
+    """Directory entries sorted by name; code-point order equals UTF-8 byte order."""
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
+    names.sort()
+    return names
+
+
+def _listing(path: str) -> list[str]:
+    """Directory entries sorted by name; code-point order equals UTF-8 byte order."""
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
+    names.sort()
+    return names
