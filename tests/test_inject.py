@@ -28,7 +28,6 @@ from helpers import assert_same_tree, dir_bytes, make_nasty_tree, tree_snapshot
 
 from cvmfs_inject.commands.validate import validate_layout
 from cvmfs_inject.demo.sample import build_sample_image
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import sha256_digest
 from cvmfs_inject.oci.jsondoc import canonical_json
@@ -321,7 +320,7 @@ def make_legacy_image(path: Path) -> tuple[list[str], str, str]:
 
 
 def cli_free_validate(path: Path) -> bool:
-    return validate_layout(ImageRef("oci", str(path))) == []
+    return validate_layout(Layout.open(path)) == []
 
 
 def recompress_legacy_layer(path: Path, old_digest: str) -> str:

@@ -13,11 +13,14 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cvmfs_inject import PROG
 from cvmfs_inject.pack.headers import BLOCK
 
-PROG = "cvmfs-inject"
+if TYPE_CHECKING:
+    from cvmfs_inject.commands.inject import InjectReport
+
 
 
 def estimate_tar_size(tree: Path) -> tuple[int, int]:
@@ -135,16 +138,42 @@ class Reporter:
         with progress:
             yield lambda sent: progress.advance(task, sent)
 
-    def inject_summary(self, report: Any) -> None:
-        if report.status == "unchanged":
+    def inject_summary(self, report: InjectReport) -> None:
+        layer, stats = report.layer, report.stats
+        if report.status == "unchanged" and layer is not None:
             self.line(f"{report.reference}: unchanged (the image already holds this tree, "
-                      f"{report.layer['diff_id']})")
+                      f"{layer.diff_id})")
             return
-        stats, layer = report.stats, report.layer
-        tar_size = stats.get("tar_size", 0)
-        seconds = max(stats.get("seconds", 0.0), 1e-6)
-        ratio = layer["size"] / tar_size if tar_size else 0.0
-        self.line(f"{report.reference}: injected {layer['diff_id']}")
-        self.line(f"layer {layer['digest']}: {layer['size']:,} B {layer['compression']} "
-                  f"({ratio:.1%} of {tar_size:,} B tar, {stats.get('files', 0):,} files) in "
+        if layer is None or layer.size is None or stats is None:
+            return
+        tar_size = stats.tar_size
+        seconds = max(stats.seconds, 1e-6)
+        ratio = layer.size / tar_size if tar_size else 0.0
+        self.line(f"{report.reference}: injected {layer.diff_id}")
+        self.line(f"layer {layer.digest}: {layer.size:,} B {layer.compression} "
+                  f"({ratio:.1%} of {tar_size:,} B tar, {stats.files:,} files) in "
                   f"{seconds:.2f} s, {tar_size / seconds / 1e6:.0f} MB/s; image {report.digest}")
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    """`inspect` for a person: the JSON document's content, one fact a line."""
+    lines = [f"{report['reference']}  {report['mediaType']}", f"  digest {report['digest']}"]
+    if report.get("tags") is not None:
+        lines.append(f"  layout tags: {', '.join(report['tags']) or '(none)'}")
+    for image in report["images"]:
+        lines.append(f"  image {image['platform']}  manifest {image['manifest']['digest']}")
+        lines.append(f"    config {image['config']['digest']}  created "
+                     f"{image['config']['created']}")
+        injected = image["injected"]
+        for i, layer in enumerate(image["layers"]):
+            mark = "  <- injected" if injected and injected["position"] == i else ""
+            lines.append(f"    layer {i}: {layer['mediaType']} {layer['size']} B "
+                         f"{layer['digest']}{mark}")
+            lines.append(f"             diff_id {layer['diff_id']}")
+        for key, value in sorted(image["labels"].items()):
+            lines.append(f"    label {key}={value}")
+        for entry in image["history"]:
+            created_by = str(entry.get("created_by", ""))[:100]
+            empty = " (empty)" if entry.get("empty_layer") else ""
+            lines.append(f"    history {entry.get('created', '')} {created_by}{empty}")
+    return "\n".join(lines)

@@ -1,46 +1,82 @@
-"""Validate a layout (or one tag of it) as a whole: documents, descriptors and every blob.
+"""validate: every problem of a layout, of an image wherever it lives, or of one document.
 
 Unlike the rest of the tool, validation does not stop at the first problem: it walks
-everything reachable and collects every finding, so a user sees the whole damage at once.
+everything reachable (the one descriptor walk, over any source) and collects every
+finding, so a user sees the whole damage at once. Every blob is read through the source's
+verified reader, so a layer that does not match its digest is a finding too.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 from cvmfs_inject.errors import CvmfsInjectError
+from cvmfs_inject.image import backends
+from cvmfs_inject.image.access import Access
+from cvmfs_inject.image.layout import LayoutSource
 from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.source import ImageSource
+from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
+from cvmfs_inject.oci.walk import DescriptorPath, walk
 
 _CONFIG_FOR = {MediaType.DOCKER_MANIFEST: MediaType.DOCKER_CONFIG,
                MediaType.OCI_MANIFEST: MediaType.OCI_CONFIG}
 
 
-class _Walker:
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
+@dataclass(frozen=True)
+class _ManifestShape:
+    where: str
+    config: Descriptor | None
+    layers: int
+
+
+class _Checker:
+    """The walk's `expand` for validation: read and check one node, record what is wrong,
+    and name as children only the descriptors that are sound enough to follow."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
         self.problems: list[Problem] = []
-        self.checked: set[str] = set()
-        self.configs: dict[str, dict] = {}  # valid configs by digest, read once
+        self.configs: dict[str, dict[str, Any]] = {}  # sound configs by digest, read once
+        self.manifests: list[_ManifestShape] = []
 
-    def where(self, digest: str) -> str:
-        return f"{self.layout.root}/blobs/{digest.replace(':', '/', 1)}"
+    def __call__(self, path: DescriptorPath) -> list[Descriptor]:
+        desc = path.descriptor
+        data = self._read(desc)
+        if data is None:
+            return []
+        where = self.source.where(desc)
+        kind = ("index" if MediaType.is_index(desc.media_type) else
+                "manifest" if MediaType.is_manifest(desc.media_type) else "config")
+        found = check_document(data, kind, media_type=desc.media_type, where=where)
+        self.problems.extend(found)
+        if found:
+            return []
+        doc = json.loads(data)
+        if kind == "index":
+            return self.descriptors(doc["manifests"], f"{where} manifests")
+        if kind == "manifest":
+            return self._manifest(desc, doc, where)
+        self.configs[desc.digest] = doc
+        return []
 
-    def _blob(self, desc: Descriptor) -> bytes | None:
-        """Check that the blob exists and matches; return its bytes when it is a document."""
+    def _read(self, desc: Descriptor) -> bytes | None:
+        """A document's bytes; a layer is read through (checked), giving None."""
         try:
-            if MediaType.is_index(desc.media_type) or MediaType.is_manifest(desc.media_type) \
-                    or desc.media_type in MediaType.CONFIGS:
-                return self.layout.read_blob(desc.digest, desc.size)
-            self.layout.verify_blob(desc.digest, desc.size)
+            if MediaType.is_document(desc.media_type):
+                return self.source.document(desc)
+            with self.source.open_blob(desc) as blob:
+                while blob.read(READ_CHUNK):
+                    pass
         except CvmfsInjectError as exc:
-            where = self.where(desc.digest)
-            message = str(exc).removeprefix(f"{where}: ")
-            self.problems.append(Problem(where, message))
+            where = self.source.where(desc)
+            self.problems.append(Problem(where, str(exc).removeprefix(f"{where}: ")))
         return None
 
     def descriptor(self, raw: object, where: str) -> Descriptor | None:
@@ -57,77 +93,69 @@ class _Walker:
             self.problems.append(Problem(where, str(exc)))
             return None
 
-    def walk(self, desc: Descriptor) -> None:
-        if desc.digest in self.checked:
-            return
-        self.checked.add(desc.digest)
-        data = self._blob(desc)
-        if data is None:
-            return
-        where = self.where(desc.digest)
-        kind = ("index" if MediaType.is_index(desc.media_type) else
-                "manifest" if MediaType.is_manifest(desc.media_type) else "config")
-        found = check_document(data, kind, media_type=desc.media_type, where=where)
-        self.problems.extend(found)
-        if found:
-            return
-        doc = json.loads(data)
-        if kind == "index":
-            for i, raw in enumerate(doc["manifests"]):
-                child = self.descriptor(raw, f"{where} manifests[{i}]")
-                if child is not None:
-                    self.walk(child)
-        elif kind == "manifest":
-            self.manifest(desc, doc, where)
-        else:
-            self.configs[desc.digest] = doc
+    def descriptors(self, raws: list[Any], where: str) -> list[Descriptor]:
+        found = [self.descriptor(raw, f"{where}[{i}]") for i, raw in enumerate(raws)]
+        return [desc for desc in found if desc is not None]
 
-    def manifest(self, desc: Descriptor, doc: dict, where: str) -> None:
+    def _manifest(self, desc: Descriptor, doc: dict[str, Any], where: str) -> list[Descriptor]:
         config = self.descriptor(doc["config"], f"{where} config")
         manifest_type = doc.get("mediaType") or desc.media_type
         expected = _CONFIG_FOR.get(manifest_type)
         if config is not None and expected and config.media_type != expected:
             self.problems.append(Problem(f"{where} config", f"media type {config.media_type} "
                                          f"does not belong in a {manifest_type} manifest"))
-        layers = [self.descriptor(raw, f"{where} layers[{i}]")
-                  for i, raw in enumerate(doc["layers"])]
-        if config is not None:
-            self.walk(config)
-            self._diff_ids(config, len(layers), where)
-        for layer in layers:
-            if layer is not None and layer.digest not in self.checked:
-                self.checked.add(layer.digest)
-                self._blob(layer)
+        layers = self.descriptors(doc["layers"], f"{where} layers")
+        self.manifests.append(_ManifestShape(where, config, len(doc["layers"])))
+        return [config, *layers] if config is not None else layers
 
-    def _diff_ids(self, config: Descriptor, layer_count: int, where: str) -> None:
-        doc = self.configs.get(config.digest)
-        if doc is None:
-            return  # the config itself is broken: already reported
-        diff_ids = doc["rootfs"]["diff_ids"]
-        if len(diff_ids) != layer_count:
-            self.problems.append(Problem(where, f"manifest has {layer_count} layers but its "
-                                         f"config has {len(diff_ids)} diff_ids"))
+    def diff_ids(self) -> None:
+        """After the walk: each manifest's layers and its config's diff_ids agree."""
+        for shape in self.manifests:
+            doc = self.configs.get(shape.config.digest) if shape.config else None
+            if doc is None:
+                continue  # the config itself is broken: already reported
+            diff_ids = doc["rootfs"]["diff_ids"]
+            if len(diff_ids) != shape.layers:
+                self.problems.append(Problem(shape.where, f"manifest has {shape.layers} layers "
+                                             f"but its config has {len(diff_ids)} diff_ids"))
 
 
-def validate_layout(ref: ImageRef) -> list[Problem]:
-    """Every problem in the layout (all tags) or in the image one tag names."""
-    layout = Layout.open(ref.path)
-    walker = _Walker(layout)
-    with layout.lock(exclusive=False):
-        if ref.tag is None:
-            for name, kind in (("oci-layout", "layout"), ("index.json", "index")):
-                path = Path(layout.root) / name
-                walker.problems.extend(check_document(path.read_bytes(), kind, where=str(path)))
-            if walker.problems:
-                return walker.problems
-            index = json.loads((Path(layout.root) / "index.json").read_bytes())
-            for i, raw in enumerate(index["manifests"]):
-                desc = walker.descriptor(raw, f"{layout.root}/index.json manifests[{i}]")
-                if desc is not None:
-                    walker.walk(desc)
-        else:
-            walker.walk(layout.resolve(ref.tag))
-    return walker.problems
+def validate_image(source: ImageSource, roots: list[Descriptor] | None = None) -> list[Problem]:
+    """Every problem of what `roots` (default: what the source's reference names) reach."""
+    checker = _Checker(source)
+    walk(roots if roots is not None else [source.top()], checker)
+    checker.diff_ids()
+    return checker.problems
 
 
-__all__ = ["validate_layout"]
+def validate_layout(layout: Layout) -> list[Problem]:
+    """Every problem of a whole layout: its two files, then everything index.json reaches."""
+    problems: list[Problem] = []
+    for name, kind in (("oci-layout", "layout"), ("index.json", "index")):
+        path = layout.root / name
+        problems.extend(check_document(path.read_bytes(), kind, where=str(path)))
+    if problems:
+        return problems
+    source = LayoutSource(layout, ImageRef("oci", str(layout.root)))
+    checker = _Checker(source)
+    index = json.loads((layout.root / "index.json").read_bytes())
+    roots = checker.descriptors(index["manifests"], f"{layout.root}/index.json manifests")
+    walk(roots, checker)
+    checker.diff_ids()
+    return checker.problems
+
+
+def validate_ref(ref: ImageRef, access: Access) -> list[Problem]:
+    """A layout (every tag), or one image: a layout tag, a registry image (read over the
+    registry API, every blob downloaded and checked), or an archive."""
+    if ref.transport == "oci" and ref.tag is None:
+        layout = Layout.open(ref.path)
+        with layout.lock(exclusive=False):
+            return validate_layout(layout)
+    with backends.reading(ref, access, all_platforms=True) as source:
+        return validate_image(source)
+
+
+def validate_document(data: bytes, kind: str | None, where: str) -> list[Problem]:
+    """One JSON document; its kind is detected from its fields when not given."""
+    return check_document(data, kind, where=where)

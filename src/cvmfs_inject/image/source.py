@@ -1,17 +1,19 @@
-"""One read model over a local layout and a remote registry: resolve a reference to its images.
+"""The read side of the image model: a source resolves a reference to its per-platform images
+and opens blobs verified, whatever the backend.
 
-A source implements only the core (the top descriptor, a manifest or index by descriptor,
-a config by descriptor); walking an index into per-platform images is generic, so
+A backend implements only a small core (ggcr's `partial` cores): the descriptor its
+reference names, the bytes of a document, a verified stream of a blob, and where a blob is
+for messages. Everything else (parsing, walking an index into platforms) is generic, so
 `inspect`, `validate`, `inject` and `unpack` see the same shapes wherever the image lives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from cvmfs_inject.errors import NotFoundError, UsageError
-from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import (
     Descriptor,
@@ -21,13 +23,37 @@ from cvmfs_inject.oci.model import (
     platform_matches,
     platform_string,
 )
+from cvmfs_inject.oci.walk import DescriptorPath, Expand, reading, walk
 
 
 class ImageSource(Protocol):
-    def top(self) -> Descriptor: ...
-    def manifest(self, desc: Descriptor) -> Manifest: ...
-    def index(self, desc: Descriptor) -> Index: ...
-    def config(self, manifest_desc: Descriptor, manifest: Manifest) -> ImageConfig: ...
+    """What a backend (a layout, a registry) implements to be read."""
+
+    @property
+    def ref(self) -> ImageRef:
+        """The reference this source reads (with the tag it resolved, for a layout)."""
+        ...
+
+    def top(self) -> Descriptor:
+        """The descriptor the reference names: a manifest or an index."""
+        ...
+
+    def document(self, desc: Descriptor) -> bytes:
+        """The bytes of an index, manifest or config, checked against size and digest."""
+        ...
+
+    def open_blob(self, desc: Descriptor) -> BinaryIO:
+        """A stream of a blob that raises IntegrityError at its end if the bytes read do
+        not match the descriptor's size and digest; close it when done."""
+        ...
+
+    def where(self, desc: Descriptor) -> str:
+        """Where the blob is, for messages."""
+        ...
+
+    def tags(self) -> list[str] | None:
+        """The tags beside this image, where the backend can list them cheaply."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -47,23 +73,41 @@ class Image:
         return platform_string({"os": doc.get("os"), "architecture": doc.get("architecture"),
                                 "variant": doc.get("variant")})
 
+    def config_platform(self) -> dict[str, str]:
+        doc = self.config.doc
+        return {key: doc[key] for key in ("os", "architecture", "variant") if doc.get(key)}
 
-class LayoutSource:
-    def __init__(self, layout: Layout, tag: str | None) -> None:
-        self.layout = layout
-        self.tag = tag
 
-    def top(self) -> Descriptor:
-        return self.layout.resolve(self.tag)
+@dataclass(frozen=True)
+class Resolved:
+    """What a reference names: its top descriptor, the index (if it is one), its images."""
 
-    def manifest(self, desc: Descriptor) -> Manifest:
-        return self.layout.read_manifest(desc)
+    top: Descriptor
+    index: Index | None
+    images: list[Image]
 
-    def index(self, desc: Descriptor) -> Index:
-        return self.layout.read_index_blob(desc)
 
-    def config(self, manifest_desc: Descriptor, manifest: Manifest) -> ImageConfig:
-        return self.layout.read_config(manifest.config)
+def read_manifest(source: ImageSource, desc: Descriptor) -> Manifest:
+    return Manifest.parse(source.document(desc), source.where(desc), desc.media_type)
+
+
+def read_index(source: ImageSource, desc: Descriptor) -> Index:
+    return Index.parse(source.document(desc), source.where(desc), desc.media_type)
+
+
+def read_config(source: ImageSource, manifest: Manifest) -> ImageConfig:
+    config = manifest.config
+    return ImageConfig.parse(source.document(config), source.where(config))
+
+
+def read_image(source: ImageSource, desc: Descriptor) -> Image:
+    manifest = read_manifest(source, desc)
+    return Image(desc, manifest, read_config(source, manifest))
+
+
+def documents(source: ImageSource, *, subject: bool) -> Expand:
+    """The walk's standard `expand` over a source: read indexes and manifests."""
+    return reading(source.document, source.where, subject=subject)
 
 
 def is_image_entry(desc: Descriptor) -> bool:
@@ -72,36 +116,31 @@ def is_image_entry(desc: Descriptor) -> bool:
     return MediaType.is_manifest(desc.media_type) and platform.get("os") != "unknown"
 
 
-def load_images(source: ImageSource, top: Descriptor, platform: str | None = None
-                ) -> tuple[Index | None, list[Image]]:
-    """The index (if the top is one) and its images, restricted to `platform` when given."""
+def resolve(source: ImageSource, platform: str | None = None) -> Resolved:
+    """The top descriptor and its images, restricted to `platform` (OS/ARCH[/VARIANT])."""
+    top = source.top()
     if MediaType.is_manifest(top.media_type):
-        manifest = source.manifest(top)
-        image = Image(top, manifest, source.config(top, manifest))
-        if platform and not platform_matches(_config_platform(image), platform):
+        image = read_image(source, top)
+        if platform and not platform_matches(image.config_platform(), platform):
             raise NotFoundError(f"image is {image.platform}, not {platform}")
-        return None, [image]
+        return Resolved(top, None, [image])
     if not MediaType.is_index(top.media_type):
         raise UsageError(f"{top.digest}: media type {top.media_type} is not an image or index")
-    index = source.index(top)
-    images = []
-    for desc in index.manifests:
-        if MediaType.is_index(desc.media_type):
-            raise UsageError(f"{top.digest}: nested indexes are not supported")
-        if not is_image_entry(desc):
-            continue
-        if platform and not platform_matches(desc.platform, platform):
-            continue
-        manifest = source.manifest(desc)
-        images.append(Image(desc, manifest, source.config(desc, manifest)))
+    index = read_index(source, top)
+
+    def images_of_the_index(path: DescriptorPath) -> list[Descriptor]:
+        if path.parent is not None:
+            return []  # an image: its config and layers are read on their own
+        for desc in index.manifests:
+            if MediaType.is_index(desc.media_type):
+                raise UsageError(f"{top.digest}: nested indexes are not supported")
+        return [desc for desc in index.manifests if is_image_entry(desc)
+                and (not platform or platform_matches(desc.platform, platform))]
+
+    images = [read_image(source, path.descriptor)
+              for path in walk([top], images_of_the_index) if path.parent is not None]
     if not images:
         available = ", ".join(platform_string(d.platform) for d in index.manifests)
         raise NotFoundError(f"no image for platform {platform} in the index "
                             f"(it has: {available or 'none'})")
-    return index, images
-
-
-def _config_platform(image: Image) -> dict[str, str]:
-    doc = image.config.doc
-    return {k: v for k, v in (("os", doc.get("os")), ("architecture", doc.get("architecture")),
-                              ("variant", doc.get("variant"))) if v}
+    return Resolved(top, index, images)

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
-
-from jsonschema import Draft202012Validator, ValidationError, validators
+from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.digest import digest_problem
 from cvmfs_inject.oci.jsondoc import json_type, shorten
 from cvmfs_inject.oci.media import MediaType
+
+if TYPE_CHECKING:
+    from jsonschema import ValidationError
 
 KINDS = ("layout", "index", "manifest", "config", "descriptor")
 
@@ -246,6 +247,8 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
                   ) -> Iterator[ValidationError]:
     """``pattern`` with ECMA-262 ``$``: Python's ``$`` also matches before a final newline,
     which would let ``"sha256:…\\n"`` or ``"text/plain\\n"`` through."""
+    from jsonschema import ValidationError
+
     if not validator.is_type(instance, "string"):
         return
     anchored = pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$") \
@@ -254,18 +257,20 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-_Validator = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
-
-
 @functools.cache
 def _validator(name: str) -> Any:
-    """Load, self-check and compile one schema once; no format checker, formats are not rules."""
+    """Load, self-check and compile one schema once; no format checker, formats are not rules.
+
+    jsonschema is imported here, on first use: commands that check no document (a local
+    inject) do not pay for it."""
+    from jsonschema import Draft202012Validator, validators
+
     try:
         schema = json.loads((_schema_dir() / name).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load schema {name}: {e}; the installation is incomplete") from e
     Draft202012Validator.check_schema(schema)
-    return _Validator(schema)
+    return validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})(schema)
 
 
 def _json_path(parts: Iterable[str | int]) -> str:

@@ -28,6 +28,7 @@ from cvmfs_inject.oci.media import MediaType
 class ExtractResult:
     entries: int = 0
     skipped: list[str] = field(default_factory=list)
+    has_root: bool = False  # the layer has an entry for the mount point itself
 
 
 def decompressed(reader: IO[bytes], media_type: str) -> IO[bytes]:
@@ -108,6 +109,7 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
                 name = _strip_dot(member.name).rstrip("/")
                 if name == prefix.rstrip("/"):
                     directories.append((target.root, member.mode, int(member.mtime)))
+                    result.has_root = True
                     continue
                 if not name.startswith(prefix):
                     continue

@@ -1,0 +1,143 @@
+"""The command line's grammar: every command, argument and option, and its help."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from cvmfs_inject import PROG, __version__
+from cvmfs_inject.commands.push import FORMATS
+from cvmfs_inject.oci.schema import KINDS
+from cvmfs_inject.pack.options import COMPRESSIONS
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand, as skopeo users write them."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("common options")
+    group.add_argument("--tls-verify", nargs="?", const=True, type=_bool, default=default,
+                       metavar="BOOL", help="require HTTPS and verify certificates (default)")
+    group.add_argument("--no-tls-verify", dest="tls_verify", action="store_false",
+                       default=default, help="plain http or unverified TLS (local registries)")
+    group.add_argument("--cert-dir", type=Path, default=default, metavar="DIR",
+                       help="CA *.crt and client *.cert/*.key for the registry, as skopeo")
+    group.add_argument("--authfile", type=Path, default=default, metavar="FILE",
+                       help="registry auth file (default: REGISTRY_AUTH_FILE, then "
+                            "$XDG_RUNTIME_DIR/containers/auth.json, "
+                            "~/.config/containers/auth.json, then $DOCKER_CONFIG/config.json "
+                            "or ~/.docker/config.json)")
+    group.add_argument("--creds-stdin", action="store_true", default=default,
+                       help="read USERNAME:PASSWORD from the first line of stdin (for CI)")
+    group.add_argument("--ca-file", type=Path, default=default, metavar="FILE",
+                       help="CA bundle for the registry's TLS certificate (registry-direct)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="print only errors (and --json output)")
+    group.add_argument("--debug", action="store_true", default=default,
+                       help="pass --debug to skopeo and show tracebacks")
+    group.add_argument("--json", action="store_true", default=default,
+                       help="machine-readable output on stdout")
+    return parser
+
+
+def _pack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", default="/cvmfs", metavar="MOUNT",
+                        help="mount point in the image (default /cvmfs)")
+    parser.add_argument("--compress", choices=COMPRESSIONS, default="gzip",
+                        help="layer compression (default gzip; zstd only into OCI images)")
+    parser.add_argument("--level", type=int, help="compression level (gzip 0-3 ISA-L, "
+                        "default 1; zstd 1-22, default 1)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out matching paths (repeatable; see README)")
+    parser.add_argument("--keep-owner", action="store_true",
+                        help="keep file owners instead of 0:0")
+    parser.add_argument("--platform", metavar="OS/ARCH",
+                        help="only this platform of a multi-platform image")
+    parser.add_argument("--tag", metavar="NEW", help="write the result under a new tag")
+    parser.add_argument("--via-layout", action="store_true",
+                        help="registry images: pull, edit a local layout, push (instead of "
+                             "registry-direct)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[_common(suppress=False)],
+        description="Put a CernVM-FS shrinkwrap tree into container images as a /cvmfs layer.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    p = command("pull", "copy an image into a local OCI layout")
+    p.add_argument("src", metavar="SRC",
+                   help="docker://, docker-archive:, oci-archive: or oci: image")
+    p.add_argument("dest", metavar="LAYOUT[:TAG]", help="local OCI layout (created if needed)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="all platforms of an index")
+    group.add_argument("--platform", metavar="OS/ARCH", help="one platform of an index")
+
+    p = command("push", "copy a layout image to a registry or an archive")
+    p.add_argument("src", metavar="LAYOUT[:TAG]", help="local OCI layout image")
+    p.add_argument("dest", metavar="DEST", help="docker://, docker-archive: or oci-archive:")
+    p.add_argument("--format", choices=FORMATS, default="keep",
+                   help="manifest format (default keep: what it was pulled as)")
+
+    p = command("validate", "check a layout, an image, or one JSON document")
+    p.add_argument("target", metavar="REF|FILE|-",
+                   help="layout (all tags), LAYOUT:TAG, registry or archive image, or one "
+                        "JSON document (- for stdin)")
+    p.add_argument("--kind", choices=KINDS, help="validate FILE (or - for stdin) as this kind")
+
+    p = command("inspect", "show tags, platforms, layers, labels and history")
+    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("--platform", metavar="OS/ARCH", help="only this platform of an index")
+
+    p = command("gc", "delete blobs no tag reaches")
+    p.add_argument("layout", metavar="LAYOUT", help="local OCI layout directory")
+    p.add_argument("--dry-run", action="store_true", help="only say what would go")
+
+    p = command("init", "add an empty mount-point layer (idempotent)")
+    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("--path", default="/cvmfs", metavar="MOUNT",
+                   help="mount point in the image (default /cvmfs)")
+    p.add_argument("--platform", metavar="OS/ARCH", help="only this platform of an index")
+    p.add_argument("--tag", metavar="NEW", help="write the result under a new tag")
+    p.add_argument("--dest", metavar="DEST", help="registry-direct: write the result here")
+
+    p = command("unpack", "write the injected layer's content into DIR")
+    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("dir", type=Path, metavar="DIR", help="where the mount point's content goes")
+    p.add_argument("--force", action="store_true", help="unpack into a non-empty DIR")
+    p.add_argument("--platform", metavar="OS/ARCH")
+    p.add_argument("--path", metavar="MOUNT", help="mount point (default: from the image)")
+    p.add_argument("--via-layout", action="store_true",
+                   help="registry images: pull the whole image first")
+
+    p = command("inject", "pack DIR and put it into the image at the mount point")
+    p.add_argument("ref", metavar="REF", help="layout image (edited in place) or docker:// image")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the content of the mount point")
+    _pack_options(p)
+    p.add_argument("--dest", metavar="DEST",
+                   help="registry-direct: write the result to this docker:// reference")
+
+    p = command("run", "pull SRC, inject DIR, validate, push to DEST")
+    p.add_argument("src", metavar="SRC", help="docker://, docker-archive:, oci-archive: or oci:")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the content of the mount point")
+    p.add_argument("dest", metavar="DEST", help="docker://, docker-archive: or oci-archive:")
+    _pack_options(p)
+    p.add_argument("--layout", metavar="CACHE", help="keep the working layout here")
+    p.add_argument("--format", choices=FORMATS, default="keep",
+                   help="manifest format at DEST (default keep; oci/v2s2 need the layout path)")
+    return parser

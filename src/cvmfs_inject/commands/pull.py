@@ -1,0 +1,117 @@
+"""pull: copy an image into a local layout, through skopeo, without letting it write there.
+
+skopeo copies into a staging layout on the same filesystem; every blob is verified and
+renamed in, and `index.json` is replaced last. A failed or killed pull leaves the layout
+exactly as it was (and a layout it had to create is removed again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_inject.errors import InputError, UsageError
+from cvmfs_inject.image.access import Access
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.layout import original
+from cvmfs_inject.layout.annotations import SOURCE_FORMAT
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.jsondoc import parse_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.skopeo.command import Skopeo
+
+
+@dataclass(frozen=True)
+class PullResult:
+    layout: str
+    tag: str
+    descriptor: Descriptor
+
+
+def source_manifest(ref: ImageRef, skopeo: Skopeo) -> tuple[str, bytes | None]:
+    """`v2s2` or `oci` (what the source speaks, so `push --format keep` can give it back),
+    and a registry source's manifest bytes."""
+    if ref.transport == "docker-archive":
+        return "v2s2", None
+    if ref.transport == "docker":
+        raw = skopeo.inspect_raw(ref)
+        doc = parse_json(raw, str(ref))
+        return ("v2s2" if MediaType.is_docker(str(doc.get("mediaType", ""))) else "oci"), raw
+    return "oci", None
+
+
+def source_format(ref: ImageRef, skopeo: Skopeo) -> str:
+    return source_manifest(ref, skopeo)[0]
+
+
+def default_tag(src: ImageRef) -> str:
+    if src.transport == "docker" and src.tag:
+        return src.tag
+    if src.transport in ("oci", "oci-archive") and src.tag:
+        return src.tag
+    return "latest"
+
+
+@contextlib.contextmanager
+def _new_or_existing_layout(path: str) -> Iterator[Layout]:
+    """Create the layout if needed, and undo exactly that if the command that made it fails."""
+    target = Path(path).absolute()
+    if (target / "oci-layout").exists():
+        yield Layout.open(target)
+        return
+    first_missing = None
+    probe = target
+    while not os.path.lexists(probe):
+        first_missing, probe = probe, probe.parent
+    layout = Layout.create(path)
+    try:
+        yield layout
+    except BaseException:
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
+        else:  # it was an empty directory: leave it empty again
+            for child in target.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink()
+        raise
+
+
+def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = False,
+         platform: str | None = None, known_format: str | None = None) -> PullResult:
+    """Copy `src` into the layout named by `dest` (created if needed).
+
+    `known_format` spares a second registry request when the caller already asked.
+    """
+    if dest.transport != "oci":
+        raise UsageError(f"pull writes a local layout; {dest} is not oci:DIR[:TAG]")
+    if all_images and platform:
+        raise UsageError("--all and --platform exclude each other")
+    tag = dest.tag or default_tag(src)
+    if src.transport == "oci":  # our own message, listing the tags, before skopeo's
+        Layout.open(src.path).resolve(src.tag)
+    elif src.transport != "docker" and not os.path.isfile(src.path):
+        raise InputError(f"{src.path}: no such archive file")
+    skopeo = access.skopeo(src)
+    fmt, raw = (known_format, None) if known_format else source_manifest(src, skopeo)
+    with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
+            layout.staging() as stage:
+        skopeo.copy(src, ImageRef("oci", stage, "pull"), all_images=all_images,
+                    platform=platform)
+        staged = Layout.open(stage)
+        desc = staged.resolve("pull")
+        for algorithm_dir in (Path(stage) / "blobs").iterdir():
+            for blob in algorithm_dir.iterdir():
+                layout.import_blob(blob, f"{algorithm_dir.name}:{blob.name}")
+        annotations = {k: v for k, v in desc.annotations.items()}
+        annotations[SOURCE_FORMAT] = fmt
+        if raw is not None and fmt == "v2s2" and not all_images and not platform:
+            annotations.update(original.keep(layout, src, skopeo, desc, raw))
+        layout.set_tag(tag, desc.with_annotations(annotations))
+    return PullResult(dest.path, tag, desc)

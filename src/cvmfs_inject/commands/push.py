@@ -1,0 +1,131 @@
+"""push: copy a layout image out to a registry or an archive, through skopeo.
+
+Archives appear atomically (a temp file beside them, renamed when skopeo succeeded); a
+Docker v2s2 destination is refused up front when a layer cannot be Docker; an image still
+as it was pulled goes back with its original bytes (`layout.original`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from cvmfs_inject.errors import UsageError
+from cvmfs_inject.image.access import Access
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.layout import original
+from cvmfs_inject.layout.annotations import SOURCE_FORMAT
+from cvmfs_inject.layout.gc import check_present
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.walk import reading, walk
+
+FORMATS = ("oci", "v2s2", "keep")
+
+
+def _skopeo_format(fmt: str, desc: Descriptor) -> str | None:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use oci, v2s2 or keep")
+    if fmt == "keep":
+        kept = desc.annotations.get(SOURCE_FORMAT)
+        return "v2s2" if kept == "v2s2" else None
+    return fmt
+
+
+def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str = "keep"
+         ) -> str:
+    """Copy a layout image out to a registry or an archive; archives appear atomically.
+
+    Returns the digest of the manifest as written at the destination (it differs from the
+    layout's when the format is converted), as skopeo reports it.
+    """
+    if src.transport != "oci":
+        raise UsageError(f"push reads a local layout; {src} is not oci:DIR[:TAG]")
+    if dest.transport == "oci":
+        raise UsageError(f"push to another layout: use a docker://, docker-archive: or "
+                         f"oci-archive: destination, not {dest}")
+    layout = Layout.open(src.path)
+    skopeo = access.skopeo(src, dest)
+    with layout.lock(exclusive=False), tempfile.TemporaryDirectory() as scratch:
+        digestfile = Path(scratch) / "digest"
+        desc = layout.resolve(src.tag)
+        fmt = _skopeo_format(manifest_format, desc)
+        is_index = MediaType.is_index(desc.media_type)
+        if is_index and dest.transport == "docker-archive":
+            raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
+                             "push one platform by its own tag, or use oci-archive:")
+        check_present(layout, desc)
+        if fmt == "v2s2" or dest.transport == "docker-archive":
+            _check_docker_layers(layout, desc, src)
+        if manifest_format == "keep" and dest.is_registry and original.unchanged_original(desc):
+            with original.view(layout, desc) as source:
+                skopeo.copy(source, dest, preserve_digests=True, digestfile=digestfile)
+        else:
+            with _skopeo_view(layout, src, desc) as source:
+                if dest.transport == "docker":
+                    skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt,
+                                digestfile=digestfile)
+                else:
+                    with _archive_target(dest) as tmp_dest:
+                        skopeo.copy(source, tmp_dest, all_images=is_index,
+                                    manifest_format=fmt, digestfile=digestfile)
+        pushed = digestfile.read_text().strip() if digestfile.exists() else ""
+        return pushed or desc.digest
+
+
+def _check_docker_layers(layout: Layout, desc: Descriptor, src: ImageRef) -> None:
+    """Docker v2s2 carries gzip layers only: say so before skopeo fails half-way."""
+    expand = reading(lambda d: layout.read_blob(d.digest, d.size), layout.where, subject=False)
+    for path in walk([desc], expand):
+        media_type = path.descriptor.media_type
+        if media_type in (MediaType.OCI_LAYER_ZSTD, MediaType.OCI_LAYER):
+            raise UsageError(f"{src} has {media_type} layers, which a Docker v2s2 "
+                             "image cannot carry: push with --format oci (to a registry or "
+                             "oci-archive:), or inject with --compress gzip")
+
+
+@contextlib.contextmanager
+def _skopeo_view(layout: Layout, src: ImageRef, desc: Descriptor) -> Iterator[ImageRef]:
+    """The reference skopeo should read.
+
+    skopeo 1.9 looks a tag up only among index.json entries with OCI media types, so an
+    image whose entry has a Docker media type is shown to it as the single, untagged entry
+    of a throw-away layout that shares the blobs directory.
+    """
+    if not MediaType.is_docker(desc.media_type):
+        yield ImageRef("oci", src.path, src.tag or desc.ref_name)
+        return
+    with tempfile.TemporaryDirectory(prefix="cvmfs-inject-view-") as view:
+        root = Path(view)
+        (root / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": "1.0.0"}))
+        entry = desc.with_annotations({}).to_dict()
+        (root / "index.json").write_bytes(canonical_json(
+            {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX, "manifests": [entry]}))
+        (root / "blobs").symlink_to((layout.root / "blobs").absolute())
+        yield ImageRef("oci", view, None)
+
+
+@contextlib.contextmanager
+def _archive_target(dest: ImageRef) -> Iterator[ImageRef]:
+    """A temp file beside the archive, renamed over it only when skopeo succeeded."""
+    target = Path(dest.path).resolve()
+    if target.is_dir():
+        raise UsageError(f"{dest.path}: is a directory; name the archive file to write")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent}: no such directory for the archive")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)  # skopeo creates the file itself
+    try:
+        yield ImageRef(dest.transport, tmp, dest.tag)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

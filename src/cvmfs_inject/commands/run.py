@@ -1,0 +1,82 @@
+"""run: the one call a Makefile makes. pull, inject, validate, push; or, registry to
+registry, the same edit registry-direct."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref
+from cvmfs_inject.commands.pull import default_tag, pull, source_format
+from cvmfs_inject.commands.push import push
+from cvmfs_inject.commands.validate import validate_ref
+from cvmfs_inject.errors import UsageError, ValidationFailed
+from cvmfs_inject.image import backends
+from cvmfs_inject.image.access import Access
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.pack.options import PackOptions, Progress, Warn
+from cvmfs_inject.pack.packer import check_tree
+
+
+def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: PackOptions,
+            *, cache: str | None = None, new_tag: str | None = None,
+            platform: str | None = None, manifest_format: str = "keep",
+            via_layout: bool = False, progress: Progress | None = None,
+            warn: Warn | None = None, upload_progress: Any = None) -> InjectReport:
+    """Registry to registry without a layout (`cache`) or `via_layout`: registry-direct,
+    keeping each manifest's format. Otherwise through a layout (`run`)."""
+    if src.is_registry and dest.is_registry and not via_layout and cache is None:
+        if manifest_format != "keep":
+            raise UsageError("--format converts through a layout: add --via-layout")
+        check_tree(tree)
+        with backends.editing(src, access, dest=dest,
+                              upload_progress=upload_progress) as (source, sink):
+            return inject(source, sink, tree, options, platform=platform, progress=progress,
+                          warn=warn)
+    return run(src, tree, dest, access, options, cache=cache, new_tag=new_tag,
+               platform=platform, manifest_format=manifest_format, progress=progress,
+               warn=warn)
+
+
+def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
+        options: PackOptions, *, cache: str | None = None, new_tag: str | None = None,
+        platform: str | None = None, manifest_format: str = "keep",
+        progress: Progress | None = None, warn: Warn | None = None,
+        init_only: bool = False) -> InjectReport:
+    """pull -> inject -> validate -> push, through a working layout.
+
+    The working layout is CACHE when given (kept, so later runs reuse its blobs), else a
+    temporary directory removed at the end. Nothing is pushed unless validation passed.
+    """
+    if dest.transport == "oci":
+        raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
+                         "and `inject` to edit a layout")
+    if tree is not None:
+        check_tree(tree)
+    fmt = source_format(src, access.skopeo(src))
+    pushed_as_docker = (dest.transport == "docker-archive" or manifest_format == "v2s2"
+                        or (manifest_format == "keep" and fmt == "v2s2"))
+    if pushed_as_docker and options.compression != "gzip":
+        raise UsageError(f"--compress {options.compression} cannot go into a Docker v2s2 image "
+                         f"(Docker layers are gzip only) and {dest} will be Docker v2s2: use "
+                         "--compress gzip, or --format oci with a registry or oci-archive: "
+                         "destination")
+    with contextlib.ExitStack() as stack:
+        if cache is None:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="cvmfs-inject-run-"))
+            cache = os.path.join(scratch, "layout")
+        pulled = pull(src, ImageRef("oci", cache, new_tag or default_tag(src)), access,
+                      all_images=True, known_format=fmt)
+        working = ImageRef("oci", cache, pulled.tag)
+        report = inject_ref(working, tree, options, access, platform=platform,
+                            progress=progress, warn=warn, init_only=init_only)
+        problems = validate_ref(working, access)
+        if problems:
+            raise ValidationFailed(f"{working}: the injected image does not validate: "
+                                   f"{problems[0]} ({len(problems)} problem(s))")
+        report.destination = str(dest)
+        report.pushed_digest = push(working, dest, access, manifest_format=manifest_format)
+        return report

@@ -1,0 +1,59 @@
+"""How to reach registries, for the registry client and for skopeo alike.
+
+One value carries what a user says about registries (TLS, CA, auth file, credentials on
+stdin) and turns it into a registry client or a skopeo wrapper. Credentials from stdin are
+read once, when a command first needs them, so a command that needs no registry never
+waits on stdin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.skopeo.auth import credentials_authfile
+from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
+
+if TYPE_CHECKING:  # the registry client (oras, requests) loads only for registry refs
+    from cvmfs_inject.registry.client import RegistryClient
+    from cvmfs_inject.registry.credentials import Credentials
+
+
+class Access:
+    def __init__(self, options: RegistryOptions | None = None, *, ca_file: Path | None = None,
+                 read_credentials: Callable[[], Credentials] | None = None,
+                 show_progress: bool = False) -> None:
+        self.options = options or RegistryOptions()
+        self.ca_file = ca_file
+        self.show_progress = show_progress
+        self._read_credentials = read_credentials
+        self._credentials: Credentials | None = None
+
+    def credentials(self) -> Credentials | None:
+        """The credentials given on stdin, if any (read on the first call)."""
+        if self._read_credentials is not None and self._credentials is None:
+            self._credentials = self._read_credentials()
+        return self._credentials
+
+    def client(self, ref: ImageRef) -> RegistryClient:
+        from cvmfs_inject.registry.client import RegistryClient
+        from cvmfs_inject.registry.credentials import load_credentials
+
+        credentials = self.credentials() or load_credentials(ref.registry,
+                                                             self.options.authfile)
+        return RegistryClient(ref.registry, tls_verify=self.options.tls_verify,
+                              cert_dir=self.options.cert_dir, ca_file=self.ca_file,
+                              credentials=credentials)
+
+    def skopeo(self, *refs: ImageRef) -> Skopeo:
+        """skopeo for a command on `refs`; stdin credentials reach it in a private auth file
+        for the registries among them, never on its command line."""
+        options = self.options
+        credentials = self.credentials()
+        if credentials is not None:
+            hosts = [ref.registry for ref in refs if ref.is_registry]
+            options = replace(options, authfile=credentials_authfile(credentials, hosts))
+        return Skopeo(options, show_progress=self.show_progress)
