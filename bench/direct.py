@@ -29,6 +29,9 @@ sys.path.insert(0, str(HERE))
 from run import CACHE, make_tree  # noqa: E402
 
 from cvmfs_inject.demo.sample import build_sample_image  # noqa: E402
+from cvmfs_inject.image.layout import LayoutSource  # noqa: E402
+from cvmfs_inject.image.refs import ImageRef  # noqa: E402
+from cvmfs_inject.image.source import read_image  # noqa: E402
 from cvmfs_inject.layout.store import Layout  # noqa: E402
 from cvmfs_inject.oci.jsondoc import canonical_json  # noqa: E402
 from cvmfs_inject.oci.media import MediaType  # noqa: E402
@@ -51,8 +54,8 @@ def big_base(path: Path, mib: int) -> None:
                                                              source_date_epoch=0))
             layer = writer.commit().replace(media_type=MediaType.OCI_LAYER_GZIP)
         top = layout.resolve("v1")
-        manifest = layout.read_manifest(top)
-        config = layout.read_config(manifest.config).edit()
+        image = read_image(LayoutSource(layout, ImageRef("oci", str(path), "v1")), top)
+        manifest, config = image.manifest, image.config.edit()
         config["rootfs"]["diff_ids"].insert(0, packed.diff_id)
         config["history"].insert(0, {"created_by": "bench: big base layer"})
         config_desc = layout.put_bytes(canonical_json(config), MediaType.OCI_CONFIG)

@@ -149,7 +149,7 @@ class RegistrySink:
         if self.store.has_blob(desc.digest):  # new: uploaded unless the registry has it
             with self._upload_progress(desc.size) as progress:
                 self.client.push_blob(repo, self.store.blob_path(desc.digest), desc.digest,
-                                       desc.size, progress=progress)
+                                      desc.size, progress=progress)
         elif isinstance(source, RemoteSource):  # present, else mounted or streamed across
             self.client.copy_blob_from(source.client, source.ref.repository, repo,
                                        desc.digest, desc.size)

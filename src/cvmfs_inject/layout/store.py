@@ -28,7 +28,7 @@ from cvmfs_inject.layout.blobs import (
 from cvmfs_inject.oci.digest import check_digest
 from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
 from cvmfs_inject.oci.media import MediaType
-from cvmfs_inject.oci.model import REF_NAME, Descriptor, ImageConfig, Index, Manifest
+from cvmfs_inject.oci.model import REF_NAME, Descriptor, Index
 
 OCI_LAYOUT_VERSION = "1.0.0"
 TMP_NAME = ".cvmfs-inject-tmp"
@@ -159,11 +159,6 @@ class Layout:
         with self.open_blob(digest, size) as reader:
             return reader.readall()
 
-    def verify_blob(self, digest: str, size: int) -> None:
-        with self.open_blob(digest, size) as reader:
-            while reader.read(READ_CHUNK):
-                pass
-
     def writer(self) -> BlobWriter:
         return BlobWriter(self.tmp_dir, self.blob_path)
 
@@ -188,18 +183,6 @@ class Layout:
             os.fsync(handle.fileno())
         os.replace(source, path)
         fsync_dir(path.parent)
-
-    # -- typed documents -------------------------------------------------------------------
-    def read_manifest(self, desc: Descriptor) -> Manifest:
-        return Manifest.parse(self.read_blob(desc.digest, desc.size), self.where(desc),
-                              desc.media_type)
-
-    def read_index_blob(self, desc: Descriptor) -> Index:
-        return Index.parse(self.read_blob(desc.digest, desc.size), self.where(desc),
-                           desc.media_type)
-
-    def read_config(self, desc: Descriptor) -> ImageConfig:
-        return ImageConfig.parse(self.read_blob(desc.digest, desc.size), self.where(desc))
 
     def where(self, desc: Descriptor) -> str:
         """Where a blob lives, for messages."""

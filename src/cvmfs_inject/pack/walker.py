@@ -47,7 +47,7 @@ class Excluder:
                 pattern_parts = pattern.split("/")
                 if len(pattern_parts) == len(parts) and all(
                         fnmatch.fnmatchcase(part, pat) for part, pat in zip(parts, pattern_parts,
-                                                                           strict=True)):
+                                                                            strict=True)):
                     return True
             elif fnmatch.fnmatchcase(parts[-1], pattern):
                 return True

@@ -51,7 +51,7 @@ class Fetcher:
         repo, reference = self.transport.repo(repo), self.transport.reference(reference)
         name = f"{repo}@{reference}" if ":" in reference else f"{repo}:{reference}"
         resp = self.transport.request("GET", f"/v2/{repo}/manifests/{reference}", repo=repo,
-                             headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
+                                      headers={"Accept": ", ".join(MANIFEST_ACCEPT)}, stream=True)
         if resp.status_code != 200:
             raise self.transport.fail(resp, f"get manifest {name}",
                                       not_found=f"manifest {name} not found")
@@ -120,7 +120,7 @@ class Fetcher:
                                       stream=True)
         if resp.status_code != 200:
             raise self.transport.fail(resp, f"get blob {digest} from {repo}",
-                             not_found=f"blob {digest} not found in {repo}")
+                                      not_found=f"blob {digest} not found in {repo}")
         return resp
 
     def _verified(self, resp: requests.Response, repo: str, digest: str,

@@ -18,16 +18,13 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
-import oras.utils
-import requests
-import urllib3.exceptions
-
-from cvmfs_inject.errors import CvmfsInjectError, InputError, IntegrityError, ToolError, UsageError
+from cvmfs_inject.errors import InputError, IntegrityError, ToolError, UsageError
 from cvmfs_inject.oci.digest import check_digest, digest_of, sha256_digest
 from cvmfs_inject.registry.bodies import FileSource, Reporting, Source, StreamSource
-from cvmfs_inject.registry.errors import Transient, Unreachable
+from cvmfs_inject.registry.errors import Transient
 from cvmfs_inject.registry.fetcher import Fetcher
 from cvmfs_inject.registry.transport import split_digest
+from cvmfs_inject.registry.upload import cancel, upload
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF = 0.5  # seconds before the 1st retry, doubled each time
@@ -65,7 +62,7 @@ class Pusher(Fetcher):
                 raise InputError(f"manifest bytes do not match the digest reference {reference}")
         name = f"{repo}@{reference}" if ":" in reference else f"{repo}:{reference}"
         resp = self.transport.request("PUT", f"/v2/{repo}/manifests/{reference}", repo=repo,
-                             headers={"Content-Type": media_type}, body=bytes(raw))
+                                      headers={"Content-Type": media_type}, body=bytes(raw))
         if resp.status_code not in (200, 201, 202):
             raise self.transport.fail(resp, f"push manifest {name}")
         resp.close()
@@ -90,19 +87,9 @@ class Pusher(Fetcher):
         if resp.status_code == 201:
             return True
         if resp.status_code == 202:
-            self._cancel_upload(self.transport.location(resp), repo)
+            cancel(self.transport, self.transport.location(resp), repo)
             return False
         raise self.transport.fail(resp, f"mount {digest} from {from_repo} into {repo}")
-
-    def _cancel_upload(self, location: str, repo: str) -> None:
-        """Best effort DELETE of an upload session; the registry purges leftovers anyway."""
-        try:
-            resp = self.transport.request("DELETE", location, repo=repo)
-            resp.close()
-            if resp.status_code not in (200, 202, 204, 404):
-                log.debug("%s: cancelling upload answered %s", self.registry, resp.status_code)
-        except CvmfsInjectError as exc:
-            log.debug("%s: cancelling upload failed: %s", self.registry, exc)
 
     def push_blob(self, repo: str, path: Path, digest: str, size: int,
                   progress: Callable[[int], None] | None = None) -> None:
@@ -200,63 +187,8 @@ class Pusher(Fetcher):
                 time.sleep(RETRY_BACKOFF * 2**n)
 
     def _upload(self, repo: str, digest: str, size: int, source: Source, name: str) -> None:
-        """One upload session: POST, then a PUT or PATCHes + PUT (oras-py gap: streaming)."""
-        resp = self.transport.request("POST", f"/v2/{repo}/blobs/uploads/", repo=repo)
-        if resp.status_code != 202:
-            raise self.transport.fail(resp, f"start upload of {digest} to {repo}")
-        resp.close()
-        location = self.transport.location(resp)
-        octets = {"Content-Type": "application/octet-stream"}
-        try:
-            if size <= self.monolithic_limit:
-                url = oras.utils.append_url_params(location, {"digest": digest})
-                resp = self.transport.request("PUT", url, repo=repo, headers=octets,
-                                     body=source.body(0, size) if size else b"")
-                if resp.status_code == 400 and "DIGEST_INVALID" in _peek(resp):
-                    raise IntegrityError(f"{name} does not match {digest}: the registry "
-                                         "computed a different digest")
-                if resp.status_code not in (201, 204):
-                    raise self.transport.fail(resp, f"upload of {digest} to {repo}",
-                                              transient_404=True)
-                resp.close()
-                source.commit()
-                return
-            min_chunk = resp.headers.get("OCI-Chunk-Min-Length", "")
-            chunk = max(self.chunk_size, int(min_chunk) if min_chunk.isdigit() else 0)
-            offset = 0
-            while offset < size:
-                n = min(chunk, size - offset)
-                resp = self.transport.request(
-                    "PATCH", location, repo=repo, body=source.body(offset, n),
-                    headers={**octets, "Content-Range": f"{offset}-{offset + n - 1}"})
-                if resp.status_code != 202:
-                    raise self.transport.fail(
-                        resp, f"upload of {digest} to {repo} at byte {offset}",
-                        transient_404=True)
-                resp.close()
-                source.commit()
-                got = resp.headers.get("Range", "")
-                if got and got != f"0-{offset + n - 1}":
-                    reason = (f"registry has {got} of {digest} after bytes "
-                              f"0-{offset + n - 1} were sent")
-                    raise Transient(f"{self.registry}: {reason}", reason)
-                location = self.transport.location(resp)
-                offset += n
-            local = source.digest()
-            if local is not None and local != digest:
-                raise IntegrityError(f"{name} does not match {digest}: its content hashes "
-                                     f"to {local}")
-            url = oras.utils.append_url_params(location, {"digest": digest})
-            resp = self.transport.request("PUT", url, repo=repo, headers=octets)
-            if resp.status_code not in (201, 204):
-                raise self.transport.fail(resp, f"finish upload of {digest} to {repo}",
-                                 transient_404=True)
-            resp.close()
-        except Unreachable:
-            raise
-        except CvmfsInjectError:
-            self._cancel_upload(location, repo)
-            raise
+        upload(self.transport, repo, digest, size, source, name,
+               monolithic_limit=self.monolithic_limit, chunk_size=self.chunk_size)
 
     def _check_uploaded(self, repo: str, digest: str, size: int) -> None:
         """Trust but verify: the blob must now be there with the expected size."""
@@ -267,12 +199,3 @@ class Pusher(Fetcher):
         if found >= 0 and found != size:
             raise ToolError(f"{self.registry}: blob {digest} in {repo} has {found} bytes "
                             f"after upload, expected {size}")
-
-
-
-def _peek(resp: requests.Response) -> str:
-    """The start of a (small, error) body as text, for matching an error code."""
-    try:
-        return resp.content[:4096].decode(errors="replace")
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
-        return ""

@@ -187,8 +187,8 @@ class Transport:
         return reference
 
     def request(self, method: str, url: str, *, repo: str,
-                 headers: dict[str, str] | None = None, body: Any = None,
-                 stream: bool = False) -> requests.Response:
+                headers: dict[str, str] | None = None, body: Any = None,
+                stream: bool = False) -> requests.Response:
         """Send one request, answering an auth challenge once; map transport errors.
 
         `body` is None, bytes, a zero-argument factory (a fresh body per attempt, so the
@@ -207,8 +207,8 @@ class Transport:
             data = body() if callable(body) else body
             try:
                 resp = self.session.request(method, full, data=data, headers=hdrs,
-                                             stream=stream, timeout=self._timeout,
-                                             verify=self._verify, cert=self._cert)
+                                            stream=stream, timeout=self._timeout,
+                                            verify=self._verify, cert=self._cert)
             except requests.exceptions.SSLError as exc:
                 raise tls_error(self.registry, exc) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -229,7 +229,7 @@ class Transport:
                 raise Transient(f"{self.registry}: {reason}", reason)
 
     def fail(self, resp: requests.Response, what: str, *, not_found: str | None = None,
-              transient_404: bool = False) -> CvmfsInjectError:
+             transient_404: bool = False) -> CvmfsInjectError:
         """The error for an unexpected status: 404 → NotFoundError, 5xx → retryable."""
         try:
             detail = registry_error(resp)
