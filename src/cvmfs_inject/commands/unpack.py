@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cvmfs_inject.errors import InputError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.edit import LABEL_MOUNT, injected_position
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource, resolve
+from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.pack.extract import decompressed
 from cvmfs_inject.pack.options import Warn
 from cvmfs_inject.pack.staging import check_target, extract_into
@@ -51,8 +53,15 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
     mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
     check_target(target, force)
     with source.open_blob(layer) as blob:
-        result = extract_into(decompressed(blob, layer.media_type), target, mount,
-                              force=force, warn=warn)
+        try:
+            result = extract_into(decompressed(blob, layer.media_type), target, mount,
+                                  force=force, warn=warn)
+        except InputError:
+            # A corrupted blob can break the stream before its end is reached; the rest is
+            # read through the blob's verifier so the root cause is reported (exit 5).
+            while blob.read(READ_CHUNK):
+                pass
+            raise
     return UnpackReport("unpacked", str(target), diff_id, result.entries, result.skipped)
 
 

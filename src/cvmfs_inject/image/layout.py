@@ -79,6 +79,7 @@ class LayoutSink:
         """Point the tag at `desc`, keeping its annotations; the originals kept beside a
         pulled image (`layout.original`) stay named only while the tag names that image.
         A tag that already names exactly this is not written again."""
+        self.put_manifest(desc, raw)  # the top document itself, when it came from elsewhere
         annotations = desc.annotations
         if not original.unchanged_original(desc):
             annotations = original.forget(annotations)

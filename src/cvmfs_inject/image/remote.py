@@ -34,12 +34,18 @@ def no_progress(total: int) -> Iterator[None]:
 
 
 class ChunkReader(io.RawIOBase):
-    """A file object over a verified chunk iterator (the client checks size and digest
-    when the last chunk has been read, and raises there)."""
+    """A file object over a verified chunk iterator of a blob of `size` bytes.
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
+    The client checks size and digest after the last chunk; the reader asks for that
+    check as soon as it holds the last byte, so, like a layout's reader, it raises before
+    a consumer has seen the end of a corrupted blob.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], size: int) -> None:
         super().__init__()
         self._chunks = chunks
+        self._size = size
+        self._seen = 0
         self._buffer = memoryview(b"")
 
     def readable(self) -> bool:
@@ -51,6 +57,9 @@ class ChunkReader(io.RawIOBase):
             if chunk is None:
                 return 0
             self._buffer = memoryview(chunk)
+            self._seen += len(chunk)
+            if self._seen == self._size:
+                next(self._chunks, None)  # the client's end-of-blob check
         count = min(len(buffer), len(self._buffer))
         buffer[:count] = self._buffer[:count]
         self._buffer = self._buffer[count:]
@@ -92,7 +101,8 @@ class RemoteSource:
         return raw
 
     def open_blob(self, desc: Descriptor) -> ChunkReader:
-        return ChunkReader(self.client.open_blob(self.ref.repository, desc.digest, desc.size))
+        chunks = self.client.open_blob(self.ref.repository, desc.digest, desc.size)
+        return ChunkReader(chunks, desc.size)
 
     def where(self, desc: Descriptor) -> str:
         return f"{self.ref}@{desc.digest}"

@@ -1,0 +1,181 @@
+"""unpack's one path: the layer is extracted into a staging directory inside the target and
+moved into place only after its digest checked out, so a bad layer changes nothing, and
+--force into an existing directory behaves as tar would (without ever following a
+symlink), from a layout and from a registry alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import EPOCH, dir_bytes, tree_snapshot, unique_repo
+from test_unreadable import NOBODY, _run_unprivileged
+
+# loaded here, before a child drops to nobody, who may not read the Python under /root
+import cvmfs_inject.commands.unpack  # noqa: F401
+from cvmfs_inject.demo.sample import build_sample_image
+from cvmfs_inject.layout.store import Layout
+
+INTEGRITY, INPUT = 5, 3
+
+
+def injected(cli, tmp_path: Path, files: dict[str, bytes], root_mode: int = 0o755) -> Path:
+    """A sample layout with `files` injected at /cvmfs; the tree's root has `root_mode`."""
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    tree = tmp_path / "tree"
+    for rel, content in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(content)
+    tree.chmod(root_mode)
+    os.utime(tree, (EPOCH, EPOCH))
+    result = cli("inject", f"{layout}:v1", tree)
+    assert result.code == 0, result.err
+    return layout
+
+
+def corrupt_injected_layer(layout: Path) -> str:
+    store = Layout.open(layout)
+    top = store.resolve("v1")
+    layer = json.loads(store.read_blob(top.digest, top.size))["layers"][-1]
+    path = store.blob_path(layer["digest"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return str(layer["digest"])
+
+
+def test_a_corrupted_layer_leaves_an_existing_target_as_it_was(cli, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"repo/big": os.urandom(2 << 20)})
+    digest = corrupt_injected_layer(layout)
+    target = tmp_path / "out"
+    (target / "repo").mkdir(parents=True)
+    (target / "repo" / "big").write_bytes(b"the previous version\n")
+    (target / "mine").write_bytes(b"kept\n")
+    before = dir_bytes(target)
+    result = cli("unpack", "--force", f"{layout}:v1", target)
+    assert result.code == INTEGRITY and digest[7:] in result.err
+    assert dir_bytes(target) == before  # no staging directory left behind either
+
+
+def test_a_corruption_that_breaks_the_stream_early_is_still_an_integrity_error(
+        cli, tmp_path: Path) -> None:
+    """A corrupted gzip header breaks the stream at its first bytes, long before the end
+    of the blob where its digest is checked: the rest is read through the verifier, so the
+    report is the corrupted blob (exit 5), not a broken layer (exit 3)."""
+    layout = injected(cli, tmp_path, {"repo/big": os.urandom(4 << 20)})
+    store = Layout.open(layout)
+    top = store.resolve("v1")
+    layer = json.loads(store.read_blob(top.digest, top.size))["layers"][-1]
+    path = store.blob_path(layer["digest"])
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF  # the gzip magic
+    path.write_bytes(bytes(data))
+    result = cli("unpack", f"{layout}:v1", tmp_path / "out")
+    assert result.code == INTEGRITY, result.err
+    assert "does not match digest" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_unpack_removes_the_directories_it_created(cli, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"repo/big": os.urandom(2 << 20)})
+    corrupt_injected_layer(layout)
+    result = cli("unpack", f"{layout}:v1", tmp_path / "new" / "nested" / "out")
+    assert result.code == INTEGRITY
+    assert not (tmp_path / "new").exists()
+
+
+def test_force_merges_replaces_and_keeps_like_tar(cli, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"repo/a.txt": b"new a\n", "repo/sub/b.txt": b"b\n",
+                                      "top.txt": b"top\n"})
+    target = tmp_path / "out"
+    (target / "repo").mkdir(parents=True)
+    (target / "repo" / "a.txt").write_bytes(b"old a\n")
+    (target / "repo" / "only-mine.txt").write_bytes(b"mine\n")
+    (target / "top.txt").symlink_to("/etc/hostname")
+    result = cli("unpack", "--force", f"{layout}:v1", target)
+    assert result.code == 0, result.err
+    assert (target / "repo" / "a.txt").read_bytes() == b"new a\n"
+    assert (target / "repo" / "only-mine.txt").read_bytes() == b"mine\n"
+    assert (target / "repo" / "sub" / "b.txt").read_bytes() == b"b\n"
+    assert not (target / "top.txt").is_symlink() and (target / "top.txt").read_bytes() == b"top\n"
+    # a merged directory takes the layer's mode and time, as tar gives an existing one
+    assert (target / "repo").stat().st_mtime_ns // 10**9 == int(
+        (tmp_path / "tree" / "repo").stat().st_mtime)
+    assert [p.name for p in target.iterdir() if p.name.startswith(".cvmfs-inject")] == []
+
+
+def test_force_replaces_a_symlink_by_a_directory_without_following_it(cli,
+                                                                      tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"sft.cern.ch/lib.so": b"library\n"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "sft.cern.ch").symlink_to(outside)
+    result = cli("unpack", "--force", f"{layout}:v1", target)
+    assert result.code == 0, result.err
+    assert not (target / "sft.cern.ch").is_symlink()
+    assert (target / "sft.cern.ch" / "lib.so").read_bytes() == b"library\n"
+    assert list(outside.iterdir()) == []
+
+
+def test_a_directory_where_the_layer_has_a_file_is_refused_before_anything_moves(
+        cli, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"a/first.txt": b"1\n", "b": b"a file\n"})
+    target = tmp_path / "out"
+    (target / "b").mkdir(parents=True)
+    (target / "b" / "mine.txt").write_bytes(b"mine\n")
+    before = dir_bytes(target)
+    result = cli("unpack", "--force", f"{layout}:v1", target)
+    assert result.code == INPUT
+    assert f"{target}/b: is a directory" in result.err
+    assert dir_bytes(target) == before
+
+
+def test_the_mount_points_mode_and_time_go_to_the_target(cli, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"x/y.txt": b"y\n"}, root_mode=0o750)
+    target = tmp_path / "out"
+    assert cli("unpack", f"{layout}:v1", target).code == 0
+    st = target.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o750 and int(st.st_mtime) == EPOCH
+    assert tree_snapshot(target)["x/y.txt"]["sha256"]
+
+
+def test_a_read_only_mount_point_unpacks_for_an_unprivileged_user(cli) -> None:
+    """The layer's root is r-x only: the entries must still be moved out of staging. As
+    root the command runs in a child that dropped to an unprivileged uid."""
+    work = Path(tempfile.mkdtemp(prefix="cvmfs-inject-unpack-"))
+    try:
+        work.chmod(0o755)
+        layout = injected(cli, work, {"x/y.txt": b"y\n"}, root_mode=0o555)
+        if os.geteuid() == 0:
+            for path in [work, *work.rglob("*")]:
+                os.lchown(path, NOBODY, NOBODY)
+        code = _run_unprivileged(["unpack", f"{layout}:v1", str(work / "out")], work / "err")
+        assert code == 0, (work / "err").read_text()
+        assert (work / "out" / "x" / "y.txt").read_bytes() == b"y\n"
+        assert stat.S_IMODE((work / "out").stat().st_mode) == 0o555
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.mark.registry
+def test_a_corrupted_layer_in_a_registry_leaves_no_target(cli, registry, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"repo/big": os.urandom(2 << 20)})
+    url = f"docker://{registry.host}/{unique_repo('unpack', 'corrupt')}:v1"
+    assert cli("push", "--no-tls-verify", f"{layout}:v1", url).code == 0
+    digest = corrupt_injected_layer(layout)  # the same bytes are in the registry's storage
+    stored = (registry.root / "storage/docker/registry/v2/blobs/sha256" / digest[7:9]
+              / digest[7:] / "data")
+    stored.write_bytes((layout / "blobs" / "sha256" / digest[7:]).read_bytes())
+    target = tmp_path / "out"
+    result = cli("unpack", "--no-tls-verify", url, target)
+    assert result.code == INTEGRITY, result.err
+    assert not target.exists()
