@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject import __version__
 from cvmfs_inject.image import backends
@@ -29,6 +29,9 @@ from cvmfs_inject.image.sink import ImageSink, publish
 from cvmfs_inject.image.source import Image, ImageSource, Resolved, resolve
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
+
+if TYPE_CHECKING:  # the registry modules load only for registry refs
+    from cvmfs_inject.image.remote import UploadProgress
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class ImageReport:
     edit: EditResult | None = None
 
     def to_json(self) -> dict[str, Any]:
-        found = {"platform": self.platform, "status": self.status, "manifest": self.manifest}
+        found: dict[str, Any] = {"platform": self.platform, "status": self.status,
+                                 "manifest": self.manifest}
         if self.edit is not None:
             found.update(position=self.edit.position, replaced=self.edit.old_diff_id)
         return found
@@ -179,7 +183,7 @@ def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: A
                dest: ImageRef | None = None, new_tag: str | None = None,
                platform: str | None = None, via_layout: bool = False, init_only: bool = False,
                progress: Progress | None = None, warn: Warn | None = None,
-               upload_progress: Any = None) -> InjectReport:
+               upload_progress: UploadProgress | None = None) -> InjectReport:
     """`inject`/`init` on a reference: a layout in place, a registry image registry-direct,
     or (`via_layout`) pulled into a temporary layout, edited and pushed back."""
     if ref.is_registry and via_layout:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref
 from cvmfs_inject.commands.pull import default_tag, pull, source_format
@@ -20,12 +20,16 @@ from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import check_tree
 
+if TYPE_CHECKING:
+    from cvmfs_inject.image.remote import UploadProgress
+
 
 def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: PackOptions,
             *, cache: str | None = None, new_tag: str | None = None,
             platform: str | None = None, manifest_format: str = "keep",
             via_layout: bool = False, progress: Progress | None = None,
-            warn: Warn | None = None, upload_progress: Any = None) -> InjectReport:
+            warn: Warn | None = None, upload_progress: UploadProgress | None = None
+            ) -> InjectReport:
     """Registry to registry without a layout (`cache`) or `via_layout`: registry-direct,
     keeping each manifest's format. Otherwise through a layout (`run`)."""
     if src.is_registry and dest.is_registry and not via_layout and cache is None:

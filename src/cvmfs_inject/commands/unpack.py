@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.image import backends
@@ -54,8 +54,8 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
     check_target(target, force)
     with source.open_blob(layer) as blob:
         try:
-            result = extract_into(decompressed(blob, layer.media_type), target, mount,
-                                  force=force, warn=warn)
+            stream = decompressed(cast(IO[bytes], blob), layer.media_type)
+            result = extract_into(stream, target, mount, force=force, warn=warn)
         except InputError:
             # A corrupted blob can break the stream before its end is reached; the rest is
             # read through the blob's verifier so the root cause is reported (exit 5).

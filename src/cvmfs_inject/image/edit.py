@@ -2,7 +2,7 @@
 
 Nothing here touches the disk. `edit_image` takes a manifest, its config and the new layer's
 identity, and returns new manifest and config documents (or None when nothing changes);
-the caller (`ops`) writes the blobs bottom-up and the tag last.
+`image.commit` writes them bottom-up and a sink publishes them, the tag last.
 
 The injected layer is identified by its diff_id (config label `cvmfs_injection_tar`, the
 name the original CernVM-FS injector writes), never by its compressed digest: a registry

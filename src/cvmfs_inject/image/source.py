@@ -9,8 +9,9 @@ for messages. Everything else (parsing, walking an index into platforms) is gene
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from cvmfs_inject.errors import NotFoundError, UsageError
 from cvmfs_inject.image.refs import ImageRef
@@ -42,7 +43,7 @@ class ImageSource(Protocol):
         """The bytes of an index, manifest or config, checked against size and digest."""
         ...
 
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
+    def open_blob(self, desc: Descriptor) -> io.RawIOBase:
         """A stream of a blob that raises IntegrityError at its end if the bytes read do
         not match the descriptor's size and digest; close it when done."""
         ...

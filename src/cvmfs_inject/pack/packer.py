@@ -133,10 +133,10 @@ class _ChunkFiller:
             item = next(plan, None)
             if item is None:
                 break
-            header, path, size = item
+            header, content, size = item
             emit(header)
-            if path is not None:
-                self.copy_file(path, size)
+            if content is not None:
+                self.copy_file(content, size)
                 self.files += 1
 
     def copy_file(self, path: str, size: int) -> None:

@@ -152,13 +152,3 @@ def _listing(path: str) -> list[str]:
         raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
     names.sort()
     return names
-
-
-def _listing(path: str) -> list[str]:
-    """Directory entries sorted by name; code-point order equals UTF-8 byte order."""
-    try:
-        names = os.listdir(path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
-    names.sort()
-    return names
