@@ -119,18 +119,28 @@ class Document:
         return copy.deepcopy(self.doc)
 
 
+def _parse_typed(raw: bytes, where: str, media_type: str | None, default: str,
+                 accepted: frozenset[str], key: str, noun: str) -> tuple[dict[str, Any], str]:
+    """A manifest's or index's JSON and media type (its own, else the descriptor's, else
+    the OCI one), refused when the type is not `accepted` or the `key` list is missing."""
+    doc = parse_json(raw, where)
+    declared = doc.get("mediaType") or media_type or default
+    if declared not in accepted:
+        raise InputError(f"{where}: media type {declared!r} is not {noun}")
+    if not isinstance(doc.get(key), list):
+        kind = noun.rsplit(" ", 1)[-1]
+        raise InputError(f"{where}: {kind} has no '{key}' list")
+    return doc, declared
+
+
 @dataclass(frozen=True)
 class Manifest(Document):
     media_type: str = MediaType.OCI_MANIFEST
 
     @classmethod
     def parse(cls, raw: bytes, where: str, media_type: str | None = None) -> Manifest:
-        doc = parse_json(raw, where)
-        declared = doc.get("mediaType") or media_type or MediaType.OCI_MANIFEST
-        if not MediaType.is_manifest(declared):
-            raise InputError(f"{where}: media type {declared!r} is not an image manifest")
-        if not isinstance(doc.get("layers"), list):
-            raise InputError(f"{where}: manifest has no 'layers' list")
+        doc, declared = _parse_typed(raw, where, media_type, MediaType.OCI_MANIFEST,
+                                     MediaType.MANIFESTS, "layers", "an image manifest")
         return cls(raw, doc, declared)
 
     @property
@@ -153,12 +163,8 @@ class Index(Document):
 
     @classmethod
     def parse(cls, raw: bytes, where: str, media_type: str | None = None) -> Index:
-        doc = parse_json(raw, where)
-        declared = doc.get("mediaType") or media_type or MediaType.OCI_INDEX
-        if not MediaType.is_index(declared):
-            raise InputError(f"{where}: media type {declared!r} is not an image index")
-        if not isinstance(doc.get("manifests"), list):
-            raise InputError(f"{where}: index has no 'manifests' list")
+        doc, declared = _parse_typed(raw, where, media_type, MediaType.OCI_INDEX,
+                                     MediaType.INDEXES, "manifests", "an image index")
         return cls(raw, doc, declared)
 
     @property
