@@ -25,6 +25,16 @@ FLUSH_AFTER = 16 << 20  # blobs this large are written back while they are produ
 FLUSH_INTERVAL = 0.25
 
 
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under 022), as skopeo's
+    and umoci's layouts have it: a layout shared by a group, served by a web server or
+    read by another user's podman must be readable. Temp files start as 0600 (mkstemp)
+    and get this mode before they are renamed into place."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -38,6 +48,7 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     directory = tmp_dir or path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -109,6 +120,7 @@ class BlobWriter:
         self._blob_path = blob_path
         tmp_dir.mkdir(exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix="blob-", dir=tmp_dir)
+        os.fchmod(fd, file_mode())
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._hash = hashlib.sha256()
         self.size = 0

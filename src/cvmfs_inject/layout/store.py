@@ -23,6 +23,7 @@ from cvmfs_inject.layout.blobs import (
     BlobWriter,
     VerifiedReader,
     atomic_write,
+    file_mode,
     fsync_dir,
 )
 from cvmfs_inject.oci.digest import check_digest
@@ -180,6 +181,7 @@ class Layout:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
+            os.fchmod(handle.fileno(), file_mode())  # skopeo writes its blobs 0600
             os.fsync(handle.fileno())
         os.replace(source, path)
         fsync_dir(path.parent)
