@@ -643,10 +643,11 @@ def test_skopeo_missing(cli, sample, tmp_path, monkeypatch):
 def test_locked_layout(cli, sample, tmp_path):
     layout, _ = sample
     before = dir_bytes(layout)
-    with Layout.open(layout).lock():
-        one_error(cli("gc", layout), LOCKED, str(layout), "in use")
-        one_error(cli("gc", "--dry-run", layout), LOCKED, str(layout))
-        one_error(cli("pull", f"oci:{layout}:v1", f"{layout}:v3"), LOCKED, str(layout))
+    with Layout.open(layout).lock(exclusive=True):
+        one_error(cli("gc", "--lock-timeout", "0", layout), LOCKED, str(layout), "in use")
+        one_error(cli("gc", "--lock-timeout", "0", "--dry-run", layout), LOCKED, str(layout))
+        one_error(cli("pull", "--lock-timeout", "0", f"oci:{layout}:v1", f"{layout}:v3"),
+                  LOCKED, str(layout))
     assert dir_bytes(layout) == before
     # the lock is gone with the holder
     assert cli("gc", layout).code == 0

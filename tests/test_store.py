@@ -18,6 +18,7 @@ from cvmfs_inject.errors import (
     NotFoundError,
 )
 from cvmfs_inject.layout.gc import collect, reachable
+from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import sha256_digest
 from cvmfs_inject.oci.jsondoc import canonical_json
@@ -372,7 +373,7 @@ def test_write_index_failure_keeps_old_index(layout: Layout,
     pytest.param(False, False, False, id="shared-shared"),
 ])
 def test_lock_modes(layout: Layout, first: bool, second: bool, locked: bool) -> None:
-    other = Layout.open(layout.root)
+    other = Layout.open(layout.root, LockWait(timeout=0))
     with layout.lock(exclusive=first):
         if locked:
             with pytest.raises(LockedError, match="in use"), other.lock(exclusive=second):
@@ -386,9 +387,9 @@ def test_lock_modes(layout: Layout, first: bool, second: bool, locked: bool) -> 
 
 
 def test_lock_is_released_after_an_exception(layout: Layout) -> None:
-    with pytest.raises(RuntimeError), layout.lock():
+    with pytest.raises(RuntimeError), layout.lock(exclusive=True):
         raise RuntimeError
-    with layout.lock():
+    with Layout.open(layout.root, LockWait(timeout=0)).lock(exclusive=True):
         pass
 
 
@@ -402,7 +403,7 @@ def test_lock_leaves_no_trace(layout: Layout) -> None:
 
 
 def test_lock_on_missing_layout_is_input_error(tmp_path: Path) -> None:
-    with pytest.raises(InputError), Layout(tmp_path / "gone").lock():
+    with pytest.raises(InputError), Layout(tmp_path / "gone").lock(exclusive=False):
         pass
 
 
@@ -413,11 +414,15 @@ def test_writing_cleans_temp_dir(layout: Layout) -> None:
     with layout.writing() as inner:
         assert inner is layout
         assert not stale.exists()
-        with pytest.raises(LockedError), Layout.open(layout.root).lock(exclusive=False):
+        # writers share the layout; gc (exclusive) must wait for them
+        with Layout.open(layout.root, LockWait(timeout=0)).writing():
             pass
-        writer = layout.writer()
-        writer.write(b"uncommitted")
-        assert list(layout.tmp_dir.iterdir())
+        with pytest.raises(LockedError), Layout.open(layout.root, LockWait(timeout=0)).lock(
+                exclusive=True):
+            pass
+        with layout.writer() as writer:
+            writer.write(b"uncommitted")
+            assert list(layout.tmp_dir.iterdir())
     assert not layout.tmp_dir.exists()
     assert tmp_files(layout) == []
 

@@ -20,14 +20,16 @@ from cvmfs_inject.cli.render import Reporter, format_inspect
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.refs import parse_layout_ref, parse_ref
+from cvmfs_inject.layout.lock import DEFAULT_LOCK_TIMEOUT, LockWait
 from cvmfs_inject.pack.options import PackOptions, source_date_epoch
 from cvmfs_inject.skopeo.command import RegistryOptions
 
 Handler = Callable[[argparse.Namespace, Reporter], Any]
 
 
-def access(args: argparse.Namespace) -> Access:
-    """How this command reaches registries; --creds-stdin is read when first needed."""
+def access(args: argparse.Namespace, out: Reporter) -> Access:
+    """How this command reaches images; --creds-stdin is read when first needed, and a
+    wait for a layout is announced on a terminal."""
     from cvmfs_inject.registry.credentials import read_credentials_stdin
 
     authfile = args.authfile or (Path(os.environ["REGISTRY_AUTH_FILE"])
@@ -35,9 +37,12 @@ def access(args: argparse.Namespace) -> Access:
     options = RegistryOptions(tls_verify=True if args.tls_verify is None else args.tls_verify,
                               cert_dir=args.cert_dir, authfile=authfile,
                               debug=bool(args.debug))
+    on_terminal = not args.quiet and sys.stderr.isatty()
+    timeout = DEFAULT_LOCK_TIMEOUT if args.lock_timeout is None else args.lock_timeout
     return Access(options, ca_file=args.ca_file,
                   read_credentials=read_credentials_stdin if args.creds_stdin else None,
-                  show_progress=not args.quiet and not args.json and sys.stderr.isatty())
+                  show_progress=on_terminal and not args.json,
+                  layout_wait=LockWait(timeout, out.note if on_terminal else None))
 
 
 def pack_options(args: argparse.Namespace) -> PackOptions:
@@ -53,7 +58,7 @@ def pull(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.pull import pull as pull_image
 
     src, dest = parse_ref(args.src), parse_layout_ref(args.dest)
-    result = pull_image(src, dest, access(args), all_images=args.all, platform=args.platform)
+    result = pull_image(src, dest, access(args, out), all_images=args.all, platform=args.platform)
     desc = result.descriptor
     out.line(f"pulled {src} into oci:{dest.path}:{result.tag} ({desc.digest})")
     return {"layout": dest.path, "tag": result.tag, "digest": desc.digest,
@@ -64,7 +69,7 @@ def push(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.push import push as push_image
 
     src, dest = parse_layout_ref(args.src), parse_ref(args.dest)
-    digest = push_image(src, dest, access(args), manifest_format=args.format)
+    digest = push_image(src, dest, access(args, out), manifest_format=args.format)
     out.line(f"pushed {src} to {dest} ({digest})")
     return {"source": str(src), "destination": str(dest), "digest": digest}
 
@@ -85,7 +90,7 @@ def validate(args: argparse.Namespace, out: Reporter) -> Any:
                 raise InputError(f"{target}: cannot read: {exc.strerror}") from None
         problems = validate_document(data, args.kind, where)
     else:
-        problems = validate_ref(parse_ref(target), access(args))
+        problems = validate_ref(parse_ref(target), access(args, out))
     for problem in problems:
         out.error_line(str(problem))
     if problems:
@@ -99,7 +104,7 @@ def validate(args: argparse.Namespace, out: Reporter) -> Any:
 def inspect(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.inspect import inspect_ref
 
-    report = inspect_ref(parse_ref(args.ref), access(args), args.platform).to_json()
+    report = inspect_ref(parse_ref(args.ref), access(args, out), args.platform).to_json()
     out.human(format_inspect(report))
     return report
 
@@ -107,7 +112,7 @@ def inspect(args: argparse.Namespace, out: Reporter) -> Any:
 def gc(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.gc import gc as collect
 
-    result = collect(parse_ref(args.layout), args.dry_run).result
+    result = collect(parse_ref(args.layout), args.dry_run, access(args, out).layout_wait).result
     verb = "would remove" if args.dry_run else "removed"
     for digest, size in result.removed:
         out.line(f"{verb} {digest} ({size} B)")
@@ -125,7 +130,7 @@ def gc(args: argparse.Namespace, out: Reporter) -> Any:
 def init(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.inject import inject_ref
 
-    report = inject_ref(parse_ref(args.ref), None, pack_options(args), access(args),
+    report = inject_ref(parse_ref(args.ref), None, pack_options(args), access(args, out),
                         dest=parse_ref(args.dest) if args.dest else None, new_tag=args.tag,
                         platform=args.platform, init_only=True, warn=out.warn)
     if report.status == "already-prepared":
@@ -151,7 +156,7 @@ def inject(args: argparse.Namespace, out: Reporter) -> Any:
     _warn_if_parent_of_mount(args.dir, args.path, out)
     ref, dest = parse_ref(args.ref), parse_ref(args.dest) if args.dest else None
     with out.packing(args.dir) as progress:
-        report = inject_ref(ref, args.dir, pack_options(args), access(args), dest=dest,
+        report = inject_ref(ref, args.dir, pack_options(args), access(args, out), dest=dest,
                             new_tag=args.tag, platform=args.platform,
                             via_layout=args.via_layout, progress=progress, warn=out.warn,
                             upload_progress=out.uploading)
@@ -164,7 +169,7 @@ def inject(args: argparse.Namespace, out: Reporter) -> Any:
 def unpack(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.unpack import unpack_ref
 
-    report = unpack_ref(parse_ref(args.ref), args.dir, access(args), force=args.force,
+    report = unpack_ref(parse_ref(args.ref), args.dir, access(args, out), force=args.force,
                         platform=args.platform, mount_point=args.path,
                         via_layout=args.via_layout, warn=out.warn)
     if report.status == "empty":
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace, out: Reporter) -> Any:
     _warn_if_parent_of_mount(args.dir, args.path, out)
     src, dest = parse_ref(args.src), parse_ref(args.dest)
     with out.packing(args.dir) as progress:
-        report = run_ref(src, args.dir, dest, access(args), pack_options(args),
+        report = run_ref(src, args.dir, dest, access(args, out), pack_options(args),
                          cache=args.layout, new_tag=args.tag, platform=args.platform,
                          manifest_format=args.format, via_layout=args.via_layout,
                          progress=progress, warn=out.warn, upload_progress=out.uploading)

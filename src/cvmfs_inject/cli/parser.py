@@ -21,6 +21,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}")
+    return value
+
+
 def _common(suppress: bool) -> argparse.ArgumentParser:
     """Options accepted before and after the subcommand, as skopeo users write them."""
     default: Any = argparse.SUPPRESS if suppress else None
@@ -41,6 +51,9 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
                        help="read USERNAME:PASSWORD from the first line of stdin (for CI)")
     group.add_argument("--ca-file", type=Path, default=default, metavar="FILE",
                        help="CA bundle for the registry's TLS certificate (registry-direct)")
+    group.add_argument("--lock-timeout", type=_seconds, default=default, metavar="SECONDS",
+                       help="wait this long for a layout another command is using (default "
+                            "600; 0: fail at once, exit 7)")
     group.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="print only errors (and --json output)")
     group.add_argument("--debug", action="store_true", default=default,

@@ -86,6 +86,10 @@ class Reporter:
         if not self.quiet:
             print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
 
+    def note(self, message: str) -> None:
+        """Something the user should know while the command goes on (on stderr)."""
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
     def error_line(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 

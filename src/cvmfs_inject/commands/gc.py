@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.gc import GcResult, collect
+from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
 
 
@@ -17,11 +18,14 @@ class GcReport:
     dry_run: bool
 
 
-def gc(ref: ImageRef, dry_run: bool = False) -> GcReport:
-    """Under the writer lock, so no other command's new blobs are taken for garbage."""
+def gc(ref: ImageRef, dry_run: bool = False, wait: LockWait | None = None) -> GcReport:
+    """Under the exclusive use lock: gc waits until every command using the layout has
+    finished, so a blob a writer has written but not yet tagged is never taken for garbage
+    (the way umoci and containerd keep gc off a writer's blobs with a lock or a lease)."""
     if ref.transport != "oci" or ref.tag:
         raise UsageError(f"gc takes a layout directory, not {ref}")
-    layout = Layout.open(ref.path)
-    guard = layout.lock() if dry_run else layout.writing()
-    with guard:
+    layout = Layout.open(ref.path, wait)
+    if not dry_run:
+        layout.refuse_symlinks()
+    with layout.lock(exclusive=True):
         return GcReport(ref.path, collect(layout, dry_run), dry_run)

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_inject.errors import InputError, UsageError
+from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
+from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import parse_json
 from cvmfs_inject.oci.media import MediaType
@@ -58,29 +59,41 @@ def default_tag(src: ImageRef) -> str:
 
 
 @contextlib.contextmanager
-def _new_or_existing_layout(path: str) -> Iterator[Layout]:
-    """Create the layout if needed, and undo exactly that if the command that made it fails."""
+def _new_or_existing_layout(path: str, wait: LockWait) -> Iterator[Layout]:
+    """Create the layout if needed, and undo exactly that if the command that made it fails
+    (unless another command has started using it meanwhile: then it stays, empty)."""
     target = Path(path).absolute()
     if (target / "oci-layout").exists():
-        yield Layout.open(target)
+        yield Layout.open(target, wait)
         return
     first_missing = None
     probe = target
     while not os.path.lexists(probe):
         first_missing, probe = probe, probe.parent
-    layout = Layout.create(path)
+    layout = Layout.create(path, wait)
     try:
         yield layout
     except BaseException:
+        if layout.created:
+            _undo_creation(layout, first_missing)
+        raise
+
+
+def _undo_creation(layout: Layout, first_missing: Path | None) -> None:
+    """Remove the layout this command created, unless another command uses it by now or an
+    image got in: then it stays. An existing empty directory is left empty again."""
+    alone = Layout(layout.root, LockWait(timeout=0))
+    with contextlib.suppress(CvmfsInjectError), alone.lock(exclusive=True):
+        if alone.read_index().manifests:
+            return
         if first_missing is not None:
             shutil.rmtree(first_missing, ignore_errors=True)
-        else:  # it was an empty directory: leave it empty again
-            for child in target.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink()
-        raise
+            return
+        for child in layout.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
 
 
 def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = False,
@@ -95,12 +108,12 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         raise UsageError("--all and --platform exclude each other")
     tag = dest.tag or default_tag(src)
     if src.transport == "oci":  # our own message, listing the tags, before skopeo's
-        Layout.open(src.path).resolve(src.tag)
+        Layout.open(src.path, access.layout_wait).resolve(src.tag)
     elif src.transport != "docker" and not os.path.isfile(src.path):
         raise InputError(f"{src.path}: no such archive file")
     skopeo = access.skopeo(src)
     fmt, raw = (known_format, None) if known_format else source_manifest(src, skopeo)
-    with _new_or_existing_layout(dest.path) as layout, layout.writing(), \
+    with _new_or_existing_layout(dest.path, access.layout_wait) as layout, layout.writing(), \
             layout.staging() as stage:
         skopeo.copy(src, ImageRef("oci", stage, "pull"), all_images=all_images,
                     platform=platform)

@@ -49,7 +49,7 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
     if dest.transport == "oci":
         raise UsageError(f"push to another layout: use a docker://, docker-archive: or "
                          f"oci-archive: destination, not {dest}")
-    layout = Layout.open(src.path)
+    layout = Layout.open(src.path, access.layout_wait)
     skopeo = access.skopeo(src, dest)
     with layout.lock(exclusive=False), tempfile.TemporaryDirectory() as scratch:
         digestfile = Path(scratch) / "digest"

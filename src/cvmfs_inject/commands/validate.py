@@ -149,7 +149,7 @@ def validate_ref(ref: ImageRef, access: Access) -> list[Problem]:
     """A layout (every tag), or one image: a layout tag, a registry image (read over the
     registry API, every blob downloaded and checked), or an archive."""
     if ref.transport == "oci" and ref.tag is None:
-        layout = Layout.open(ref.path)
+        layout = Layout.open(ref.path, access.layout_wait)
         with layout.lock(exclusive=False):
             return validate_layout(layout)
     with backends.reading(ref, access, all_platforms=True) as source:

@@ -1,7 +1,9 @@
-"""How to reach registries, for the registry client and for skopeo alike.
+"""How a command reaches images: registries, for the registry client and skopeo alike, and
+layouts.
 
 One value carries what a user says about registries (TLS, CA, auth file, credentials on
-stdin) and turns it into a registry client or a skopeo wrapper. Credentials from stdin are
+stdin) and turns it into a registry client or a skopeo wrapper, and how long to wait for a
+layout another command is using. Credentials from stdin are
 read once, when a command first needs them, so a command that needs no registry never
 waits on stdin.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.skopeo.auth import credentials_authfile
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
 
@@ -23,12 +26,16 @@ if TYPE_CHECKING:  # the registry client (oras, requests) loads only for registr
 
 
 class Access:
+    """How a command reaches images: registries (TLS, CA, auth file, credentials on stdin,
+    skopeo's progress bars) and layouts (how long to wait for their locks)."""
+
     def __init__(self, options: RegistryOptions | None = None, *, ca_file: Path | None = None,
                  read_credentials: Callable[[], Credentials] | None = None,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, layout_wait: LockWait | None = None) -> None:
         self.options = options or RegistryOptions()
         self.ca_file = ca_file
         self.show_progress = show_progress
+        self.layout_wait = layout_wait or LockWait()
         self._read_credentials = read_credentials
         self._credentials: Credentials | None = None
 

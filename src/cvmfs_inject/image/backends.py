@@ -34,7 +34,7 @@ def reading(ref: ImageRef, access: Access, *, platform: str | None = None,
     A copy into a temporary layout holds every platform of an index with `all_platforms`,
     else `platform` or, without one, the host's (skopeo's choice)."""
     if ref.transport == "oci":
-        layout = Layout.open(ref.path)
+        layout = Layout.open(ref.path, access.layout_wait)
         with layout.lock(exclusive=False):
             yield LayoutSource(layout, ref)
     elif ref.is_registry and not via_layout:
@@ -78,7 +78,7 @@ def editing(ref: ImageRef, access: Access, *, dest: ImageRef | None = None,
     if ref.transport == "oci":
         if dest is not None:
             raise UsageError("--dest is for registry images; for a layout use --tag")
-        layout = Layout.open(ref.path)
+        layout = Layout.open(ref.path, access.layout_wait)
         with layout.writing():
             tag = ref.tag or layout.resolve(None).ref_name
             if not tag:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cvmfs_inject.errors import IntegrityError
+from cvmfs_inject.errors import InputError, IntegrityError
 from cvmfs_inject.oci.model import Descriptor
 
 READ_CHUNK = 1 << 20  # how much a verified read takes at a time
@@ -33,6 +33,13 @@ def file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def refuse_symlink(path: Path) -> None:
+    """A blob name that is a symlink is not replaced: the layout stays as it is."""
+    if path.is_symlink():
+        raise InputError(f"{path}: is a symlink; cvmfs-inject does not replace symlinks "
+                         "inside a layout (make it a real file)")
 
 
 def fsync_dir(path: Path) -> None:
@@ -165,6 +172,7 @@ class BlobWriter:
         self._file.close()
         self.digest = "sha256:" + self._hash.hexdigest()
         target = self._blob_path(self.digest)
+        refuse_symlink(target)
         # Replacing an existing blob (same digest) costs one rename and repairs a damaged copy.
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, target)

@@ -9,15 +9,15 @@ Every read of a blob is checked against the digest and size that name it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from cvmfs_inject.errors import InputError, LockedError, NotFoundError
+from cvmfs_inject.errors import InputError, NotFoundError
 from cvmfs_inject.layout.blobs import (
     READ_CHUNK,
     BlobWriter,
@@ -25,7 +25,9 @@ from cvmfs_inject.layout.blobs import (
     atomic_write,
     file_mode,
     fsync_dir,
+    refuse_symlink,
 )
+from cvmfs_inject.layout.lock import LockWait, acquire, flocked, opened, try_lock
 from cvmfs_inject.oci.digest import check_digest
 from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
 from cvmfs_inject.oci.media import MediaType
@@ -54,14 +56,19 @@ def _interrupted_creation(path: Path) -> bool:
 
 
 class Layout:
-    """An OCI image layout directory. Open with `Layout.open` or `Layout.create`."""
+    """An OCI image layout directory. Open with `Layout.open` or `Layout.create`.
 
-    def __init__(self, root: Path) -> None:
+    `wait` says how long its commands wait for the layout's locks (`layout.lock`).
+    """
+
+    def __init__(self, root: Path, wait: LockWait | None = None) -> None:
         self.root = root
+        self.wait = wait or LockWait()
+        self.created = False  # this object made the layout on disk (`create`)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | Path) -> Layout:
+    def open(cls, root: str | Path, wait: LockWait | None = None) -> Layout:
         path = Path(root)
         marker = path / "oci-layout"
         if not path.is_dir():
@@ -78,63 +85,76 @@ class Layout:
                              f"{doc.get('imageLayoutVersion')!r} (expected {OCI_LAYOUT_VERSION})")
         if not (path / "index.json").is_file():
             raise InputError(f"{path}: not an OCI layout (no index.json)")
-        return cls(path)
+        return cls(path, wait)
 
     @classmethod
-    def create(cls, root: str | Path) -> Layout:
-        """Open the layout at `root`, creating an empty one if the directory is absent or empty."""
+    def create(cls, root: str | Path, wait: LockWait | None = None) -> Layout:
+        """Open the layout at `root`, creating an empty one if the directory is absent or
+        empty. Creation holds the layout exclusively, so concurrent creators of one path
+        (`make -j` with a fresh cache) make it once and then share it."""
         path = Path(root)
         if (path / "oci-layout").exists():
-            return cls.open(path)
-        if path.exists() and (not path.is_dir() or not _interrupted_creation(path)):
+            return cls.open(path, wait)
+        if path.exists() and not path.is_dir():
             raise InputError(f"{path}: exists and is not an OCI layout; choose another path")
         path.mkdir(parents=True, exist_ok=True)
-        (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        atomic_write(path / "index.json", _EMPTY_INDEX)
-        atomic_write(path / "oci-layout",
-                     canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
-        return cls(path)
+        layout = cls(path, wait)
+        with flocked(path, exclusive=True, wait=layout.wait, what="layout"):
+            if (path / "oci-layout").exists():
+                return cls.open(path, wait)
+            if not _interrupted_creation(path):
+                raise InputError(f"{path}: exists and is not an OCI layout; choose another "
+                                 "path")
+            layout.refuse_symlinks()
+            (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            atomic_write(path / "index.json", _EMPTY_INDEX)
+            atomic_write(path / "oci-layout",
+                         canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+            layout.created = True
+        return layout
 
     @property
     def tmp_dir(self) -> Path:
         return self.root / TMP_NAME
 
-    # -- locking ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, exclusive: bool = True) -> Iterator[None]:
-        """flock on the layout directory itself: writers exclusive, readers shared.
-
-        Locking the directory (not a lock file) means a read or a failed command leaves no
-        trace in the layout.
-        """
-        try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise InputError(f"{self.root}: cannot open layout: {exc.strerror}") from None
-        try:
-            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockedError(f"{self.root}: layout is in use by another cvmfs-inject "
-                                  "process; try again when it has finished") from None
-            yield
-        finally:
-            os.close(fd)
+    # -- locking (see layout.lock) ------------------------------------------------------------
+    def lock(self, *, exclusive: bool) -> AbstractContextManager[int]:
+        """The use lock: shared by readers and writers, exclusive for gc."""
+        return flocked(self.root, exclusive=exclusive, wait=self.wait, what="layout")
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Layout]:
-        """The exclusive lock for a writing command; temp files are gone when it ends.
+        """The use lock of a writing command; many writers share it (their temp files have
+        names of their own, and the tag change commits under the index lock).
 
-        Every writer holds this lock, so whatever is in the temp area when it is taken
-        was left by a killed process and can go.
+        When nobody else uses the layout, the temp area goes, before (what killed commands
+        left) and after (this command's empty temp directory). Whether anybody else does
+        is asked before taking the shared lock and after the work: a failed flock upgrade
+        drops the lock held, so it is never tried while the lock matters.
         """
-        with self.lock(exclusive=True):
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.refuse_symlinks()
+        with opened(self.root, "layout") as fd:
+            if try_lock(fd, exclusive=True):
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            acquire(fd, exclusive=False, wait=self.wait, path=self.root, what="layout")
             try:
                 yield self
             finally:
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+                if try_lock(fd, exclusive=True):
+                    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def refuse_symlinks(self) -> None:
+        """A writer never writes through a symlink inside the layout (it could land outside
+        of it): `blobs/`, its algorithm directories, `index.json`, `oci-layout` and the temp
+        area must be what they seem. Readers follow symlinks as they like."""
+        blobs = self.root / "blobs"
+        candidates = [blobs, self.root / "index.json", self.root / "oci-layout", self.tmp_dir]
+        if blobs.is_dir() and not blobs.is_symlink():
+            candidates += sorted(blobs.iterdir())
+        for path in candidates:
+            if path.is_symlink():
+                raise InputError(f"{path}: is a symlink; cvmfs-inject does not write through "
+                                 "symlinks inside a layout (make it a real directory or file)")
 
     # -- blobs -----------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -179,6 +199,7 @@ class Layout:
             reader.close()
         if path.exists():
             return
+        refuse_symlink(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
             os.fchmod(handle.fileno(), file_mode())  # skopeo writes its blobs 0600
@@ -219,14 +240,19 @@ class Layout:
                             f"{', '.join(self.tags()) or '(none)'}")
 
     def set_tag(self, tag: str, desc: Descriptor) -> None:
-        """Point `tag` at `desc` in index.json (one atomic write); other entries stay."""
-        doc = self.read_index().edit()
-        annotations = {**desc.annotations, REF_NAME: tag}
-        entry = desc.with_annotations(annotations).to_dict()
-        kept = [d for d in doc["manifests"]
-                if (d.get("annotations") or {}).get(REF_NAME) != tag]
-        doc["manifests"] = [*kept, entry]
-        self.write_index(doc)
+        """Point `tag` at `desc` in index.json (one atomic write); other entries stay.
+
+        Under the index lock, on the index.json of now: what other writers committed since
+        this command started is kept."""
+        with flocked(self.root / "oci-layout", exclusive=True, wait=self.wait,
+                     what="layout index"):
+            doc = self.read_index().edit()
+            annotations = {**desc.annotations, REF_NAME: tag}
+            entry = desc.with_annotations(annotations).to_dict()
+            kept = [d for d in doc["manifests"]
+                    if (d.get("annotations") or {}).get(REF_NAME) != tag]
+            doc["manifests"] = [*kept, entry]
+            self.write_index(doc)
 
     def staging(self) -> tempfile.TemporaryDirectory[str]:
         """A scratch directory on the layout's filesystem, so staged blobs can be renamed in."""
