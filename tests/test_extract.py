@@ -124,7 +124,9 @@ def test_round_trip_nasty_tree(tmp_path: Path, scene: Scene, compression: str) -
     warnings: list[str] = []
     result = run(scene, pack_layer(src, compression), compression, warnings=warnings)
     assert warnings == [] and result.skipped == []
-    assert tree_snapshot(scene.target) == tree_snapshot(src)
+    expected = tree_snapshot(src)
+    expected["setuid"]["mode"] = 0o750  # unpack drops setuid, setgid and sticky bits
+    assert tree_snapshot(scene.target) == expected
     root = os.stat(scene.target)
     assert (stat.S_IMODE(root.st_mode), int(root.st_mtime)) == (0o750, EPOCH - 3)
     assert result.entries == len(tree_snapshot(src))
@@ -132,6 +134,25 @@ def test_round_trip_nasty_tree(tmp_path: Path, scene: Scene, compression: str) -
     a = os.stat(scene.target / ".data" / "00" / "content-0")
     b = os.stat(scene.target / "sft.cern.ch" / "lcg" / "releases" / "file-0.txt")
     assert (a.st_ino, a.st_nlink) == (b.st_ino, 3)
+
+
+def test_setuid_setgid_and_sticky_bits_are_dropped(tmp_path: Path, scene: Scene) -> None:
+    """CernVM-FS is mounted nosuid; an unpacked root-owned setuid file would not be."""
+    src = tmp_path / "src"
+    (src / "group-dir").mkdir(parents=True)
+    (src / "shared-tmp").mkdir()
+    for name, mode in (("setuid", 0o4755), ("setgid", 0o2711), ("both", 0o6700)):
+        (src / name).write_bytes(b"#!/bin/sh\n")
+        os.chmod(src / name, mode)
+    os.link(src / "setuid", src / "setuid-link")
+    os.chmod(src / "group-dir", 0o2775)
+    os.chmod(src / "shared-tmp", 0o1777)
+    os.chmod(src, 0o4755)
+    run(scene, pack_layer(src, "gzip"), "gzip")
+    modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in scene.target.iterdir()}
+    assert modes == {"setuid": 0o755, "setuid-link": 0o755, "setgid": 0o711, "both": 0o700,
+                     "group-dir": 0o775, "shared-tmp": 0o777}
+    assert stat.S_IMODE(scene.target.stat().st_mode) == 0o755
 
 
 def test_round_trip_other_mount_point(tmp_path: Path, scene: Scene) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from helpers import dir_bytes
 
+import cvmfs_inject.commands.inject  # noqa: F401 - loaded before a child drops to nobody
 from cvmfs_inject.cli import main
 from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
 
@@ -59,6 +60,33 @@ def test_unreadable_file_is_named_and_layout_unchanged() -> None:
         assert code == 3, message
         assert message.count("\n") == 1 and message.startswith("cvmfs-inject: error:")
         assert str(secret) in message and "cannot read" in message
+        assert dir_bytes(layout) == before
+    finally:
+        shutil.rmtree(work)
+
+
+def test_a_layout_the_user_may_not_write_is_one_line() -> None:
+    """The file system's refusal (here: a root-owned layout, written as nobody) is one line
+    naming the path, exit 3, and the layout is left as it was."""
+    work = Path(tempfile.mkdtemp(prefix="cvmfs-inject-readonly-"))
+    try:
+        work.chmod(0o755)
+        layout = work / "layout"
+        build_sample_image(layout, "v1")
+        tree = build_sample_tree(work / "tree")
+        for path in [work, tree, *tree.rglob("*")]:
+            if os.geteuid() == 0:
+                os.lchown(path, NOBODY, NOBODY)
+        if os.geteuid() != 0:
+            for path in [layout, *layout.rglob("*")]:
+                path.chmod(path.stat().st_mode & ~0o222)
+        before = dir_bytes(layout)
+        stderr_path = work / "stderr"
+        code = _run_unprivileged(["inject", f"{layout}:v1", str(tree)], stderr_path)
+        message = stderr_path.read_text()
+        assert code == 3, message
+        assert message.count("\n") == 1 and message.startswith("cvmfs-inject: error:")
+        assert str(layout) in message and "Permission denied" in message
         assert dir_bytes(layout) == before
     finally:
         shutil.rmtree(work)

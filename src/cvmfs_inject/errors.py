@@ -6,6 +6,8 @@ it never prints. Exit codes are part of the interface documented in the README.
 
 from __future__ import annotations
 
+INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: not the input, a bug of ours
+
 
 class CvmfsInjectError(Exception):
     """Base of every error the tool reports to a user."""

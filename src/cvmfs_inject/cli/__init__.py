@@ -15,7 +15,13 @@ from collections.abc import Iterator, Sequence
 from cvmfs_inject.cli.handlers import COMMANDS
 from cvmfs_inject.cli.parser import build_parser
 from cvmfs_inject.cli.render import Reporter
-from cvmfs_inject.errors import CvmfsInjectError, Terminated, ValidationFailed
+from cvmfs_inject.errors import (
+    INTERNAL_ERROR,
+    CvmfsInjectError,
+    InputError,
+    Terminated,
+    ValidationFailed,
+)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -47,6 +53,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, ValidationFailed) or not args.json:
             out.fatal(str(exc))
         return exc.exit_code
+    except OSError as exc:  # the file system said no: permissions, a full disk, ...
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        out.fatal(f"{where}{exc.strerror or exc}")
+        return InputError.exit_code
+    except Exception as exc:  # a bug: still one line, and --debug shows where
+        if args.debug:
+            raise
+        out.fatal(f"internal error: {type(exc).__name__}: {exc} (a bug in cvmfs-inject; run "
+                  "again with --debug for the traceback and report it)")
+        return INTERNAL_ERROR
     except Terminated:
         out.fatal("terminated")
         return 143

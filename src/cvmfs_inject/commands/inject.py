@@ -20,6 +20,7 @@ from cvmfs_inject.image.commit import commit
 from cvmfs_inject.image.edit import (
     EditResult,
     NewLayer,
+    check_layer_count,
     edit_image,
     injected_position,
     layer_media_type,
@@ -106,7 +107,9 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
     resolved = resolve(source, platform)
     reference = str(sink.ref)
     for image in resolved.images:  # refuse before any work: bad labels, zstd into Docker
-        injected_position(image.config, f"{reference} ({image.platform})")
+        where = f"{reference} ({image.platform})"
+        injected_position(image.manifest, image.config, where)
+        check_layer_count(image.manifest, image.config, where)
         layer_media_type(image.manifest, options.compression)
     if init_only and all(_prepared(image) for image in resolved.images):
         return _unchanged(source, sink, resolved, InjectReport(
@@ -132,7 +135,7 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
 
 
 def _prepared(image: Image) -> bool:
-    return injected_position(image.config, "")[0] is not None
+    return injected_position(image.manifest, image.config, "")[0] is not None
 
 
 def _unchanged(source: ImageSource, sink: ImageSink, resolved: Resolved,

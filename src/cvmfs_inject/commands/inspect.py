@@ -83,7 +83,8 @@ def _describe(image: Image) -> ImageInfo:
     layers = [LayerInfo(layer.media_type, layer.size, layer.digest,
                         diff_ids[i] if i < len(diff_ids) else None)
               for i, layer in enumerate(image.manifest.layers)]
-    position, diff_id = injected_position(image.config, image.descriptor.digest)
+    position, diff_id = injected_position(image.manifest, image.config,
+                                          image.descriptor.digest)
     return ImageInfo(image, layers, None if position is None else (position, diff_id or ""))
 
 

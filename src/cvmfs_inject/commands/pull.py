@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
 from cvmfs_inject.layout.lock import LockWait
@@ -106,7 +106,7 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         raise UsageError(f"pull writes a local layout; {dest} is not oci:DIR[:TAG]")
     if all_images and platform:
         raise UsageError("--all and --platform exclude each other")
-    tag = dest.tag or default_tag(src)
+    tag = dest.tag or check_tag(default_tag(src), registry=False)
     if src.transport == "oci":  # our own message, listing the tags, before skopeo's
         Layout.open(src.path, access.layout_wait).resolve(src.tag)
     elif src.transport != "docker" and not os.path.isfile(src.path):

@@ -16,7 +16,7 @@ from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import check_tree
 
@@ -58,6 +58,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
     if dest.transport == "oci":
         raise UsageError(f"run pushes to a registry or an archive, not to {dest}: use `pull` "
                          "and `inject` to edit a layout")
+    if new_tag is not None:
+        check_tag(new_tag, registry=False)  # the working layout's tag
     if tree is not None:
         check_tree(tree)
     fmt = source_format(src, access.skopeo(src))

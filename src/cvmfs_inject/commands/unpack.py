@@ -44,7 +44,8 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
            warn: Warn | None = None) -> UnpackReport:
     """Extract the injected layer of the (first selected) image of `source` into `target`."""
     image = resolve(source, platform).images[0]
-    position, diff_id = injected_position(image.config, f"{source.ref} ({image.platform})")
+    position, diff_id = injected_position(image.manifest, image.config,
+                                          f"{source.ref} ({image.platform})")
     if position is None:
         check_target(target, force)
         target.mkdir(parents=True, exist_ok=True)

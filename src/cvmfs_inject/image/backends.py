@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSink, LayoutSource
-from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.image.sink import ImageSink
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.store import Layout
@@ -57,13 +57,13 @@ def destination(src: ImageRef, dest: ImageRef | None, new_tag: str | None) -> Im
         if not dest.is_registry:
             raise UsageError(f"--dest {dest}: registry-direct mode writes to docker://; use "
                              "`run` for archives")
-        if new_tag:
+        if new_tag is not None:
             raise UsageError("--tag and --dest exclude each other: put the tag in --dest")
         if dest.digest:
             raise UsageError(f"--dest {dest}: name a tag, not a digest")
         return dest
-    if new_tag:
-        return ImageRef("docker", src.path, new_tag)
+    if new_tag is not None:
+        return ImageRef("docker", src.path, check_tag(new_tag, registry=True))
     if src.digest:
         raise UsageError(f"{src} names a digest: give --tag or --dest for the result")
     return src
@@ -76,6 +76,8 @@ def editing(ref: ImageRef, access: Access, *, dest: ImageRef | None = None,
     """The source an edit reads and the sink it writes: the same layout (under its writer
     lock), or a registry image and its destination (with a scratch store for new blobs)."""
     if ref.transport == "oci":
+        if new_tag is not None:
+            check_tag(new_tag, registry=False)
         if dest is not None:
             raise UsageError("--dest is for registry images; for a layout use --tag")
         layout = Layout.open(ref.path, access.layout_wait)

@@ -71,8 +71,10 @@ def timestamp(epoch: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def injected_position(config: ImageConfig, where: str) -> tuple[int | None, str | None]:
-    """Index in rootfs.diff_ids of the injected layer, or (None, None) on an unprepared image."""
+def injected_position(manifest: Manifest, config: ImageConfig, where: str
+                      ) -> tuple[int | None, str | None]:
+    """Index of the injected layer (in the manifest's layers and the config's diff_ids,
+    which must agree), or (None, None) on an unprepared image."""
     labelled = config.labels.get(LABEL_TAR)
     if not labelled:
         return None, None
@@ -81,7 +83,16 @@ def injected_position(config: ImageConfig, where: str) -> tuple[int | None, str 
         raise NotFoundError(f"{where}: label {LABEL_TAR}={labelled} names a layer that is not "
                             "in this image's rootfs.diff_ids; the image was changed by another "
                             "tool. Remove the label to inject as a new layer.")
+    check_layer_count(manifest, config, where)
     return len(diff_ids) - 1 - diff_ids[::-1].index(labelled), labelled
+
+
+def check_layer_count(manifest: Manifest, config: ImageConfig, where: str) -> None:
+    """A layer's position means the same in both documents only when they agree."""
+    layers, diff_ids = len(manifest.doc["layers"]), len(config.diff_ids)
+    if layers != diff_ids:
+        raise InputError(f"{where}: manifest has {layers} layers but its config lists "
+                         f"{diff_ids} diff_ids")
 
 
 def _history_layer_slots(history: list[dict[str, Any]]) -> list[int]:
@@ -93,14 +104,12 @@ def _history_layer_slots(history: list[dict[str, Any]]) -> list[int]:
 def edit_image(manifest: Manifest, config: ImageConfig, layer: NewLayer, *,
                created_by: str, epoch: int | None, where: str) -> EditResult | None:
     """The new manifest and config with `layer` in the injected position; None if unchanged."""
-    position, old_diff_id = injected_position(config, where)
+    position, old_diff_id = injected_position(manifest, config, where)
     if old_diff_id == layer.diff_id:
         return None
+    check_layer_count(manifest, config, where)
     layers = manifest.doc["layers"]
     diff_ids = config.diff_ids
-    if len(layers) != len(diff_ids):
-        raise InputError(f"{where}: manifest has {len(layers)} layers but its config lists "
-                         f"{len(diff_ids)} diff_ids")
     descriptor = Descriptor(layer_media_type(manifest, layer.compression), layer.digest,
                             layer.size).to_dict()
     now = timestamp(epoch)

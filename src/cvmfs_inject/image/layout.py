@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cvmfs_inject.errors import IntegrityError, UsageError
-from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.blobs import READ_CHUNK, VerifiedReader
@@ -44,6 +44,7 @@ class LayoutSink:
     def __init__(self, layout: Layout, ref: ImageRef) -> None:
         if not ref.tag:
             raise UsageError(f"{ref}: name the tag to write, as DIR:TAG")
+        check_tag(ref.tag, registry=False)
         self.layout = layout
         self.ref = ref
         self.tag = ref.tag

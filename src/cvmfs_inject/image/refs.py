@@ -147,6 +147,18 @@ def parse_ref(text: str) -> ImageRef:
     return _parse_local(text, "oci", text)
 
 
+def check_tag(tag: str, *, registry: bool) -> str:
+    """A tag given on its own (`--tag NEW`), checked before anything is written: a registry
+    tag, or a layout's `org.opencontainers.image.ref.name` (so `../../evil` is refused)."""
+    if registry and not names.TAG.match(tag):
+        raise UsageError(f"tag {tag!r} is not a valid registry tag: up to 128 of letters, "
+                         "digits, '_', '.' and '-', not starting with '.' or '-'")
+    if not registry and not names.REF_NAME.match(tag):
+        raise UsageError(f"tag {tag!r} is not a valid OCI reference name: letters and "
+                         "digits, joined by single '-', '.', '_', ':', '@', '+' or '/'")
+    return tag
+
+
 def parse_layout_ref(text: str) -> ImageRef:
     """A reference that must name a local OCI layout (commands that edit in place)."""
     ref = parse_ref(text)

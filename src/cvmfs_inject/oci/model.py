@@ -9,8 +9,9 @@ edited document is re-serialised, with `canonical_json`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.digest import check_digest, sha256_digest
@@ -18,6 +19,7 @@ from cvmfs_inject.oci.jsondoc import parse_json
 from cvmfs_inject.oci.media import MediaType
 
 REF_NAME = "org.opencontainers.image.ref.name"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,21 @@ def _parse_typed(raw: bytes, where: str, media_type: str | None, default: str,
     the OCI one), refused when the type is not `accepted` or the `key` list is missing."""
     doc = parse_json(raw, where)
     declared = doc.get("mediaType") or media_type or default
-    if declared not in accepted:
+    if not isinstance(declared, str) or declared not in accepted:
         raise InputError(f"{where}: media type {declared!r} is not {noun}")
     if not isinstance(doc.get(key), list):
         kind = noun.rsplit(" ", 1)[-1]
         raise InputError(f"{where}: {kind} has no '{key}' list")
     return doc, declared
+
+
+def _checked(where: str, read: Callable[[], _T]) -> _T:
+    """The descriptors of a document, each checked now: a bad one is refused when the
+    document is read, before a command has written anything."""
+    try:
+        return read()
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,9 @@ class Manifest(Document):
     def parse(cls, raw: bytes, where: str, media_type: str | None = None) -> Manifest:
         doc, declared = _parse_typed(raw, where, media_type, MediaType.OCI_MANIFEST,
                                      MediaType.MANIFESTS, "layers", "an image manifest")
-        return cls(raw, doc, declared)
+        manifest = cls(raw, doc, declared)
+        _checked(where, lambda: (manifest.config, manifest.layers))
+        return manifest
 
     @property
     def is_docker(self) -> bool:
@@ -165,7 +178,12 @@ class Index(Document):
     def parse(cls, raw: bytes, where: str, media_type: str | None = None) -> Index:
         doc, declared = _parse_typed(raw, where, media_type, MediaType.OCI_INDEX,
                                      MediaType.INDEXES, "manifests", "an image index")
-        return cls(raw, doc, declared)
+        index = cls(raw, doc, declared)
+        for entry in _checked(where, lambda: index.manifests):
+            for key in ("platform", "annotations"):
+                if not isinstance(entry.extra.get(key, {}), dict):
+                    raise InputError(f"{where}: {entry.digest}: {key} is not a JSON object")
+        return index
 
     @property
     def manifests(self) -> list[Descriptor]:
@@ -181,6 +199,19 @@ class ImageConfig(Document):
         rootfs = doc.get("rootfs")
         if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
             raise InputError(f"{where}: image config has no rootfs.diff_ids list")
+        if not all(isinstance(d, str) for d in rootfs["diff_ids"]):
+            raise InputError(f"{where}: rootfs.diff_ids holds something else than digests")
+        container = doc.get("config")
+        if container is not None and not isinstance(container, dict):
+            raise InputError(f"{where}: config is not a JSON object")
+        labels = (container or {}).get("Labels")
+        if labels is not None and not (isinstance(labels, dict) and all(
+                isinstance(v, str) for v in labels.values())):
+            raise InputError(f"{where}: config.Labels is not an object of strings")
+        history = doc.get("history")
+        if history is not None and not (isinstance(history, list) and all(
+                isinstance(entry, dict) for entry in history)):
+            raise InputError(f"{where}: history is not a list of objects")
         return cls(raw, doc)
 
     @property

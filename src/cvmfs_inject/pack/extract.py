@@ -3,7 +3,8 @@
 A layer is untrusted input. Only members under the mount point are written, with the
 mount-point prefix removed; absolute names, `..` components, device nodes and any write
 through or onto a symlink are refused, and hard links may only point at regular files
-already extracted inside the target. Modes and mtimes are restored, directories last.
+already extracted inside the target. Permissions (without setuid, setgid and sticky bits)
+and mtimes are restored, directories last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from isal import igzip, igzip_lib
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.oci.media import MediaType
+
+# rwx for owner, group and others: setuid, setgid and sticky bits are dropped. CernVM-FS is
+# mounted nosuid, and a root-owned setuid file unpacked into a work directory would be a
+# privilege escalation.
+PERMISSIONS = 0o777
 
 
 @dataclass
@@ -108,7 +114,8 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
             for member in archive:
                 name = _strip_dot(member.name).rstrip("/")
                 if name == prefix.rstrip("/"):
-                    directories.append((target.root, member.mode, int(member.mtime)))
+                    directories.append((target.root, member.mode & PERMISSIONS,
+                                        int(member.mtime)))
                     result.has_root = True
                     continue
                 if not name.startswith(prefix):
@@ -120,7 +127,7 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
                     skip(member.name, "whiteout entries are not extracted")
                     continue
                 path = target.path_for(rel)
-                mode = member.mode & 0o7777
+                mode = member.mode & PERMISSIONS
                 if member.isdir():
                     _Target.clear(path)
                     if not os.path.isdir(path):
