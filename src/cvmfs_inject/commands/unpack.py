@@ -18,7 +18,7 @@ from cvmfs_inject.image.edit import LABEL_MOUNT, injected_position
 from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource, resolve
 from cvmfs_inject.layout.blobs import READ_CHUNK
-from cvmfs_inject.pack.extract import decompressed
+from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.options import Warn
 from cvmfs_inject.pack.staging import check_target, extract_into
 
@@ -54,15 +54,20 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
     mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
     check_target(target, force)
     with source.open_blob(layer) as blob:
+        stream = decompressed(cast(IO[bytes], blob), layer.media_type)
         try:
-            stream = decompressed(cast(IO[bytes], blob), layer.media_type)
             result = extract_into(stream, target, mount, force=force, warn=warn)
         except InputError:
             # A corrupted blob can break the stream before its end is reached; the rest is
             # read through the blob's verifier so the root cause is reported (exit 5).
+            if stream is not blob:
+                stream.close()  # the inflating thread stops reading first
             while blob.read(READ_CHUNK):
                 pass
             raise
+        finally:
+            if stream is not blob:
+                stream.close()
     return UnpackReport("unpacked", str(target), diff_id, result.entries, result.skipped)
 
 

@@ -5,29 +5,40 @@ mount-point prefix removed; absolute names, `..` components, device nodes and an
 through or onto a symlink are refused, and hard links may only point at regular files
 already extracted inside the target. Permissions (without setuid, setgid and sticky bits)
 and mtimes are restored, directories last.
+
+Fast because every member costs few system calls and little Python: names stay bytes,
+every path is opened relative to one descriptor of the target (the kernel resolves it; we
+never re-check a path component by component), and a path's parent is checked only when
+it is not a directory this extraction made (`_Directories`): a directory it made is never
+replaced by a symlink, so the kernel cannot be led outside through it. Files are created
+with their final mode (the umask is 0 meanwhile), written from the stream's own buffers,
+stamped with `futimens` and closed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
-import tarfile
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-import zstandard
-from isal import igzip, igzip_lib
-
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
-from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.pack.inflate import decompressed
+from cvmfs_inject.pack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarStream
 
 # rwx for owner, group and others: setuid, setgid and sticky bits are dropped. CernVM-FS is
 # mounted nosuid, and a root-owned setuid file unpacked into a work directory would be a
 # privilege escalation.
 PERMISSIONS = 0o777
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
+
+__all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
 
 
 @dataclass
@@ -37,146 +48,213 @@ class ExtractResult:
     has_root: bool = False  # the layer has an entry for the mount point itself
 
 
-def decompressed(reader: IO[bytes], media_type: str) -> IO[bytes]:
-    if media_type.endswith("+zstd") or media_type.endswith(".zstd"):
-        return zstandard.ZstdDecompressor().stream_reader(reader)  # type: ignore[return-value]
-    if media_type.endswith("gzip"):
-        return igzip.IGzipFile(fileobj=reader, mode="rb")  # type: ignore[return-value]
-    if media_type in (MediaType.OCI_LAYER, "application/vnd.docker.image.rootfs.diff.tar"):
-        return reader
-    raise InputError(f"unsupported layer media type {media_type}")
+def _show(name: bytes) -> str:
+    return repr(os.fsdecode(name))
 
 
-def _strip_dot(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name
+def _relative(name: bytes, prefix: bytes, member: bytes) -> bytes:
+    """The member's path below the mount point, normalised; refused if it leaves it."""
+    rel = name[len(prefix):]
+    if (rel.startswith((b"/", b"./", b"../")) or b"//" in rel or b"/./" in rel
+            or b"/../" in rel or rel.endswith((b"/.", b"/..")) or rel in (b".", b"..")):
+        rel = posixpath.normpath(rel)
+        if rel.startswith((b"/", b"../")) or rel in (b"..", b"."):
+            raise InputError(f"layer member {_show(member)} escapes the target directory")
+    return rel
 
 
-class _Target:
-    """The extraction root, with the checks that keep every write inside it."""
+class _Directories:
+    """The directories below the target that are known to be real (made by this
+    extraction, or checked with lstat one component at a time), and the mode and time each
+    directory member asks for, applied at the end, deepest first.
 
-    def __init__(self, root: str) -> None:
-        self.root = os.path.realpath(root)
+    The mode/time table is packed into arrays (about 80 bytes a directory); the set of
+    known directories is a bounded cache: forgetting one costs an lstat later, not safety.
+    """
 
-    def path_for(self, rel: str) -> str:
-        if rel.startswith("/") or any(part == ".." for part in rel.split("/")):
-            raise InputError(f"layer member {rel!r} escapes the target directory")
-        path = os.path.join(self.root, rel)
-        self._check_parents(path)
-        return path
+    def __init__(self, root: int, implicit_mode: int) -> None:
+        self.root = root
+        self.implicit_mode = implicit_mode
+        self.known: set[bytes] = {b""}
+        self._names = bytearray()
+        self._ends = array("Q")
+        self._modes = array("H")
+        self._times = array("d")
 
-    def _check_parents(self, path: str) -> None:
-        """Every existing parent must be a real directory inside the root (no symlinks)."""
-        parent = os.path.dirname(path)
-        missing = []
-        while parent != self.root:
-            try:
-                st = os.lstat(parent)
-            except FileNotFoundError:
-                missing.append(parent)
-                parent = os.path.dirname(parent)
+    def parent_of(self, rel: bytes, member: bytes) -> None:
+        """Make sure the parent of `rel` is a real directory inside the target, making the
+        missing ones (mode 0755 less the umask, as tar does for directories it must add)."""
+        parent = rel.rpartition(b"/")[0]
+        if parent in self.known:
+            return
+        path = b""
+        for part in parent.split(b"/"):
+            path = path + b"/" + part if path else part
+            if path in self.known:
                 continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise InputError(f"layer member {path[len(self.root) + 1:]!r} would be written "
-                                 "through a symlink or non-directory")
-            parent = os.path.dirname(parent)
-        for directory in reversed(missing):
-            os.mkdir(directory, 0o755)
+            try:
+                os.mkdir(path, self.implicit_mode, dir_fd=self.root)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path, dir_fd=self.root).st_mode):
+                    raise InputError(f"layer member {_show(member)} would be written through a "
+                                     "symlink or non-directory") from None
+            self.remember(path)
 
-    @staticmethod
-    def clear(path: str) -> None:
-        """Tar semantics: a later entry replaces an earlier one; never follow a symlink."""
+    def remember(self, path: bytes) -> None:
+        if len(self.known) > _KNOWN_DIRECTORIES:
+            self.known = {b""}
+        self.known.add(path)
+
+    def attributes(self, rel: bytes, mode: int, mtime: float) -> None:
+        self._names += rel
+        self._ends.append(len(self._names))
+        self._modes.append(mode)
+        self._times.append(mtime)
+
+    def apply(self) -> None:
+        start = [0, *self._ends]
+        for i in range(len(self._ends) - 1, -1, -1):
+            rel = bytes(self._names[start[i]:self._ends[i]]) or b"."
+            os.chmod(rel, self._modes[i], dir_fd=self.root)
+            os.utime(rel, (self._times[i], self._times[i]), dir_fd=self.root)
+
+
+def _replace(make: Callable[[], object], rel: bytes, root: int, member: bytes) -> None:
+    """Tar semantics: a later member replaces an earlier one, never following a symlink;
+    an existing directory is not replaced."""
+    try:
+        make()
+    except FileExistsError:
+        if stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
+            raise InputError(f"cannot extract layer: layer member {_show(member)} would "
+                             "replace a directory") from None
+        os.unlink(rel, dir_fd=root)
+        make()
+
+
+class _Extraction:
+    def __init__(self, stream: TarStream, root: int, prefix: bytes, umask: int,
+                 warn: Callable[[str], None] | None) -> None:
+        self.stream, self.root, self.prefix = stream, root, prefix
+        self.directories = _Directories(root, 0o755 & ~umask)
+        self.result = ExtractResult()
+        self.warn = warn
+
+    def skip(self, name: bytes, why: str) -> None:
+        shown = os.fsdecode(name)
+        self.result.skipped.append(f"{shown}: {why}")
+        if self.warn:
+            self.warn(f"{shown}: skipped ({why})")
+
+    def run(self) -> None:
+        prefix, top = self.prefix, self.prefix.rstrip(b"/")
+        directories = self.directories
+        for member in self.stream.members():
+            name = member.name
+            while name.startswith(b"./"):
+                name = name[2:]
+            name = name.rstrip(b"/")
+            if name == top:
+                directories.attributes(b"", member.mode & PERMISSIONS, int(member.mtime))
+                self.result.has_root = True
+                continue
+            if not name.startswith(prefix):
+                continue
+            rel = _relative(name, prefix, member.name)
+            if posixpath.basename(rel).startswith(b".wh."):
+                self.skip(member.name, "whiteout entries are not extracted")
+                continue
+            kind = member.type
+            if kind not in REGULAR and kind not in (DIRECTORY, SYMLINK, HARDLINK):
+                self.skip(member.name, "device nodes, fifos and other special files are "
+                                       "refused")
+                continue
+            directories.parent_of(rel, member.name)
+            if kind in REGULAR:
+                self.file(rel, member)
+            elif kind == DIRECTORY:
+                self.directory(rel, member)
+            elif kind == SYMLINK:
+                self.symlink(rel, member)
+            else:
+                self.hardlink(rel, member)
+            self.result.entries += 1
+
+    def file(self, rel: bytes, member: Member) -> None:
+        root = self.root
+        fds: list[int] = []
+        _replace(lambda: fds.append(os.open(rel, _CREATE, member.mode & PERMISSIONS,
+                                            dir_fd=root)), rel, root, member.name)
+        fd = fds[0]
         try:
-            st = os.lstat(path)
+            for piece in self.stream.data():
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+
+    def directory(self, rel: bytes, member: Member) -> None:
+        root = self.root
+        try:
+            os.mkdir(rel, 0o700, dir_fd=root)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
+                os.unlink(rel, dir_fd=root)
+                os.mkdir(rel, 0o700, dir_fd=root)
+        self.directories.remember(rel)
+        self.directories.attributes(rel, member.mode & PERMISSIONS, int(member.mtime))
+
+    def symlink(self, rel: bytes, member: Member) -> None:
+        root = self.root
+        _replace(lambda: os.symlink(member.linkname, rel, dir_fd=root), rel, root, member.name)
+        os.utime(rel, (member.mtime, member.mtime), dir_fd=root, follow_symlinks=False)
+
+    def hardlink(self, rel: bytes, member: Member) -> None:
+        link = member.linkname
+        while link.startswith(b"./"):
+            link = link[2:]
+        if not link.startswith(self.prefix):
+            raise InputError(f"hard link {_show(member.name)} points outside "
+                             f"{os.fsdecode(self.prefix.rstrip(b'/'))}: "
+                             f"{_show(member.linkname)}")
+        source = _relative(link, self.prefix, member.name)
+        root = self.root
+        try:
+            self.directories.parent_of(source, member.name)
+            st = os.lstat(source, dir_fd=root)
         except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            return
-        os.unlink(path)
+            raise InputError(f"hard link {_show(member.name)} points at "
+                             f"{_show(member.linkname)}, which is not in the layer before "
+                             "it") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"hard link {_show(member.name)} points at a non-regular file")
+        _replace(lambda: os.link(source, rel, src_dir_fd=root, dst_dir_fd=root,
+                                 follow_symlinks=False), rel, root, member.name)
 
 
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
             warn: Callable[[str], None] | None = None) -> ExtractResult:
-    """Write the members under `mount_point` from the tar stream `fileobj` into target_dir."""
-    prefix = mount_point.strip("/") + "/"
-    target = _Target(target_dir)
-    result = ExtractResult()
-    directories: list[tuple[str, int, int]] = []
-
-    def skip(name: str, why: str) -> None:
-        result.skipped.append(f"{name}: {why}")
-        if warn:
-            warn(f"{name}: skipped ({why})")
-
+    """Write the members under `mount_point` from the tar stream `fileobj` into target_dir
+    (which must exist; the directories in it are this extraction's own)."""
+    prefix = os.fsencode(mount_point.strip("/")) + b"/"
+    root = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    umask = os.umask(0)  # files get their mode at creation: no chmod a file
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as archive:
-            for member in archive:
-                name = _strip_dot(member.name).rstrip("/")
-                if name == prefix.rstrip("/"):
-                    directories.append((target.root, member.mode & PERMISSIONS,
-                                        int(member.mtime)))
-                    result.has_root = True
-                    continue
-                if not name.startswith(prefix):
-                    continue
-                rel = posixpath.normpath(name[len(prefix):])
-                if rel.startswith("../") or rel == ".." or rel.startswith("/"):
-                    raise InputError(f"layer member {member.name!r} escapes the target directory")
-                if posixpath.basename(rel).startswith(".wh."):
-                    skip(member.name, "whiteout entries are not extracted")
-                    continue
-                path = target.path_for(rel)
-                mode = member.mode & PERMISSIONS
-                if member.isdir():
-                    _Target.clear(path)
-                    if not os.path.isdir(path):
-                        os.mkdir(path, 0o700)
-                    directories.append((path, mode, int(member.mtime)))
-                elif member.isreg():
-                    _Target.clear(path)
-                    source = archive.extractfile(member)
-                    assert source is not None
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                    with os.fdopen(fd, "wb") as out:
-                        while data := source.read(READ_CHUNK):
-                            out.write(data)
-                    os.chmod(path, mode)
-                    os.utime(path, (member.mtime, member.mtime))
-                elif member.issym():
-                    _Target.clear(path)
-                    os.symlink(member.linkname, path)
-                    os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
-                elif member.islnk():
-                    link = _strip_dot(member.linkname)
-                    if not link.startswith(prefix):
-                        raise InputError(f"hard link {member.name!r} points outside "
-                                         f"{mount_point}: {member.linkname!r}")
-                    source_path = target.path_for(posixpath.normpath(link[len(prefix):]))
-                    try:
-                        st = os.lstat(source_path)
-                    except FileNotFoundError:
-                        raise InputError(f"hard link {member.name!r} points at "
-                                         f"{member.linkname!r}, which is not in the layer "
-                                         "before it") from None
-                    if not stat.S_ISREG(st.st_mode):
-                        raise InputError(f"hard link {member.name!r} points at a non-regular file")
-                    _Target.clear(path)
-                    os.link(source_path, path, follow_symlinks=False)
-                else:
-                    skip(member.name, "device nodes, fifos and other special files are refused")
-                    continue
-                result.entries += 1
-        # Read past the end-of-archive marker to the end of the stream: only there are the
-        # gzip CRC and length, the zstd checksum and the blob's digest checked. Content in
-        # stored (incompressible) blocks can be corrupted without breaking the tar.
-        while fileobj.read(READ_CHUNK):
-            pass
-    except tarfile.TarError as exc:
-        raise InputError(f"layer is not a valid tar stream: {exc}") from None
-    except (OSError, EOFError, zstandard.ZstdError, igzip_lib.IsalError) as exc:
-        raise InputError(f"cannot extract layer: {exc}") from None
-    for path, mode, mtime in reversed(directories):
-        os.chmod(path, mode)
-        os.utime(path, (mtime, mtime))
-    return result
+        stream = TarStream(fileobj.read, READ_CHUNK)
+        extraction = _Extraction(stream, root, prefix, umask, warn)
+        try:
+            extraction.run()
+            # Read past the end-of-archive marker to the end of the stream: only there are
+            # the gzip CRC and length, the zstd checksum and the blob's digest checked.
+            # Content in stored (incompressible) blocks can be corrupt in a valid tar.
+            stream.drain()
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and exc.filename is None:
+                raise InputError(f"cannot extract layer: {exc}") from None
+            raise InputError(f"cannot extract layer: {exc}") from None
+        extraction.directories.apply()
+        return extraction.result
+    finally:
+        os.umask(umask)
+        os.close(root)
