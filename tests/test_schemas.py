@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from jsonschema import Draft202012Validator
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci import schema as schemas
-from cvmfs_inject.oci.digest import digest_problem
+from cvmfs_inject.oci.digest import check_digest, digest_problem, verify_problem
 from cvmfs_inject.oci.schema import (
     KINDS,
     Problem,
@@ -221,8 +222,10 @@ INVALID = [
      "sha256 needs 64 lowercase hex characters, got 63 at config.digest"),
     ("sha512-wrong-length", modified(OCI_INDEX_DOC, "manifests/0/digest", sha512("x") + "00"),
      "index", None, "sha512 needs 128 lowercase hex characters, got 130"),
-    ("unknown-algorithm", desc(OCI_LAYER, "md5:" + "0" * 32), "descriptor", None,
-     "unsupported digest algorithm 'md5'"),
+    ("docker-unknown-algorithm", modified(DOCKER_MANIFEST_DOC, "layers/0/digest",
+                                          "md5:" + "0" * 32), "manifest", None,
+     "cannot verify md5:" + "0" * 32 + ": unsupported digest algorithm 'md5' (only sha256 "
+     "and sha512 can be verified) at layers[0].digest"),
     ("digest-not-hex", desc(OCI_LAYER, "sha256:" + "g" * 64), "descriptor", None,
      "sha256 needs 64 lowercase hex characters at digest"),
     ("digest-grammar", desc(OCI_LAYER, "sha256"), "descriptor", None,
@@ -343,20 +346,44 @@ def test_schema_problems_are_sorted_by_path() -> None:
     ("sha256:" + "A" * 64, "must be lowercase hex"),
     (D1[:-1], "got 63"),
     (sha512("x")[:-1], "128 lowercase hex characters, got 127"),
-    ("blake3:" + "0" * 64, "unsupported digest algorithm 'blake3'"),
-    ("sha384:" + "0" * 96, "unsupported digest algorithm"),
+    ("blake3:" + "0" * 64, None),
+    ("sha384:" + "0" * 96, None),
+    ("multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8", None),
     ("SHA256:" + "0" * 64, "expected <algorithm>:<encoded>"),
     ("sha256:", "expected <algorithm>:<encoded>"),
     (" " + D1, "expected <algorithm>:<encoded>"),
     (42, "must be a string"),
-], ids=["sha256", "sha512", "upper", "short256", "short512", "blake3", "sha384", "upper-alg",
-        "empty-encoded", "leading-space", "not-a-string"])
+], ids=["sha256", "sha512", "upper", "short256", "short512", "blake3", "sha384", "multihash",
+        "upper-alg", "empty-encoded", "leading-space", "not-a-string"])
 def test_digest_problem(digest: Any, expected: str | None) -> None:
+    """What a document may carry: the grammar, and the encoding of registered algorithms."""
     result = digest_problem(digest)
     if expected is None:
         assert result is None
     else:
         assert result is not None and expected in result
+
+
+@pytest.mark.parametrize(("digest", "expected"), [
+    (D1, None),
+    (sha512("x"), None),
+    ("sha384:" + "0" * 96, "cannot verify sha384:" + "0" * 96 + ": unsupported digest "
+     "algorithm 'sha384' (only sha256 and sha512 can be verified)"),
+    ("sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564",
+     "unsupported digest algorithm 'sha256+b64u'"),
+    ("sha256:" + "A" * 64, "must be lowercase hex"),
+    ("nocolon", "expected <algorithm>:<encoded>"),
+], ids=["sha256", "sha512", "sha384", "sha256+b64u", "upper", "grammar"])
+def test_verify_problem_and_check_digest(digest: str, expected: str | None) -> None:
+    """What the tool can read and verify: only sha256 and sha512, validly encoded."""
+    result = verify_problem(digest)
+    if expected is None:
+        assert result is None
+        assert check_digest(digest) == digest
+    else:
+        assert result is not None and expected in result
+        with pytest.raises(InputError, match=re.escape(result)):
+            check_digest(digest)
 
 
 @pytest.mark.parametrize(("doc", "kind"), [

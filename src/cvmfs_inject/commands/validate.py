@@ -4,6 +4,10 @@ Unlike the rest of the tool, validation does not stop at the first problem: it w
 everything reachable (the one descriptor walk, over any source) and collects every
 finding, so a user sees the whole damage at once. Every blob is read through the source's
 verified reader, so a layer that does not match its digest is a finding too.
+
+A document may name content by any digest the spec's grammar allows; content whose
+algorithm we cannot compute (not sha256 or sha512) is not read, and is one finding: "cannot
+verify", since the claim that every blob matches its descriptor cannot be made for it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.digest import verify_problem
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
@@ -67,7 +72,13 @@ class _Checker:
         return []
 
     def _read(self, desc: Descriptor) -> bytes | None:
-        """A document's bytes; a layer is read through (checked), giving None."""
+        """A document's bytes; a layer is read through (checked), giving None. Content named
+        by a digest we cannot verify is not read: that is the one problem reported."""
+        where = self.source.where(desc)
+        unverifiable = verify_problem(desc.digest)
+        if unverifiable is not None:
+            self.problems.append(Problem(where, unverifiable))
+            return None
         try:
             if MediaType.is_document(desc.media_type):
                 return self.source.document(desc)
@@ -75,7 +86,6 @@ class _Checker:
                 while blob.read(READ_CHUNK):
                     pass
         except CvmfsInjectError as exc:
-            where = self.source.where(desc)
             self.problems.append(Problem(where, str(exc).removeprefix(f"{where}: ")))
         return None
 
@@ -88,7 +98,7 @@ class _Checker:
         if found:
             return None
         try:
-            return Descriptor.from_dict(raw, where)
+            return Descriptor.from_dict(raw, where, verifiable=False)
         except CvmfsInjectError as exc:
             self.problems.append(Problem(where, str(exc)))
             return None

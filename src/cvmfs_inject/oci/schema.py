@@ -2,8 +2,10 @@
 
 The schemas (in ``schemas/`` of the source tree, ``cvmfs_inject/_schemas`` in a wheel) are our
 own, draft 2020-12, one self-contained file per document type, so nothing is fetched or resolved
-across files at run time. What JSON Schema cannot express lives here: the per-algorithm digest
-encoding, embedded ``data`` matching its descriptor, and ``KEY=value`` environment entries.
+across files at run time. What JSON Schema cannot express lives here: the encoding of the
+digest algorithms the OCI spec registers, embedded ``data`` matching its descriptor, and
+``KEY=value`` environment entries. Docker v2s2 documents keep their own digest rule (only
+sha256 and sha512 are accepted).
 
 Every finding is a :class:`Problem` rather than an exception, so ``validate`` can report all of
 them at once; only a misuse of the API (an unknown kind, a broken installation) raises.
@@ -17,7 +19,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.oci.digest import digest_problem
+from cvmfs_inject.oci.digest import digest_problem, verify_problem
 from cvmfs_inject.oci.jsondoc import json_type, shorten
 from cvmfs_inject.oci.media import MediaType
 
@@ -106,9 +108,10 @@ def check_document(data: bytes, kind: str | None = None, *, media_type: str | No
         problems.append(Problem(
             where, f"media type mismatch: descriptor says {media_type}, document says {own}"))
 
-    extra = list(_extra_rules(kind, doc))
+    name = _schema_name(kind, doc, media_type)
+    extra = list(_extra_rules(kind, doc, docker=name.startswith("docker-")))
     extra_paths = {path for path, _ in extra}
-    errors = _validator(_schema_name(kind, doc, media_type)).iter_errors(doc)
+    errors = _validator(name).iter_errors(doc)
     for error in sorted(errors, key=lambda e: (_path_key(e.absolute_path), e.message)):
         path = _json_path(error.absolute_path)
         # The extra rules say the same thing about a malformed digest, more helpfully.
@@ -127,22 +130,30 @@ def check_descriptor(desc: dict[str, Any], where: str) -> list[Problem]:
     """
     if not isinstance(desc, dict):
         return [Problem(where, f"descriptor must be a JSON object, not {json_type(desc)}")]
-    return [Problem(where, f"{msg}{_at(path)}") for path, msg in _descriptor_rules(desc, "")]
+    return [Problem(where, f"{msg}{_at(path)}")
+            for path, msg in _descriptor_rules(desc, "", digest_problem)]
 
 
-def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """Yield (JSON path, message) for the rules beyond the schema, in document order."""
+DigestRule = Callable[[Any], str | None]
+
+
+def _extra_rules(kind: str, doc: dict[str, Any], *, docker: bool) -> Iterator[tuple[str, str]]:
+    """Yield (JSON path, message) for the rules beyond the schema, in document order.
+
+    Docker documents keep their own digest rule (sha256 and sha512 only); OCI ones accept
+    any algorithm the spec's grammar allows and check the encoding of the registered ones."""
+    digest_rule = verify_problem if docker else digest_problem
     if kind == "descriptor":
-        yield from _descriptor_rules(doc, "")
+        yield from _descriptor_rules(doc, "", digest_rule)
     elif kind in ("manifest", "index"):
         for key in ("config", "subject"):
             if isinstance(doc.get(key), dict):
-                yield from _descriptor_rules(doc[key], key)
+                yield from _descriptor_rules(doc[key], key, digest_rule)
         for key in ("layers", "manifests"):
             items = doc.get(key)
             for i, item in enumerate(items if isinstance(items, list) else []):
                 if isinstance(item, dict):
-                    yield from _descriptor_rules(item, f"{key}[{i}]")
+                    yield from _descriptor_rules(item, f"{key}[{i}]", digest_rule)
     elif kind == "config":
         config = doc.get("config")
         env = config.get("Env") if isinstance(config, dict) else None
@@ -152,13 +163,14 @@ def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
         rootfs = doc.get("rootfs")
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         for i, diff_id in enumerate(diff_ids if isinstance(diff_ids, list) else []):
-            if isinstance(diff_id, str) and (message := digest_problem(diff_id)):
+            if isinstance(diff_id, str) and (message := digest_rule(diff_id)):
                 yield f"rootfs.diff_ids[{i}]", message
 
 
-def _descriptor_rules(desc: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
+def _descriptor_rules(desc: dict[str, Any], path: str, digest_rule: DigestRule
+                      ) -> Iterator[tuple[str, str]]:
     digest = desc.get("digest")
-    if isinstance(digest, str) and (message := digest_problem(digest)):
+    if isinstance(digest, str) and (message := digest_rule(digest)):
         yield _join(path, "digest"), message
     data = desc.get("data")
     if isinstance(data, str):
@@ -182,7 +194,8 @@ def _data_problems(data: str, desc: dict[str, Any]) -> Iterator[str]:
     if isinstance(size, int) and not isinstance(size, bool) and size != len(raw):
         yield f"data decodes to {len(raw)} bytes but size is {size}"
     digest = desc.get("digest")
-    if isinstance(digest, str) and digest_problem(digest) is None:
+    # Only a registered algorithm can be recomputed; another one's encoding is unknown.
+    if isinstance(digest, str) and verify_problem(digest) is None:
         algorithm, _, encoded = digest.partition(":")
         actual = hashlib.new(algorithm, raw).hexdigest()
         if actual != encoded:
