@@ -2,10 +2,11 @@
 
 The schemas (in ``schemas/`` of the source tree, ``cvmfs_inject/_schemas`` in a wheel) are our
 own, draft 2020-12, one self-contained file per document type, so nothing is fetched or resolved
-across files at run time. What JSON Schema cannot express lives here: the encoding of the
-digest algorithms the OCI spec registers, embedded ``data`` matching its descriptor, and
-``KEY=value`` environment entries. Docker v2s2 documents keep their own digest rule (only
-sha256 and sha512 are accepted).
+across files at run time. OCI schemas assert the formats the official image-spec schemas
+assert (``uri``, ``date-time``: checked by ``oci.formats``). What JSON Schema cannot express
+lives here: the encoding of the digest algorithms the OCI spec registers, embedded ``data``
+matching its descriptor, and ``KEY=value`` environment entries. Docker v2s2 documents keep
+their own rules (formats are annotations, and only sha256 and sha512 digests are accepted).
 
 Every finding is a :class:`Problem` rather than an exception, so ``validate`` can report all of
 them at once; only a misuse of the API (an unknown kind, a broken installation) raises.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.digest import digest_problem, verify_problem
+from cvmfs_inject.oci.formats import format_checker
 from cvmfs_inject.oci.jsondoc import json_type, shorten
 from cvmfs_inject.oci.media import MediaType
 
@@ -272,7 +274,8 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
 
 @functools.cache
 def _validator(name: str) -> Any:
-    """Load, self-check and compile one schema once; no format checker, formats are not rules.
+    """Load, self-check and compile one schema once. OCI schemas assert their formats, as
+    the official ones do; in the Docker ones ``format`` stays an annotation.
 
     jsonschema is imported here, on first use: commands that check no document (a local
     inject) do not pay for it."""
@@ -283,7 +286,8 @@ def _validator(name: str) -> Any:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load schema {name}: {e}; the installation is incomplete") from e
     Draft202012Validator.check_schema(schema)
-    return validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})(schema)
+    cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+    return cls(schema, format_checker=format_checker() if name.startswith("oci-") else None)
 
 
 def _json_path(parts: Iterable[str | int]) -> str:
