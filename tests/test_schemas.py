@@ -426,6 +426,19 @@ def test_media_type_picks_docker_or_oci_config_schema() -> None:
     assert check_document(raw(docker_only), "config", media_type=OCI_CONFIG) != []
 
 
+def test_duplicate_label_keys_are_an_oci_rule() -> None:
+    """annotations.md: keys MUST be unique; Docker v2s2 keeps its own rules."""
+    for doc, media_type in ((OCI_CONFIG_DOC, OCI_CONFIG), (DOCKER_CONFIG_DOC, DOCKER_CONFIG)):
+        text = raw(modified(doc, "config/Labels", {"a": "1"})).decode()
+        data = text.replace('"a": "1"', '"a": "1", "b": "2", "a": "3"').encode()
+        messages = [p.message for p in check_document(data, "config", media_type=media_type)]
+        if media_type == OCI_CONFIG:
+            assert messages == [
+                "duplicate key 'a' (annotation keys MUST be unique) at config.Labels"]
+        else:
+            assert messages == []
+
+
 def test_descriptor_document_media_type_is_not_compared() -> None:
     """A descriptor's own mediaType names its target, not the descriptor document."""
     doc = desc(OCI_MANIFEST)

@@ -2,11 +2,12 @@
 
 The schemas (in ``schemas/`` of the source tree, ``cvmfs_inject/_schemas`` in a wheel) are our
 own, draft 2020-12, one self-contained file per document type, so nothing is fetched or resolved
-across files at run time. OCI schemas assert the formats the official image-spec schemas
-assert (``uri``, ``date-time``: checked by ``oci.formats``). What JSON Schema cannot express
-lives here: the encoding of the digest algorithms the OCI spec registers, embedded ``data``
-matching its descriptor, and ``KEY=value`` environment entries. Docker v2s2 documents keep
-their own rules (formats are annotations, and only sha256 and sha512 digests are accepted).
+across files at run time. On OCI documents they give the verdicts of the official image-spec
+v1.1.1 schemas, formats included (``uri``, ``date-time``: asserted by ``oci.formats``), and add
+only what the spec's text requires. What JSON Schema cannot express lives here: the encoding
+of registered digest algorithms, embedded ``data`` matching its descriptor, unique annotation
+keys and ``KEY=value`` environment entries. Docker v2s2 documents keep their own rules
+(formats are annotations, and only sha256 and sha512 digests are accepted).
 
 Every finding is a :class:`Problem` rather than an exception, so ``validate`` can report all of
 them at once; only a misuse of the API (an unknown kind, a broken installation) raises.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import functools
 import hashlib
 import json
@@ -143,8 +145,11 @@ def _extra_rules(kind: str, doc: dict[str, Any], *, docker: bool) -> Iterator[tu
     """Yield (JSON path, message) for the rules beyond the schema, in document order.
 
     Docker documents keep their own digest rule (sha256 and sha512 only); OCI ones accept
-    any algorithm the spec's grammar allows and check the encoding of the registered ones."""
+    any algorithm the spec's grammar allows, check the encoding of the registered ones and
+    the uniqueness of annotation keys."""
     digest_rule = verify_problem if docker else digest_problem
+    if not docker:
+        yield from _duplicate_keys(kind, doc)
     if kind == "descriptor":
         yield from _descriptor_rules(doc, "", digest_rule)
     elif kind in ("manifest", "index"):
@@ -167,6 +172,26 @@ def _extra_rules(kind: str, doc: dict[str, Any], *, docker: bool) -> Iterator[tu
         for i, diff_id in enumerate(diff_ids if isinstance(diff_ids, list) else []):
             if isinstance(diff_id, str) and (message := digest_rule(diff_id)):
                 yield f"rootfs.diff_ids[{i}]", message
+
+
+def _duplicate_keys(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """annotations.md: keys MUST be unique within the map (a JSON parser keeps the last one
+    silently); a config's Labels MUST follow the same rules."""
+    if kind == "config":
+        config = doc.get("config")
+        maps = [("config.Labels", config.get("Labels") if isinstance(config, dict) else None)]
+    else:
+        maps = [("annotations", doc.get("annotations"))]
+        maps += [(f"{key}.annotations", doc[key].get("annotations"))
+                 for key in ("config", "subject") if isinstance(doc.get(key), dict)]
+        for key in ("layers", "manifests"):
+            items = doc.get(key)
+            maps += [(f"{key}[{i}].annotations", item.get("annotations"))
+                     for i, item in enumerate(items if isinstance(items, list) else [])
+                     if isinstance(item, dict)]
+    for path, value in maps:
+        for key in getattr(value, "duplicates", ()):
+            yield path, f"duplicate key {shorten(repr(key), 90)} (annotation keys MUST be unique)"
 
 
 def _descriptor_rules(desc: dict[str, Any], path: str, digest_rule: DigestRule
@@ -214,7 +239,7 @@ def _parse(data: bytes) -> tuple[Any, str | None]:
         return None, (f"invalid JSON: invalid UTF-8 byte 0x{data[e.start]:02x} "
                       f"(line {line} column {column})")
     try:
-        return json.loads(text, parse_constant=_reject_constant), None
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object), None
     except json.JSONDecodeError as e:
         # Drop Python-isms: "Invalid control character at", "(decode using utf-8-sig)".
         message = e.msg.removesuffix(" at").removesuffix(" (decode using utf-8-sig)")
@@ -229,6 +254,22 @@ def _parse(data: bytes) -> tuple[Any, str | None]:
 
 class _ConstantError(ValueError):
     pass
+
+
+class _DuplicateKeys(dict[str, Any]):
+    """A JSON object that had some keys more than once (the last value kept, as usual)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _DuplicateKeys(obj)
+    counts = collections.Counter(key for key, _ in pairs)
+    marked.duplicates = tuple(key for key, n in counts.items() if n > 1)
+    return marked
 
 
 def _reject_constant(name: str) -> Any:
