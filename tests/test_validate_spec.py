@@ -2,7 +2,8 @@
 
 A document may name content by any digest the spec's grammar allows; validate accepts the
 document and reports the content it cannot verify (one "cannot verify" problem each, so the
-exit status still says not everything was checked).
+exit status still says not everything was checked). Artifacts, whose config is not an image
+config, validate as the spec's own examples are valid.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cvmfs_inject.oci.model import Descriptor
 
 SHA384 = "sha384:" + hashlib.sha384(b"a layer nobody here can hash").hexdigest()
 MULTIHASH = "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8"
+EMPTY = "application/vnd.oci.empty.v1+json"
 
 
 @pytest.fixture
@@ -77,3 +79,22 @@ def test_unregistered_index_entry_does_not_hide_the_rest(layout: Path) -> None:
     assert messages[0].startswith(f"cannot verify {MULTIHASH}: unsupported digest algorithm "
                                   "'multihash+base58'")
     assert messages[1].startswith("blob has 6 bytes, its descriptor says")
+
+
+def test_artifact_manifest_validates(layout: Path) -> None:
+    """manifest.md's artifact without a config: the empty descriptor as config, an
+    artifactType, a subject; its blobs are arbitrary data, not image configs or layers."""
+    store = Layout.open(layout)
+    top, _ = manifest_of(layout, "v1")
+    with store.writing():
+        config = store.put_bytes(b"{}", EMPTY)
+        sbom = store.put_bytes(b'{"spdxVersion": "SPDX-2.3"}', "application/spdx+json")
+    artifact = {
+        "schemaVersion": 2, "mediaType": MediaType.OCI_MANIFEST,
+        "artifactType": "application/spdx+json",
+        "config": config.to_dict() | {"data": "e30="},
+        "layers": [sbom.to_dict()],
+        "subject": top.replace(extra={}).to_dict(),
+    }
+    put_manifest(layout, "v1-sbom", artifact)
+    assert validate_layout(Layout.open(layout)) == []
