@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.oci.digest import check_digest, sha256_digest
+from cvmfs_inject.oci.digest import digest_problem, sha256_digest, verify_problem
 from cvmfs_inject.oci.jsondoc import parse_json
 from cvmfs_inject.oci.media import MediaType
 
@@ -32,7 +32,10 @@ class Descriptor:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_dict(cls, doc: Any, where: str) -> Descriptor:
+    def from_dict(cls, doc: Any, where: str, *, verifiable: bool = True) -> Descriptor:
+        """Parse a descriptor. Its digest must be one we can verify, since callers read what
+        it names; `validate` passes ``verifiable=False`` to accept any digest the spec
+        allows and reports the content it cannot verify itself."""
         if not isinstance(doc, dict):
             raise InputError(f"{where}: descriptor is not a JSON object")
         try:
@@ -43,10 +46,9 @@ class Descriptor:
             raise InputError(f"{where}: descriptor size {size!r} is not a non-negative integer")
         if not isinstance(media_type, str):
             raise InputError(f"{where}: descriptor mediaType is not a string")
-        try:
-            check_digest(digest)
-        except InputError as exc:
-            raise InputError(f"{where}: {exc}") from None
+        problem = verify_problem(digest) if verifiable else digest_problem(digest)
+        if problem is not None:
+            raise InputError(f"{where}: {problem}")
         extra = {k: copy.deepcopy(v) for k, v in doc.items()
                  if k not in ("mediaType", "digest", "size")}
         return cls(media_type, digest, size, extra)

@@ -2,8 +2,12 @@
 
 The schemas (in ``schemas/`` of the source tree, ``cvmfs_inject/_schemas`` in a wheel) are our
 own, draft 2020-12, one self-contained file per document type, so nothing is fetched or resolved
-across files at run time. What JSON Schema cannot express lives here: the per-algorithm digest
-encoding, embedded ``data`` matching its descriptor, and ``KEY=value`` environment entries.
+across files at run time. On OCI documents they give the verdicts of the official image-spec
+v1.1.1 schemas, formats included (``uri``, ``date-time``: asserted by ``oci.formats``), and add
+only what the spec's text requires. What JSON Schema cannot express lives here: the encoding
+of registered digest algorithms, embedded ``data`` matching its descriptor, unique annotation
+keys and ``KEY=value`` environment entries. Docker v2s2 documents keep their own rules
+(formats are annotations, and only sha256 and sha512 digests are accepted).
 
 Every finding is a :class:`Problem` rather than an exception, so ``validate`` can report all of
 them at once; only a misuse of the API (an unknown kind, a broken installation) raises.
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -25,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.oci.digest import digest_problem
+from cvmfs_inject.oci.digest import digest_problem, verify_problem
+from cvmfs_inject.oci.formats import format_checker
 from cvmfs_inject.oci.jsondoc import json_type, shorten
 from cvmfs_inject.oci.media import MediaType
 
@@ -106,9 +112,10 @@ def check_document(data: bytes, kind: str | None = None, *, media_type: str | No
         problems.append(Problem(
             where, f"media type mismatch: descriptor says {media_type}, document says {own}"))
 
-    extra = list(_extra_rules(kind, doc))
+    name = _schema_name(kind, doc, media_type)
+    extra = list(_extra_rules(kind, doc, docker=name.startswith("docker-")))
     extra_paths = {path for path, _ in extra}
-    errors = _validator(_schema_name(kind, doc, media_type)).iter_errors(doc)
+    errors = _validator(name).iter_errors(doc)
     for error in sorted(errors, key=lambda e: (_path_key(e.absolute_path), e.message)):
         path = _json_path(error.absolute_path)
         # The extra rules say the same thing about a malformed digest, more helpfully.
@@ -127,22 +134,33 @@ def check_descriptor(desc: dict[str, Any], where: str) -> list[Problem]:
     """
     if not isinstance(desc, dict):
         return [Problem(where, f"descriptor must be a JSON object, not {json_type(desc)}")]
-    return [Problem(where, f"{msg}{_at(path)}") for path, msg in _descriptor_rules(desc, "")]
+    return [Problem(where, f"{msg}{_at(path)}")
+            for path, msg in _descriptor_rules(desc, "", digest_problem)]
 
 
-def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """Yield (JSON path, message) for the rules beyond the schema, in document order."""
+DigestRule = Callable[[Any], str | None]
+
+
+def _extra_rules(kind: str, doc: dict[str, Any], *, docker: bool) -> Iterator[tuple[str, str]]:
+    """Yield (JSON path, message) for the rules beyond the schema, in document order.
+
+    Docker documents keep their own digest rule (sha256 and sha512 only); OCI ones accept
+    any algorithm the spec's grammar allows, check the encoding of the registered ones and
+    the uniqueness of annotation keys."""
+    digest_rule = verify_problem if docker else digest_problem
+    if not docker:
+        yield from _duplicate_keys(kind, doc)
     if kind == "descriptor":
-        yield from _descriptor_rules(doc, "")
+        yield from _descriptor_rules(doc, "", digest_rule)
     elif kind in ("manifest", "index"):
         for key in ("config", "subject"):
             if isinstance(doc.get(key), dict):
-                yield from _descriptor_rules(doc[key], key)
+                yield from _descriptor_rules(doc[key], key, digest_rule)
         for key in ("layers", "manifests"):
             items = doc.get(key)
             for i, item in enumerate(items if isinstance(items, list) else []):
                 if isinstance(item, dict):
-                    yield from _descriptor_rules(item, f"{key}[{i}]")
+                    yield from _descriptor_rules(item, f"{key}[{i}]", digest_rule)
     elif kind == "config":
         config = doc.get("config")
         env = config.get("Env") if isinstance(config, dict) else None
@@ -152,13 +170,34 @@ def _extra_rules(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
         rootfs = doc.get("rootfs")
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         for i, diff_id in enumerate(diff_ids if isinstance(diff_ids, list) else []):
-            if isinstance(diff_id, str) and (message := digest_problem(diff_id)):
+            if isinstance(diff_id, str) and (message := digest_rule(diff_id)):
                 yield f"rootfs.diff_ids[{i}]", message
 
 
-def _descriptor_rules(desc: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
+def _duplicate_keys(kind: str, doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """annotations.md: keys MUST be unique within the map (a JSON parser keeps the last one
+    silently); a config's Labels MUST follow the same rules."""
+    if kind == "config":
+        config = doc.get("config")
+        maps = [("config.Labels", config.get("Labels") if isinstance(config, dict) else None)]
+    else:
+        maps = [("annotations", doc.get("annotations"))]
+        maps += [(f"{key}.annotations", doc[key].get("annotations"))
+                 for key in ("config", "subject") if isinstance(doc.get(key), dict)]
+        for key in ("layers", "manifests"):
+            items = doc.get(key)
+            maps += [(f"{key}[{i}].annotations", item.get("annotations"))
+                     for i, item in enumerate(items if isinstance(items, list) else [])
+                     if isinstance(item, dict)]
+    for path, value in maps:
+        for key in getattr(value, "duplicates", ()):
+            yield path, f"duplicate key {shorten(repr(key), 90)} (annotation keys MUST be unique)"
+
+
+def _descriptor_rules(desc: dict[str, Any], path: str, digest_rule: DigestRule
+                      ) -> Iterator[tuple[str, str]]:
     digest = desc.get("digest")
-    if isinstance(digest, str) and (message := digest_problem(digest)):
+    if isinstance(digest, str) and (message := digest_rule(digest)):
         yield _join(path, "digest"), message
     data = desc.get("data")
     if isinstance(data, str):
@@ -182,7 +221,8 @@ def _data_problems(data: str, desc: dict[str, Any]) -> Iterator[str]:
     if isinstance(size, int) and not isinstance(size, bool) and size != len(raw):
         yield f"data decodes to {len(raw)} bytes but size is {size}"
     digest = desc.get("digest")
-    if isinstance(digest, str) and digest_problem(digest) is None:
+    # Only a registered algorithm can be recomputed; another one's encoding is unknown.
+    if isinstance(digest, str) and verify_problem(digest) is None:
         algorithm, _, encoded = digest.partition(":")
         actual = hashlib.new(algorithm, raw).hexdigest()
         if actual != encoded:
@@ -199,7 +239,7 @@ def _parse(data: bytes) -> tuple[Any, str | None]:
         return None, (f"invalid JSON: invalid UTF-8 byte 0x{data[e.start]:02x} "
                       f"(line {line} column {column})")
     try:
-        return json.loads(text, parse_constant=_reject_constant), None
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object), None
     except json.JSONDecodeError as e:
         # Drop Python-isms: "Invalid control character at", "(decode using utf-8-sig)".
         message = e.msg.removesuffix(" at").removesuffix(" (decode using utf-8-sig)")
@@ -214,6 +254,22 @@ def _parse(data: bytes) -> tuple[Any, str | None]:
 
 class _ConstantError(ValueError):
     pass
+
+
+class _DuplicateKeys(dict[str, Any]):
+    """A JSON object that had some keys more than once (the last value kept, as usual)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _DuplicateKeys(obj)
+    counts = collections.Counter(key for key, _ in pairs)
+    marked.duplicates = tuple(key for key, n in counts.items() if n > 1)
+    return marked
 
 
 def _reject_constant(name: str) -> Any:
@@ -259,7 +315,8 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
 
 @functools.cache
 def _validator(name: str) -> Any:
-    """Load, self-check and compile one schema once; no format checker, formats are not rules.
+    """Load, self-check and compile one schema once. OCI schemas assert their formats, as
+    the official ones do; in the Docker ones ``format`` stays an annotation.
 
     jsonschema is imported here, on first use: commands that check no document (a local
     inject) do not pay for it."""
@@ -270,7 +327,8 @@ def _validator(name: str) -> Any:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load schema {name}: {e}; the installation is incomplete") from e
     Draft202012Validator.check_schema(schema)
-    return validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})(schema)
+    cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+    return cls(schema, format_checker=format_checker() if name.startswith("oci-") else None)
 
 
 def _json_path(parts: Iterable[str | int]) -> str:
