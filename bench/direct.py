@@ -30,11 +30,11 @@ from run import CACHE, make_tree  # noqa: E402
 
 from cvmfs_inject.demo.sample import build_sample_image  # noqa: E402
 from cvmfs_inject.image.layout import LayoutSource  # noqa: E402
-from cvmfs_inject.image.refs import ImageRef  # noqa: E402
 from cvmfs_inject.image.source import read_image  # noqa: E402
 from cvmfs_inject.layout.store import Layout  # noqa: E402
 from cvmfs_inject.oci.jsondoc import canonical_json  # noqa: E402
 from cvmfs_inject.oci.media import MediaType  # noqa: E402
+from cvmfs_inject.oci.refs import ImageRef  # noqa: E402
 from cvmfs_inject.pack.options import PackOptions  # noqa: E402
 from cvmfs_inject.pack.packer import pack  # noqa: E402
 

@@ -25,10 +25,10 @@ from cvmfs_inject.errors import InputError, IntegrityError, UsageError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSink, LayoutSource
-from cvmfs_inject.image.refs import ImageRef, parse_ref
 from cvmfs_inject.image.remote import RegistrySink, RemoteSource
 from cvmfs_inject.image.sink import publish
 from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.refs import ImageRef, parse_ref
 from cvmfs_inject.registry.client import RegistryClient
 from cvmfs_inject.skopeo.command import RegistryOptions
 

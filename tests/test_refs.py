@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cvmfs_inject.errors import UsageError
-from cvmfs_inject.image.refs import ImageRef, parse_layout_ref, parse_ref
+from cvmfs_inject.oci.refs import ImageRef, parse_layout_ref, parse_ref
 
 D256 = "sha256:" + "0123456789abcdef" * 4
 D512 = "sha512:" + "0123456789abcdef" * 8

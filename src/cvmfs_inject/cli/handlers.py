@@ -19,8 +19,8 @@ from typing import Any
 from cvmfs_inject.cli.render import Reporter, format_inspect
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.refs import parse_layout_ref, parse_ref
 from cvmfs_inject.layout.lock import DEFAULT_LOCK_TIMEOUT, LockWait
+from cvmfs_inject.oci.refs import parse_layout_ref, parse_ref
 from cvmfs_inject.pack.options import PackOptions, source_date_epoch
 from cvmfs_inject.skopeo.command import RegistryOptions
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cvmfs_inject.errors import UsageError
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.gc import GcResult, collect
 from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.refs import ImageRef
 
 
 @dataclass(frozen=True)

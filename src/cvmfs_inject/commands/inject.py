@@ -25,9 +25,9 @@ from cvmfs_inject.image.edit import (
     injected_position,
     layer_media_type,
 )
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.sink import ImageSink, publish
 from cvmfs_inject.image.source import Image, ImageSource, Resolved, resolve
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
 

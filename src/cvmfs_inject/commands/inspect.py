@@ -10,8 +10,8 @@ from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.edit import injected_position
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import Image, ImageSource, resolve
+from cvmfs_inject.oci.refs import ImageRef
 
 
 @dataclass(frozen=True)

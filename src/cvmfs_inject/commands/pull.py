@@ -16,7 +16,6 @@ from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
 from cvmfs_inject.layout.lock import LockWait
@@ -24,6 +23,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import parse_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.refs import ImageRef, check_tag
 from cvmfs_inject.skopeo.command import Skopeo
 
 

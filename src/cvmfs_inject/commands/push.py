@@ -15,7 +15,6 @@ from pathlib import Path
 
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
 from cvmfs_inject.layout.gc import check_present
@@ -23,6 +22,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.walk import reading, walk
 
 FORMATS = ("oci", "v2s2", "keep")

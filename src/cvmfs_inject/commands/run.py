@@ -16,7 +16,7 @@ from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.refs import ImageRef, check_tag
+from cvmfs_inject.oci.refs import ImageRef, check_tag
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import check_tree
 

@@ -15,9 +15,9 @@ from cvmfs_inject.errors import InputError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.edit import LABEL_MOUNT, injected_position
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource, resolve
 from cvmfs_inject.layout.blobs import READ_CHUNK
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.options import Warn
 from cvmfs_inject.pack.staging import check_target, extract_into

@@ -20,13 +20,13 @@ from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSource
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import verify_problem
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
 from cvmfs_inject.oci.walk import DescriptorPath, walk
 

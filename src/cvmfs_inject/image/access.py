@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.lock import LockWait
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.skopeo.auth import credentials_authfile
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSink, LayoutSource
-from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.image.sink import ImageSink
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.refs import ImageRef, check_tag
 
 if TYPE_CHECKING:  # the registry modules (oras, requests) load only for registry refs
     from cvmfs_inject.image.remote import UploadProgress

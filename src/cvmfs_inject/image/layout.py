@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from cvmfs_inject.errors import IntegrityError, UsageError
-from cvmfs_inject.image.refs import ImageRef, check_tag
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout import original
 from cvmfs_inject.layout.blobs import READ_CHUNK, VerifiedReader
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import REF_NAME, Descriptor
+from cvmfs_inject.oci.refs import ImageRef, check_tag
 
 
 class LayoutSource:

@@ -15,12 +15,12 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from cvmfs_inject.errors import InputError, ValidationFailed
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.schema import check_document
 from cvmfs_inject.registry.client import RegistryClient
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.walk import reading, walk
 
 

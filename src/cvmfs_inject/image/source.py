@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cvmfs_inject.errors import NotFoundError, UsageError
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import (
     Descriptor,
@@ -24,6 +23,7 @@ from cvmfs_inject.oci.model import (
     platform_matches,
     platform_string,
 )
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.walk import DescriptorPath, Expand, reading, walk
 
 

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError
-from cvmfs_inject.image.refs import ImageRef
 from cvmfs_inject.layout.annotations import (
     KEPT_ORIGINALS,
     SOURCE_CONFIG,
@@ -30,6 +29,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import sha256_digest
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor, Manifest
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.skopeo.command import Skopeo
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_inject.errors import MissingDependencyError, UsageError
-from cvmfs_inject.image.refs import ImageRef
+from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.skopeo.errors import classify, key_error_line
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
