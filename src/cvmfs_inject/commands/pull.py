@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_inject.commands import original
 from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.layout import original
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
 from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout

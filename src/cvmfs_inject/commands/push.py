@@ -13,10 +13,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cvmfs_inject.commands import original
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.layout import original
-from cvmfs_inject.layout.annotations import SOURCE_FORMAT
+from cvmfs_inject.layout.annotations import SOURCE_FORMAT, unchanged_original
 from cvmfs_inject.layout.gc import check_present
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
@@ -62,7 +62,7 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
         check_present(layout, desc)
         if fmt == "v2s2" or dest.transport == "docker-archive":
             _check_docker_layers(layout, desc, src)
-        if manifest_format == "keep" and dest.is_registry and original.unchanged_original(desc):
+        if manifest_format == "keep" and dest.is_registry and unchanged_original(desc):
             with original.view(layout, desc) as source:
                 skopeo.copy(source, dest, preserve_digests=True, digestfile=digestfile)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cvmfs_inject.errors import IntegrityError, UsageError
 from cvmfs_inject.image.source import ImageSource
-from cvmfs_inject.layout import original
+from cvmfs_inject.layout.annotations import forget_originals, unchanged_original
 from cvmfs_inject.layout.blobs import READ_CHUNK, VerifiedReader
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.model import REF_NAME, Descriptor
@@ -78,12 +78,12 @@ class LayoutSink:
 
     def set_tag(self, desc: Descriptor, raw: bytes) -> None:
         """Point the tag at `desc`, keeping its annotations; the originals kept beside a
-        pulled image (`layout.original`) stay named only while the tag names that image.
+        pulled image (`commands.original`) stay named only while the tag names that image.
         A tag that already names exactly this is not written again."""
         self.put_manifest(desc, raw)  # the top document itself, when it came from elsewhere
         annotations = desc.annotations
-        if not original.unchanged_original(desc):
-            annotations = original.forget(annotations)
+        if not unchanged_original(desc):
+            annotations = forget_originals(annotations)
         entry = desc.with_annotations({**annotations, REF_NAME: self.tag})
         current = [d.to_dict() for d in self.layout.read_index().manifests
                    if d.ref_name == self.tag]

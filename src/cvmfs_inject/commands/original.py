@@ -19,7 +19,6 @@ from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.layout.annotations import (
-    KEPT_ORIGINALS,
     SOURCE_CONFIG,
     SOURCE_MANIFEST,
     SOURCE_OF,
@@ -51,17 +50,6 @@ def keep(layout: Layout, src: ImageRef, skopeo: Skopeo, converted: Descriptor,
     stored_config = layout.put_bytes(config_raw, MediaType.DOCKER_CONFIG)
     return {SOURCE_MANIFEST: stored_manifest.digest, SOURCE_CONFIG: stored_config.digest,
             SOURCE_OF: converted.digest}
-
-
-def unchanged_original(desc: Descriptor) -> bool:
-    """The tag still names the image as it was pulled, and its original bytes are kept."""
-    annotations = desc.annotations
-    return annotations.get(SOURCE_OF) == desc.digest and SOURCE_MANIFEST in annotations
-
-
-def forget(annotations: dict[str, str]) -> dict[str, str]:
-    """The annotations of an image that no longer is its original."""
-    return {k: v for k, v in annotations.items() if k not in (*KEPT_ORIGINALS, SOURCE_OF)}
 
 
 @contextlib.contextmanager
