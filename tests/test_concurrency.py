@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_inject.commands.pull import _new_or_existing_layout
 from cvmfs_inject.demo.sample import build_sample_image
+from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import BlobWriter
+from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.pack.packer import pack
@@ -56,6 +59,14 @@ def injected_diff_id(layout: Path, tag: str) -> str:
     return str(image["injected"]["diff_id"])
 
 
+def wait_until_writing(layout: Path) -> None:
+    """Until some writer has a blob under way in the layout's temp area."""
+    deadline = time.monotonic() + 60
+    while not list((layout / ".cvmfs-inject-tmp").glob("blob-*")):
+        assert time.monotonic() < deadline, "no writer started writing"
+        time.sleep(0.01)
+
+
 def test_parallel_writers_and_gc_all_succeed_and_lose_nothing(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     build_sample_image(layout, "base")
@@ -67,7 +78,7 @@ def test_parallel_writers_and_gc_all_succeed_and_lose_nothing(tmp_path: Path) ->
     procs += [(f"inject same {i}", subprocess.Popen(
         cvmfs_inject("-q", "inject", f"{layout}:base", tree, "--tag", "same"), env=env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for i, tree in enumerate(same)]
-    time.sleep(0.3)  # the writers are packing: gc must wait for them, not take their blobs
+    wait_until_writing(layout)  # gc must wait for the writers, not take their blobs
     procs.append(("gc", subprocess.Popen(cvmfs_inject("-q", "gc", layout), env=env(),
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
     for name, proc in procs:
@@ -82,23 +93,26 @@ def test_parallel_writers_and_gc_all_succeed_and_lose_nothing(tmp_path: Path) ->
     assert check.returncode == 0, check.stderr.decode()
 
 
-def test_parallel_runs_create_one_cache_layout_and_share_it(tmp_path: Path) -> None:
-    """`make -j` with `run --layout cache` and no cache yet: the creators meet."""
+def test_parallel_runs_on_one_new_cache_each_push_their_own_tree(tmp_path: Path) -> None:
+    """`make -j` with `run --layout cache`, no cache yet and the same source (so the same
+    default tag): the creators meet, and no run pushes another's image."""
     source = tmp_path / "source"
     build_sample_image(source, "v1")
     cache = tmp_path / "cache"
-    procs = []
-    for i in range(3):
-        tree = make_tree(tmp_path / f"tree{i}", i, mib=2)
-        procs.append(subprocess.Popen(
-            cvmfs_inject("-q", "run", "--layout", cache, "--tag", f"out{i}", f"oci:{source}:v1",
-                         tree, f"oci-archive:{tmp_path}/out{i}.tar:x"),
-            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    trees = [make_tree(tmp_path / f"tree{i}", i, mib=2) for i in range(3)]
+    procs = [subprocess.Popen(
+        cvmfs_inject("-q", "run", "--layout", cache, f"oci:{source}:v1", tree,
+                     f"oci-archive:{tmp_path}/out{i}.tar:x"),
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i, tree in enumerate(trees)]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
-    assert sorted(Layout.open(cache).tags()) == ["out0", "out1", "out2"]
-    assert all((tmp_path / f"out{i}.tar").is_file() for i in range(3))
+    assert Layout.open(cache).tags() == ["v1"]  # the runs' own tags are gone
+    for i in range(len(trees)):
+        out = tmp_path / f"unpacked{i}"
+        subprocess.run(cvmfs_inject("-q", "unpack", f"oci-archive:{tmp_path}/out{i}.tar:x",
+                                    out), check=True, env=env())
+        assert sorted(p.name for p in out.iterdir()) == [f"repo{i}"]
 
 
 @pytest.fixture
@@ -173,3 +187,22 @@ def test_waiting_is_said_once_on_a_terminal(held) -> None:
     text = with_rest.decode(errors="replace")
     assert text.count("waiting for") == 1, text
     assert f"pid {os.getpid()}" in text and "--lock-timeout" in text
+
+
+def test_a_failed_creator_takes_nothing_another_command_made_beside_it(tmp_path: Path) -> None:
+    """pull A into cache/a and pull B into cache/b, no cache/ yet: A made cache/, B's
+    layout appears beside A's, then A fails. A undoes its own layout only."""
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError), _new_or_existing_layout(str(cache / "a"), LockWait()):
+        build_sample_image(cache / "b", "v1")  # B, while A works
+        raise RuntimeError("A fails")
+    assert not (cache / "a").exists()
+    assert Layout.open(cache / "b").tags() == ["v1"]
+
+
+def test_a_writer_whose_layout_was_undone_meanwhile_says_so(tmp_path: Path) -> None:
+    build_sample_image(tmp_path / "layout", "v1")
+    layout = Layout.open(tmp_path / "layout")
+    (tmp_path / "layout" / "oci-layout").unlink()  # a failed creator emptied it
+    with pytest.raises(InputError, match="removed by another command"), layout.writing():
+        pass

@@ -90,6 +90,7 @@ ENTRY_EDITS: dict[str, Edit] = {
     "platform-string": _set("platform", "linux/amd64"),
     "platform-list": _set("platform", ["linux"]),
     "annotations-list": _set("annotations", ["x"]),
+    "annotation-value-number": _set("annotations", {"org.example": 5}),
     "size-negative": _set("size", -1),
 }
 
@@ -159,9 +160,22 @@ def test_broken_images_get_one_line_from_every_command(cli, tmp_path: Path, part
         before = dir_bytes(layout)
         result = cli(*args)
         one_line_or_success(result, command)
+        if command == "validate":
+            assert result.code == 1, f"validate found nothing wrong: {result.err}"
         if result.code != 0:
             assert dir_bytes(layout) == before, f"{command} changed the layout"
             assert not (tmp_path / "out").exists()
+
+
+def test_a_tag_that_is_not_a_string_in_index_json(cli, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    doc = json.loads((layout / "index.json").read_bytes())
+    doc["manifests"][0]["annotations"][REF_NAME] = 5
+    (layout / "index.json").write_bytes(canonical_json(doc))
+    for args in (["inspect", f"{layout}:v1"], ["inspect", layout], ["validate", layout]):
+        one_line_or_success(result := cli(*args), args[0])
+        assert result.code in (1, 3), result.err
 
 
 @pytest.mark.registry

@@ -46,7 +46,7 @@ def test_paths_lead_from_the_root() -> None:
     (layer, manifest, index) = walk([node("index")], expand)
     assert names_of([DescriptorPath((d,)) for d in layer.descriptors], names) == [
         "index", "m1", "layer"]
-    assert layer.root == index.descriptor and layer.parent == manifest.descriptor
+    assert layer.descriptors[0] == index.descriptor and layer.parent == manifest.descriptor
     assert index.parent is None
 
 

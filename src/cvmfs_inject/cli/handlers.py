@@ -104,15 +104,15 @@ def validate(args: argparse.Namespace, out: Reporter) -> Any:
 def inspect(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.inspect import inspect_ref
 
-    report = inspect_ref(parse_ref(args.ref), access(args, out), args.platform).to_json()
+    report = inspect_ref(parse_ref(args.ref), access(args, out), args.platform)
     out.human(format_inspect(report))
-    return report
+    return report.to_json()
 
 
 def gc(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.gc import gc as collect
 
-    result = collect(parse_ref(args.layout), args.dry_run, access(args, out).layout_wait).result
+    result = collect(parse_ref(args.layout), args.dry_run, access(args, out).layout_wait)
     verb = "would remove" if args.dry_run else "removed"
     for digest, size in result.removed:
         out.line(f"{verb} {digest} ({size} B)")

@@ -20,6 +20,7 @@ from cvmfs_inject.pack.headers import BLOCK
 
 if TYPE_CHECKING:
     from cvmfs_inject.commands.inject import InjectReport
+    from cvmfs_inject.commands.inspect import InspectReport
 
 
 
@@ -159,24 +160,24 @@ class Reporter:
                   f"{seconds:.2f} s, {tar_size / seconds / 1e6:.0f} MB/s; image {report.digest}")
 
 
-def format_inspect(report: dict[str, Any]) -> str:
-    """`inspect` for a person: the JSON document's content, one fact a line."""
-    lines = [f"{report['reference']}  {report['mediaType']}", f"  digest {report['digest']}"]
-    if report.get("tags") is not None:
-        lines.append(f"  layout tags: {', '.join(report['tags']) or '(none)'}")
-    for image in report["images"]:
-        lines.append(f"  image {image['platform']}  manifest {image['manifest']['digest']}")
-        lines.append(f"    config {image['config']['digest']}  created "
-                     f"{image['config']['created']}")
-        injected = image["injected"]
-        for i, layer in enumerate(image["layers"]):
-            mark = "  <- injected" if injected and injected["position"] == i else ""
-            lines.append(f"    layer {i}: {layer['mediaType']} {layer['size']} B "
-                         f"{layer['digest']}{mark}")
-            lines.append(f"             diff_id {layer['diff_id']}")
-        for key, value in sorted(image["labels"].items()):
+def format_inspect(report: InspectReport) -> str:
+    """`inspect` for a person: one fact a line."""
+    lines = [f"{report.reference}  {report.media_type}", f"  digest {report.digest}"]
+    if report.tags is not None:
+        lines.append(f"  layout tags: {', '.join(report.tags) or '(none)'}")
+    for info in report.images:
+        image, config = info.image, info.image.config
+        lines.append(f"  image {image.platform}  manifest {image.descriptor.digest}")
+        lines.append(f"    config {image.manifest.config.digest}  created "
+                     f"{config.doc.get('created')}")
+        for i, layer in enumerate(info.layers):
+            mark = "  <- injected" if info.injected and info.injected[0] == i else ""
+            lines.append(f"    layer {i}: {layer.media_type} {layer.size} B "
+                         f"{layer.digest}{mark}")
+            lines.append(f"             diff_id {layer.diff_id}")
+        for key, value in sorted(config.labels.items()):
             lines.append(f"    label {key}={value}")
-        for entry in image["history"]:
+        for entry in config.history:
             created_by = str(entry.get("created_by", ""))[:100]
             empty = " (empty)" if entry.get("empty_layer") else ""
             lines.append(f"    history {entry.get('created', '')} {created_by}{empty}")

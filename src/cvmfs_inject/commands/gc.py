@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.layout.gc import GcResult, collect
 from cvmfs_inject.layout.lock import LockWait
@@ -11,14 +9,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.refs import ImageRef
 
 
-@dataclass(frozen=True)
-class GcReport:
-    layout: str
-    result: GcResult
-    dry_run: bool
-
-
-def gc(ref: ImageRef, dry_run: bool = False, wait: LockWait | None = None) -> GcReport:
+def gc(ref: ImageRef, dry_run: bool = False, wait: LockWait | None = None) -> GcResult:
     """Under the exclusive use lock: gc waits until every command using the layout has
     finished, so a blob a writer has written but not yet tagged is never taken for garbage
     (the way umoci and containerd keep gc off a writer's blobs with a lock or a lease)."""
@@ -28,4 +19,4 @@ def gc(ref: ImageRef, dry_run: bool = False, wait: LockWait | None = None) -> Gc
     if not dry_run:
         layout.refuse_symlinks()
     with layout.lock(exclusive=True):
-        return GcReport(ref.path, collect(layout, dry_run), dry_run)
+        return collect(layout, dry_run)

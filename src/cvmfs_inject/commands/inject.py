@@ -22,7 +22,7 @@ from cvmfs_inject.image.edit import (
     NewLayer,
     check_layer_count,
     edit_image,
-    injected_position,
+    labelled_position,
     layer_media_type,
 )
 from cvmfs_inject.image.sink import ImageSink, publish
@@ -108,7 +108,7 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
     reference = str(sink.ref)
     for image in resolved.images:  # refuse before any work: bad labels, zstd into Docker
         where = f"{reference} ({image.platform})"
-        injected_position(image.manifest, image.config, where)
+        labelled_position(image.config, where)
         check_layer_count(image.manifest, image.config, where)
         layer_media_type(image.manifest, options.compression)
     if init_only and all(_prepared(image) for image in resolved.images):
@@ -135,7 +135,7 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
 
 
 def _prepared(image: Image) -> bool:
-    return injected_position(image.manifest, image.config, "")[0] is not None
+    return labelled_position(image.config, "")[0] is not None
 
 
 def _unchanged(source: ImageSource, sink: ImageSink, resolved: Resolved,

@@ -9,7 +9,7 @@ from typing import Any
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.edit import injected_position
+from cvmfs_inject.image.edit import labelled_position
 from cvmfs_inject.image.source import Image, ImageSource, resolve
 from cvmfs_inject.oci.refs import ImageRef
 
@@ -83,8 +83,7 @@ def _describe(image: Image) -> ImageInfo:
     layers = [LayerInfo(layer.media_type, layer.size, layer.digest,
                         diff_ids[i] if i < len(diff_ids) else None)
               for i, layer in enumerate(image.manifest.layers)]
-    position, diff_id = injected_position(image.manifest, image.config,
-                                          image.descriptor.digest)
+    position, diff_id = labelled_position(image.config, image.descriptor.digest)
     return ImageInfo(image, layers, None if position is None else (position, diff_id or ""))
 
 

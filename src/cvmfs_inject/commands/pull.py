@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +19,17 @@ from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
 from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci import names
 from cvmfs_inject.oci.jsondoc import parse_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
-from cvmfs_inject.oci.refs import ImageRef, check_tag
+from cvmfs_inject.oci.refs import ImageRef
+from cvmfs_inject.paths import empty_directory, missing_directories, remove_if_empty
 from cvmfs_inject.skopeo.command import Skopeo
 
 
 @dataclass(frozen=True)
 class PullResult:
-    layout: str
     tag: str
     descriptor: Descriptor
 
@@ -66,34 +66,26 @@ def _new_or_existing_layout(path: str, wait: LockWait) -> Iterator[Layout]:
     if (target / "oci-layout").exists():
         yield Layout.open(target, wait)
         return
-    first_missing = None
-    probe = target
-    while not os.path.lexists(probe):
-        first_missing, probe = probe, probe.parent
+    made = missing_directories(target)
     layout = Layout.create(path, wait)
     try:
         yield layout
     except BaseException:
         if layout.created:
-            _undo_creation(layout, first_missing)
+            _undo_creation(layout, made)
         raise
 
 
-def _undo_creation(layout: Layout, first_missing: Path | None) -> None:
-    """Remove the layout this command created, unless another command uses it by now or an
-    image got in: then it stays. An existing empty directory is left empty again."""
+def _undo_creation(layout: Layout, made: list[Path]) -> None:
+    """Empty the layout this command created, unless another command uses it by now or an
+    image got in: then it stays. The directories this command made go if they are empty;
+    a directory that was there (empty) stays, empty again."""
     alone = Layout(layout.root, LockWait(timeout=0))
     with contextlib.suppress(CvmfsInjectError), alone.lock(exclusive=True):
         if alone.read_index().manifests:
             return
-        if first_missing is not None:
-            shutil.rmtree(first_missing, ignore_errors=True)
-            return
-        for child in layout.root.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink()
+        empty_directory(layout.root)
+    remove_if_empty(made)
 
 
 def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = False,
@@ -106,7 +98,10 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         raise UsageError(f"pull writes a local layout; {dest} is not oci:DIR[:TAG]")
     if all_images and platform:
         raise UsageError("--all and --platform exclude each other")
-    tag = dest.tag or check_tag(default_tag(src), registry=False)
+    tag = dest.tag or default_tag(src)
+    if not names.REF_NAME.match(tag):  # a registry tag (v1__amd64) that a layout cannot hold
+        raise UsageError(f"{src}: its tag {tag!r} is not a valid layout tag (an OCI "
+                         f"reference name): name one, as {dest.path}:TAG")
     if src.transport == "oci":  # our own message, listing the tags, before skopeo's
         Layout.open(src.path, access.layout_wait).resolve(src.tag)
     elif src.transport != "docker" and not os.path.isfile(src.path):
@@ -127,4 +122,4 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         if raw is not None and fmt == "v2s2" and not all_images and not platform:
             annotations.update(original.keep(layout, src, skopeo, desc, raw))
         layout.set_tag(tag, desc.with_annotations(annotations))
-    return PullResult(dest.path, tag, desc)
+    return PullResult(tag, desc)

@@ -18,7 +18,7 @@ from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT, unchanged_original
 from cvmfs_inject.layout.gc import check_present
-from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.layout.store import OCI_LAYOUT_VERSION, Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
@@ -102,7 +102,8 @@ def _skopeo_view(layout: Layout, src: ImageRef, desc: Descriptor) -> Iterator[Im
         return
     with tempfile.TemporaryDirectory(prefix="cvmfs-inject-view-") as view:
         root = Path(view)
-        (root / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": "1.0.0"}))
+        layout_file = {"imageLayoutVersion": OCI_LAYOUT_VERSION}
+        (root / "oci-layout").write_bytes(canonical_json(layout_file))
         entry = desc.with_annotations({}).to_dict()
         (root / "index.json").write_bytes(canonical_json(
             {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX, "manifests": [entry]}))

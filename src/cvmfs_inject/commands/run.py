@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,8 @@ from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci import names
 from cvmfs_inject.oci.refs import ImageRef, check_tag
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import check_tree
@@ -70,19 +73,28 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
                          f"(Docker layers are gzip only) and {dest} will be Docker v2s2: use "
                          "--compress gzip, or --format oci with a registry or oci-archive: "
                          "destination")
+    final = new_tag if new_tag is not None else default_tag(src)
+    if not names.REF_NAME.match(final):  # a registry tag a layout cannot hold: the cache's
+        final = "latest"  # tag is this run's own business
     with contextlib.ExitStack() as stack:
         if cache is None:
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="cvmfs-inject-run-"))
             cache = os.path.join(scratch, "layout")
-        pulled = pull(src, ImageRef("oci", cache, new_tag or default_tag(src)), access,
-                      all_images=True, known_format=fmt)
-        working = ImageRef("oci", cache, pulled.tag)
+        # A tag of its own in the cache: parallel runs (make -j) sharing the cache, even
+        # with the same source, never see each other's images. The result takes the final
+        # tag when it has been pushed.
+        working = ImageRef("oci", cache, f"{final}.run-{os.getpid()}-{secrets.token_hex(4)}")
+        pulled = pull(src, working, access, all_images=True, known_format=fmt)
+        layout = Layout.open(cache, access.layout_wait)
+        stack.callback(layout.remove_tag, pulled.tag)
         report = inject_ref(working, tree, options, access, platform=platform,
                             progress=progress, warn=warn, init_only=init_only)
+        report.reference = str(working.with_tag(final))
         problems = validate_ref(working, access)
         if problems:
             raise ValidationFailed(f"{working}: the injected image does not validate: "
                                    f"{problems[0]} ({len(problems)} problem(s))")
         report.destination = str(dest)
         report.pushed_digest = push(working, dest, access, manifest_format=manifest_format)
+        layout.set_tag(final, layout.resolve(working.tag))
         return report

@@ -46,13 +46,12 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
     image = resolve(source, platform).images[0]
     position, diff_id = injected_position(image.manifest, image.config,
                                           f"{source.ref} ({image.platform})")
+    check_target(target, force)  # before a layer is downloaded
     if position is None:
-        check_target(target, force)
         target.mkdir(parents=True, exist_ok=True)
         return UnpackReport("empty", str(target))
     layer = image.manifest.layers[position]
     mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
-    check_target(target, force)
     with source.open_blob(layer) as blob:
         stream = decompressed(cast(IO[bytes], blob), layer.media_type)
         try:

@@ -125,12 +125,15 @@ class _Checker:
                                              f"but its config has {len(diff_ids)} diff_ids"))
 
 
-def validate_image(source: ImageSource, roots: list[Descriptor] | None = None) -> list[Problem]:
-    """Every problem of what `roots` (default: what the source's reference names) reach."""
-    checker = _Checker(source)
-    walk(roots if roots is not None else [source.top()], checker)
+def _walked(checker: _Checker, roots: list[Descriptor]) -> list[Problem]:
+    walk(roots, checker)
     checker.diff_ids()
     return checker.problems
+
+
+def validate_image(source: ImageSource) -> list[Problem]:
+    """Every problem of what the source's reference names."""
+    return _walked(_Checker(source), [source.top()])
 
 
 def validate_layout(layout: Layout) -> list[Problem]:
@@ -144,10 +147,8 @@ def validate_layout(layout: Layout) -> list[Problem]:
     source = LayoutSource(layout, ImageRef("oci", str(layout.root)))
     checker = _Checker(source)
     index = json.loads((layout.root / "index.json").read_bytes())
-    roots = checker.descriptors(index["manifests"], f"{layout.root}/index.json manifests")
-    walk(roots, checker)
-    checker.diff_ids()
-    return checker.problems
+    return _walked(checker, checker.descriptors(index["manifests"],
+                                                f"{layout.root}/index.json manifests"))
 
 
 def validate_ref(ref: ImageRef, access: Access) -> list[Problem]:

@@ -38,6 +38,7 @@ class Access:
         self.layout_wait = layout_wait or LockWait()
         self._read_credentials = read_credentials
         self._credentials: Credentials | None = None
+        self._authfiles: dict[tuple[str, ...], Path] = {}
 
     def credentials(self) -> Credentials | None:
         """The credentials given on stdin, if any (read on the first call)."""
@@ -57,10 +58,13 @@ class Access:
 
     def skopeo(self, *refs: ImageRef) -> Skopeo:
         """skopeo for a command on `refs`; stdin credentials reach it in a private auth file
-        for the registries among them, never on its command line."""
+        for the registries among them (one file for each set of them), never on its command
+        line. Without a registry among `refs`, stdin is not read."""
         options = self.options
-        credentials = self.credentials()
+        hosts = tuple(sorted({ref.registry for ref in refs if ref.is_registry}))
+        credentials = self.credentials() if hosts else None
         if credentials is not None:
-            hosts = [ref.registry for ref in refs if ref.is_registry]
-            options = replace(options, authfile=credentials_authfile(credentials, hosts))
+            if hosts not in self._authfiles:
+                self._authfiles[hosts] = credentials_authfile(credentials, list(hosts))
+            options = replace(options, authfile=self._authfiles[hosts])
         return Skopeo(options, show_progress=self.show_progress)

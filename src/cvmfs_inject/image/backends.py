@@ -7,6 +7,7 @@ user asks for the layout path, is first copied by skopeo into a temporary layout
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -92,17 +93,15 @@ def editing(ref: ImageRef, access: Access, *, dest: ImageRef | None = None,
         from cvmfs_inject.image.remote import RegistrySink, RemoteSource, no_progress
 
         target = destination(ref, dest, new_tag)
-        with access.client(ref) as src_client, tempfile.TemporaryDirectory(
-                prefix="cvmfs-inject-direct-") as scratch:
+        with contextlib.ExitStack() as stack:
+            src_client = stack.enter_context(access.client(ref))
+            dest_client = (src_client if target.registry == ref.registry
+                           else stack.enter_context(access.client(target)))
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="cvmfs-inject-direct-"))
             store = Layout.create(Path(scratch) / "layout")
-            if target.registry == ref.registry:
-                yield (RemoteSource(src_client, ref),
-                       RegistrySink(src_client, target, store, upload_progress or no_progress))
-            else:
-                with access.client(target) as dest_client:
-                    yield (RemoteSource(src_client, ref),
-                           RegistrySink(dest_client, target, store,
-                                        upload_progress or no_progress))
+            yield (RemoteSource(src_client, ref),
+                   RegistrySink(dest_client, target, store, upload_progress or no_progress))
     else:
         raise UsageError(f"{ref}: inject edits a local layout (oci:DIR[:TAG]) or a registry "
                          "image (docker://); use `run` for archives")

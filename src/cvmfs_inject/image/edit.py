@@ -71,10 +71,8 @@ def timestamp(epoch: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def injected_position(manifest: Manifest, config: ImageConfig, where: str
-                      ) -> tuple[int | None, str | None]:
-    """Index of the injected layer (in the manifest's layers and the config's diff_ids,
-    which must agree), or (None, None) on an unprepared image."""
+def labelled_position(config: ImageConfig, where: str) -> tuple[int | None, str | None]:
+    """Index in rootfs.diff_ids of the injected layer, or (None, None) on an unprepared image."""
     labelled = config.labels.get(LABEL_TAR)
     if not labelled:
         return None, None
@@ -83,8 +81,17 @@ def injected_position(manifest: Manifest, config: ImageConfig, where: str
         raise NotFoundError(f"{where}: label {LABEL_TAR}={labelled} names a layer that is not "
                             "in this image's rootfs.diff_ids; the image was changed by another "
                             "tool. Remove the label to inject as a new layer.")
-    check_layer_count(manifest, config, where)
     return len(diff_ids) - 1 - diff_ids[::-1].index(labelled), labelled
+
+
+def injected_position(manifest: Manifest, config: ImageConfig, where: str
+                      ) -> tuple[int | None, str | None]:
+    """The injected layer's index in both the manifest's layers and the config's diff_ids,
+    which must agree for the position to mean the same layer in both."""
+    position, labelled = labelled_position(config, where)
+    if position is not None:
+        check_layer_count(manifest, config, where)
+    return position, labelled
 
 
 def check_layer_count(manifest: Manifest, config: ImageConfig, where: str) -> None:
@@ -97,14 +104,13 @@ def check_layer_count(manifest: Manifest, config: ImageConfig, where: str) -> No
 
 def _history_layer_slots(history: list[dict[str, Any]]) -> list[int]:
     """Positions in `history` of the entries that correspond to layers (not empty_layer)."""
-    return [i for i, entry in enumerate(history)
-            if not (isinstance(entry, dict) and entry.get("empty_layer"))]
+    return [i for i, entry in enumerate(history) if not entry.get("empty_layer")]
 
 
 def edit_image(manifest: Manifest, config: ImageConfig, layer: NewLayer, *,
                created_by: str, epoch: int | None, where: str) -> EditResult | None:
     """The new manifest and config with `layer` in the injected position; None if unchanged."""
-    position, old_diff_id = injected_position(manifest, config, where)
+    position, old_diff_id = labelled_position(config, where)
     if old_diff_id == layer.diff_id:
         return None
     check_layer_count(manifest, config, where)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cvmfs_inject.errors import IntegrityError, UsageError
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.annotations import forget_originals, unchanged_original
@@ -53,10 +55,15 @@ class LayoutSink:
     def store(self) -> Layout:
         return self.layout
 
-    def check(self, documents: list[tuple[Descriptor, bytes]]) -> None:
-        """A layout takes any document; `validate` is the place to judge them."""
+    def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
+        """A layout takes any document (nothing is read); `validate` is the place to judge
+        them."""
 
     def put_blob(self, desc: Descriptor, source: ImageSource) -> None:
+        """Copy a blob in from another source; an image of this layout has its blobs here
+        already (or, like foreign layers skopeo does not copy, never had them: no matter)."""
+        if isinstance(source, LayoutSource) and source.layout is self.layout:
+            return
         path = self.layout.blob_path(desc.digest)
         if path.is_file():
             actual = path.stat().st_size

@@ -141,9 +141,10 @@ class RegistrySink:
         self._upload_progress = upload_progress
         self._present: set[str] = set()
 
-    def check(self, documents: list[tuple[Descriptor, bytes]]) -> None:
+    def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
         problems = []
-        for desc, raw in documents:
+        for desc in documents:
+            raw = read(desc)
             kind = ("index" if MediaType.is_index(desc.media_type) else
                     "manifest" if MediaType.is_manifest(desc.media_type) else "config")
             problems += check_document(raw, kind, media_type=desc.media_type,

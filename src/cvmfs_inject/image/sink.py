@@ -10,6 +10,7 @@ and the tag last, so until the tag moves nothing a reader can reach has changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from cvmfs_inject.image.source import ImageSource
@@ -37,8 +38,9 @@ class ImageSink(Protocol):
         """The local store new blobs and documents are written into before `publish`."""
         ...
 
-    def check(self, documents: list[tuple[Descriptor, bytes]]) -> None:
-        """Refuse new documents this sink must not take (raise), before anything is written."""
+    def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
+        """Refuse new documents (`read` gives their bytes) this sink must not take (raise),
+        before anything is written."""
         ...
 
     def put_blob(self, desc: Descriptor, source: ImageSource) -> None:
@@ -76,8 +78,8 @@ def publish(sink: ImageSink, source: ImageSource, top: Descriptor) -> None:
                    for d in order]
     blobs = [d for d, manifest in zip(order, is_manifest, strict=True) if not manifest]
     manifests = [d for d, manifest in zip(order, is_manifest, strict=True) if manifest]
-    sink.check([(d, read(d)) for d in order
-                if MediaType.is_document(d.media_type) and store.has_blob(d.digest)])
+    sink.check([d for d in order
+                if MediaType.is_document(d.media_type) and store.has_blob(d.digest)], read)
     for desc in blobs:
         sink.put_blob(desc, source)
     for desc in manifests[:-1]:

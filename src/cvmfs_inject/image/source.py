@@ -3,7 +3,7 @@ and opens blobs verified, whatever the backend.
 
 A backend implements only a small core (ggcr's `partial` cores): the descriptor its
 reference names, the bytes of a document, a verified stream of a blob, and where a blob is
-for messages. Everything else (parsing, walking an index into platforms) is generic, so
+for messages. Everything else (parsing, an index's entries as platforms) is generic, so
 `inspect`, `validate`, `inject` and `unpack` see the same shapes wherever the image lives.
 """
 
@@ -24,7 +24,6 @@ from cvmfs_inject.oci.model import (
     platform_string,
 )
 from cvmfs_inject.oci.refs import ImageRef
-from cvmfs_inject.oci.walk import DescriptorPath, Expand, reading, walk
 
 
 class ImageSource(Protocol):
@@ -106,11 +105,6 @@ def read_image(source: ImageSource, desc: Descriptor) -> Image:
     return Image(desc, manifest, read_config(source, manifest))
 
 
-def documents(source: ImageSource, *, subject: bool) -> Expand:
-    """The walk's standard `expand` over a source: read indexes and manifests."""
-    return reading(source.document, source.where, subject=subject)
-
-
 def is_image_entry(desc: Descriptor) -> bool:
     """Index entries that are runnable images (not attestations or other artifacts)."""
     platform = desc.platform or {}
@@ -128,18 +122,10 @@ def resolve(source: ImageSource, platform: str | None = None) -> Resolved:
     if not MediaType.is_index(top.media_type):
         raise UsageError(f"{top.digest}: media type {top.media_type} is not an image or index")
     index = read_index(source, top)
-
-    def images_of_the_index(path: DescriptorPath) -> list[Descriptor]:
-        if path.parent is not None:
-            return []  # an image: its config and layers are read on their own
-        for desc in index.manifests:
-            if MediaType.is_index(desc.media_type):
-                raise UsageError(f"{top.digest}: nested indexes are not supported")
-        return [desc for desc in index.manifests if is_image_entry(desc)
-                and (not platform or platform_matches(desc.platform, platform))]
-
-    images = [read_image(source, path.descriptor)
-              for path in walk([top], images_of_the_index) if path.parent is not None]
+    if any(MediaType.is_index(desc.media_type) for desc in index.manifests):
+        raise UsageError(f"{top.digest}: nested indexes are not supported")
+    images = [read_image(source, desc) for desc in index.manifests if is_image_entry(desc)
+              and (not platform or platform_matches(desc.platform, platform))]
     if not images:
         available = ", ".join(platform_string(d.platform) for d in index.manifests)
         raise NotFoundError(f"no image for platform {platform} in the index "

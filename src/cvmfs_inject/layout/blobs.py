@@ -30,9 +30,22 @@ def file_mode() -> int:
     and umoci's layouts have it: a layout shared by a group, served by a web server or
     read by another user's podman must be readable. Temp files start as 0600 (mkstemp)
     and get this mode before they are renamed into place."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux 4.7+), so that no other thread
+    can create a file under a wrong mask meanwhile; elsewhere set and put back."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def refuse_symlink(path: Path) -> None:

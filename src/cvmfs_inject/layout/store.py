@@ -28,17 +28,17 @@ from cvmfs_inject.layout.blobs import (
     refuse_symlink,
 )
 from cvmfs_inject.layout.lock import LockWait, acquire, flocked, opened, try_lock
+from cvmfs_inject.oci import names
 from cvmfs_inject.oci.digest import check_digest
-from cvmfs_inject.oci.jsondoc import canonical_json, parse_json
+from cvmfs_inject.oci.jsondoc import MAX_DOCUMENT, canonical_json, parse_json
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import REF_NAME, Descriptor, Index
+from cvmfs_inject.oci.refs import split_host
 
 OCI_LAYOUT_VERSION = "1.0.0"
 TMP_NAME = ".cvmfs-inject-tmp"
 _EMPTY_INDEX = canonical_json({"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
                                "manifests": []})
-# JSON documents are read whole; anything larger than this is not a manifest or config.
-MAX_DOCUMENT = 64 << 20
 
 
 def _interrupted_creation(path: Path) -> bool:
@@ -72,10 +72,9 @@ class Layout:
         path = Path(root)
         marker = path / "oci-layout"
         if not path.is_dir():
-            hint = ""
-            first = str(root).split("/", 1)[0]
-            if "/" in str(root) and ("." in first or ":" in first):
-                hint = f"; for a registry image write docker://{root}"
+            host = split_host(str(root))[0]
+            hint = f"; for a registry image write docker://{root}" if names.HOST.match(
+                host) else ""
             raise InputError(f"{path}: no such layout directory{hint}")
         if not marker.is_file():
             raise InputError(f"{path}: not an OCI layout (no oci-layout file)")
@@ -137,6 +136,9 @@ class Layout:
             if try_lock(fd, exclusive=True):
                 shutil.rmtree(self.tmp_dir, ignore_errors=True)
             acquire(fd, exclusive=False, wait=self.wait, path=self.root, what="layout")
+            if not (self.root / "oci-layout").is_file():  # a failed creator undid it
+                raise InputError(f"{self.root}: the layout was removed by another command "
+                                 "while this one waited; run it again")
             try:
                 yield self
             finally:
@@ -240,18 +242,23 @@ class Layout:
                             f"{', '.join(self.tags()) or '(none)'}")
 
     def set_tag(self, tag: str, desc: Descriptor) -> None:
-        """Point `tag` at `desc` in index.json (one atomic write); other entries stay.
+        """Point `tag` at `desc` in index.json (one atomic write); other entries stay."""
+        entry = desc.with_annotations({**desc.annotations, REF_NAME: tag}).to_dict()
+        self._edit_index(tag, entry)
 
-        Under the index lock, on the index.json of now: what other writers committed since
-        this command started is kept."""
+    def remove_tag(self, tag: str) -> None:
+        """Drop `tag` from index.json (its blobs stay until gc)."""
+        self._edit_index(tag, None)
+
+    def _edit_index(self, tag: str, entry: dict[str, Any] | None) -> None:
+        """Under the index lock, on the index.json of now: what other writers committed
+        since this command started is kept; only `tag`'s entry changes."""
         with flocked(self.root / "oci-layout", exclusive=True, wait=self.wait,
                      what="layout index"):
             doc = self.read_index().edit()
-            annotations = {**desc.annotations, REF_NAME: tag}
-            entry = desc.with_annotations(annotations).to_dict()
             kept = [d for d in doc["manifests"]
                     if (d.get("annotations") or {}).get(REF_NAME) != tag]
-            doc["manifests"] = [*kept, entry]
+            doc["manifests"] = [*kept, entry] if entry is not None else kept
             self.write_index(doc)
 
     def staging(self) -> tempfile.TemporaryDirectory[str]:

@@ -7,6 +7,9 @@ from typing import Any
 
 from cvmfs_inject.errors import InputError
 
+# Documents (indexes, manifests, configs) are read whole; one larger than this is not one.
+MAX_DOCUMENT = 64 << 20
+
 
 def canonical_json(obj: Any) -> bytes:
     """Compact, key-sorted UTF-8 JSON: the same document always gives the same digest."""

@@ -18,7 +18,6 @@ class MediaType:
     DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
     DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
     DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-    DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 
     INDEXES = frozenset({OCI_INDEX, DOCKER_LIST})
     MANIFESTS = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})

@@ -182,9 +182,13 @@ class Index(Document):
                                      MediaType.INDEXES, "manifests", "an image index")
         index = cls(raw, doc, declared)
         for entry in _checked(where, lambda: index.manifests):
-            for key in ("platform", "annotations"):
-                if not isinstance(entry.extra.get(key, {}), dict):
-                    raise InputError(f"{where}: {entry.digest}: {key} is not a JSON object")
+            if not isinstance(entry.extra.get("platform", {}), dict):
+                raise InputError(f"{where}: {entry.digest}: platform is not a JSON object")
+            annotations = entry.extra.get("annotations", {})
+            if not (isinstance(annotations, dict)
+                    and all(isinstance(v, str) for v in annotations.values())):
+                raise InputError(f"{where}: {entry.digest}: annotations are not an object of "
+                                 "strings")
         return index
 
     @property

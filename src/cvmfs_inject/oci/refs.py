@@ -39,17 +39,12 @@ class ImageRef:
     @property
     def registry(self) -> str:
         """Registry host of a docker:// reference (docker.io for a bare name, as docker does)."""
-        first, _, rest = self.path.partition("/")
-        if rest and ("." in first or ":" in first or first == "localhost"):
-            return first
-        return DEFAULT_REGISTRY
+        return split_host(self.path)[0] or DEFAULT_REGISTRY
 
     @property
     def repository(self) -> str:
-        first, _, rest = self.path.partition("/")
-        if rest and ("." in first or ":" in first or first == "localhost"):
-            return rest
-        return self.path if "/" in self.path else f"library/{self.path}"
+        host, repository = split_host(self.path)
+        return repository if host or "/" in repository else f"library/{repository}"
 
     def with_tag(self, tag: str | None) -> ImageRef:
         return ImageRef(self.transport, self.path, tag, None)
@@ -63,6 +58,15 @@ class ImageRef:
 
     def __str__(self) -> str:
         return self.skopeo()
+
+
+def split_host(name: str) -> tuple[str, str]:
+    """("host[:port]", "repo/path") as docker reads a name: the first component is a host
+    when more follow and it has a dot or a port, or is localhost; else ("", name)."""
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return "", name
 
 
 def _bad(text: str, why: str) -> UsageError:
@@ -86,11 +90,9 @@ def _parse_docker(text: str, rest: str) -> ImageRef:
             raise _bad(text, f"tag {tag!r} is not a valid tag")
     if not name:
         raise _bad(text, "missing repository")
-    first, _, remainder = name.partition("/")
-    is_host = remainder and ("." in first or ":" in first or first == "localhost")
-    if is_host and not names.HOST.match(first):
-        raise _bad(text, f"registry host {first!r} is not valid")
-    repository = remainder if is_host else name
+    host, repository = split_host(name)
+    if host and not names.HOST.match(host):
+        raise _bad(text, f"registry host {host!r} is not valid")
     if not names.REPOSITORY.match(repository):
         raise _bad(text, f"repository {repository!r} must be lowercase path components")
     if tag is None and digest is None:
@@ -125,10 +127,8 @@ def _check_archive_reference(text: str, reference: str) -> None:
         name, tag = reference.rsplit(":", 1)
     if tag is not None and not names.TAG.match(tag):
         raise _bad(text, f"tag {tag!r} is not a valid tag")
-    first, _, remainder = name.partition("/")
-    is_host = remainder and ("." in first or ":" in first or first == "localhost")
-    repository = remainder if is_host else name
-    if (is_host and not names.HOST.match(first)) or not names.REPOSITORY.match(repository):
+    host, repository = split_host(name)
+    if (host and not names.HOST.match(host)) or not names.REPOSITORY.match(repository):
         raise _bad(text, f"archive reference {name!r} must be lowercase path components, "
                          "like hep/el9:2024")
 

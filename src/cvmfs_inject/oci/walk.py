@@ -26,10 +26,6 @@ class DescriptorPath:
         return self.descriptors[-1]
 
     @property
-    def root(self) -> Descriptor:
-        return self.descriptors[0]
-
-    @property
     def parent(self) -> Descriptor | None:
         return self.descriptors[-2] if len(self.descriptors) > 1 else None
 

@@ -13,6 +13,9 @@ from cvmfs_inject.errors import UsageError
 # ISA-L's deflate output depends on where its input is cut, so the cut must not move.
 CHUNK = 1 << 20
 COMPRESSIONS = ("gzip", "zstd", "none")
+# unpack extracts into a hidden directory of this name inside DIR; one left by a killed
+# unpack is never packed
+STAGING_PREFIX = ".cvmfs-inject-unpack-"
 # ISA-L offers levels 0-3; 1 measured best for speed at a ratio close to gzip -6. zstd 1
 # runs at ISA-L's speed with a better ratio (bench/results).
 DEFAULT_LEVELS = {"gzip": 1, "zstd": 1, "none": 0}

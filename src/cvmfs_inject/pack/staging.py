@@ -12,9 +12,7 @@ command created it: a corrupted layer leaves nothing behind, and an existing tar
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +20,8 @@ from typing import IO
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.pack.extract import ExtractResult, extract
-
-STAGING_PREFIX = ".cvmfs-inject-unpack-"
+from cvmfs_inject.pack.options import STAGING_PREFIX
+from cvmfs_inject.paths import missing_directories, remove_if_empty, remove_tree
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -37,8 +35,10 @@ def extract_into(stream: IO[bytes], target: Path, mount_point: str, *, force: bo
                  warn: Callable[[str], None] | None = None) -> ExtractResult:
     """Extract the tar `stream` (whose reader verifies it at its end) into `target`."""
     check_target(target, force)
-    created = _first_missing(target.absolute())
+    made = missing_directories(target)
     target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob(STAGING_PREFIX + "*"):  # left by a killed unpack
+        remove_tree(stale)
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target)
     try:
         result = extract(stream, staging, mount_point, warn)
@@ -52,16 +52,12 @@ def extract_into(stream: IO[bytes], target: Path, mount_point: str, *, force: bo
             os.utime(target, ns=(root.st_atime_ns, root.st_mtime_ns))
         return result
     except BaseException:
-        _remove(created if created is not None else Path(staging))
+        if made:  # the target is this command's: what is in it goes, and it goes
+            remove_tree(target)
+            remove_if_empty(made[1:])
+        else:
+            remove_tree(Path(staging))
         raise
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost directory of `path` that does not exist yet, or None."""
-    missing = None
-    while not os.path.lexists(path):
-        missing, path = path, path.parent
-    return missing
 
 
 def _conflicts(staged: str, target: str) -> None:
@@ -105,18 +101,3 @@ def _merge(staged: str, target: str) -> None:
                 continue
         # a moved or merged directory keeps the layer's time (some filesystems touch it)
         os.utime(here, ns=(moved.st_atime_ns, moved.st_mtime_ns))
-
-
-def _remove(path: Path) -> None:
-    """Remove what this command wrote, read-only directories of the layer included."""
-
-    def writable_and_retry(function: Callable[..., object], name: str, _: object) -> None:
-        os.chmod(os.path.dirname(name), 0o700)
-        function(name)
-
-    if not os.path.lexists(path):
-        return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=writable_and_retry)
-    else:
-        shutil.rmtree(path, onerror=writable_and_retry)

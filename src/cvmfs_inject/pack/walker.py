@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.pack.headers import TYPE_DIR, TYPE_FILE, TYPE_HARDLINK, TYPE_SYMLINK, TarHeaders
-from cvmfs_inject.pack.options import PackOptions
+from cvmfs_inject.pack.options import STAGING_PREFIX, PackOptions
 
 # (header bytes, path of the content to copy or None, content size), in tar order
 Entry = tuple[bytes, str | None, int]
@@ -92,6 +92,9 @@ class TreeWalker:
             if name.startswith(".wh."):
                 self.note(f"{path}: skipped (a '.wh.' name is a layer whiteout; it would "
                           "delete files of the base image)")
+                continue
+            if not rel_prefix and name.startswith(STAGING_PREFIX):
+                self.note(f"{path}: skipped (left by an interrupted unpack)")
                 continue
             tar_name = prefix + fsencode(name)
             uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)

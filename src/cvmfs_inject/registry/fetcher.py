@@ -17,6 +17,7 @@ import urllib3.exceptions
 
 from cvmfs_inject.errors import InputError, IntegrityError
 from cvmfs_inject.oci.digest import digest_of, sha256_digest
+from cvmfs_inject.oci.jsondoc import MAX_DOCUMENT
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.registry.errors import Transient, short_reason
 from cvmfs_inject.registry.transport import Transport, split_digest
@@ -29,7 +30,6 @@ MANIFEST_ACCEPT: tuple[str, ...] = (
     MediaType.DOCKER_LIST,
 )
 MAX_MANIFEST_SIZE = 4 << 20  # distribution's own limit; protects us from a runaway body
-MAX_SMALL_BLOB = 64 << 20  # get_blob is for configs; bigger blobs must be streamed
 DOWNLOAD_CHUNK = 1 << 20
 
 
@@ -95,15 +95,10 @@ class Fetcher:
 
     def has_blob(self, repo: str, digest: str) -> bool:
         """HEAD the blob: True if the repository has it (errors are errors, not "absent")."""
-        resp = self.transport.request("HEAD", self.transport.blob_path(repo, digest), repo=repo)
-        resp.close()
-        if resp.status_code == 200:
-            return True
-        if resp.status_code == 404:
-            return False
-        raise self.transport.fail(resp, f"check blob {digest} in {repo}")
+        return self._blob_size(repo, digest) is not None
 
     def _blob_size(self, repo: str, digest: str) -> int | None:
+        """HEAD the blob: its size (-1 when the registry does not say), None if absent."""
         resp = self.transport.request("HEAD", self.transport.blob_path(repo, digest), repo=repo)
         resp.close()
         if resp.status_code == 404:
@@ -153,7 +148,7 @@ class Fetcher:
     def get_blob(self, repo: str, digest: str, size: int | None = None) -> bytes:
         """A small blob (config) in memory, verified against digest and, if given, size."""
         resp = self._open(repo, digest)
-        limit = size if size is not None else MAX_SMALL_BLOB
+        limit = size if size is not None else MAX_DOCUMENT
         length = resp.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             resp.close()
