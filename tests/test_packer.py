@@ -383,8 +383,12 @@ def test_open_failure_is_input_error_naming_the_path(tmp_path: Path, victim: str
     real_open, real_listdir, real_scandir = os.open, os.listdir, os.scandir
 
     def deny(path: object) -> None:
-        if os.fspath(path) == str(bad):  # type: ignore[arg-type]
-            raise PermissionError(13, "Permission denied", str(path))
+        """By path, or by name relative to a directory descriptor, as the walk opens them."""
+        if isinstance(path, int):
+            return
+        name = os.fspath(path)  # type: ignore[arg-type]
+        if name == str(bad) or name == bad.name:
+            raise PermissionError(13, "Permission denied", name)
 
     def fake_open(path: object, *args: object, **kwargs: object) -> int:
         deny(path)
@@ -871,10 +875,10 @@ def test_first_error_in_walk_order_whatever_the_timing(
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    def failing_listing(path: str) -> list[str]:
+    def failing_listing(fd: int, path: str) -> list[str]:
         if path.endswith("/src/c"):
             raise InputError(f"{path}: cannot read directory: Permission denied")
-        return real_listing(path)
+        return real_listing(fd, path)
 
     monkeypatch.setattr(os, "open", failing_open)
     monkeypatch.setattr(walker, "_listing", failing_listing)

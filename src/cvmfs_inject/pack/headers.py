@@ -3,6 +3,8 @@ records only where a name, link target, size, owner or time needs them."""
 
 from __future__ import annotations
 
+from zlib import adler32
+
 BLOCK = 512
 MAX_OCTAL_SIZE = 0o77777777777
 MAX_OCTAL_ID = 0o7777777
@@ -67,11 +69,14 @@ class TarHeaders:
             text = b"%011o\0" % mtime
             stamp = self._mtime[mtime] = (text, sum(text))
         size_text = b"%011o\0" % size
-        checksum = (_CHECKSUM_BASE + sum(name) + owner[1] + sum(size_text) + stamp[1]
-                    + typeflag[0] + sum(linkname))
-        block = b"".join((name, bytes(100 - len(name)), owner[0], size_text, stamp[0],
-                          b"%06o\0 " % checksum, typeflag, linkname,
-                          bytes(100 - len(linkname)), _TAIL))
+        # byte sums in C: adler32's low half is 1 + the sum mod 65521, and 100 bytes (a
+        # name) or 12 (a number) cannot sum to that much, so it is the sum exactly
+        checksum = (_CHECKSUM_BASE + owner[1] + stamp[1] + typeflag[0] - 3
+                    + (adler32(name) & 0xFFFF) + (adler32(size_text) & 0xFFFF)
+                    + (adler32(linkname) & 0xFFFF))
+        block = b"".join((name.ljust(100, b"\0"), owner[0], size_text, stamp[0],
+                          b"%06o\0 " % checksum, typeflag, linkname.ljust(100, b"\0"),
+                          _TAIL))
         if not pax:
             return block
         if not _is_utf8(pax):

@@ -73,54 +73,66 @@ class TreeWalker:
         first_names = FirstNames()
         lstat, fsencode = os.lstat, os.fsencode
         s_isreg, s_isdir, s_islnk, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_IMODE
-        # each stack item: (directory path, its tar name prefix, iterator over sorted names)
-        stack = [(root, mount + b"/", "", iter(_listing(root)))]
-        while stack:
-            directory, prefix, rel_prefix, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                continue
-            path = directory + "/" + name
-            try:
-                st = lstat(path)
-            except OSError as exc:
-                raise InputError(f"{path}: cannot stat: {exc.strerror}") from None
-            mode = st.st_mode
-            if excluder and excluder.excluded(rel_prefix + name, s_isdir(mode)):
-                continue
-            if name.startswith(".wh."):
-                self.note(f"{path}: skipped (a '.wh.' name is a layer whiteout; it would "
-                          "delete files of the base image)")
-                continue
-            if not rel_prefix and name.startswith(STAGING_PREFIX):
-                self.note(f"{path}: skipped (left by an interrupted unpack)")
-                continue
-            tar_name = prefix + fsencode(name)
-            uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
-            perms = s_imode(mode)
-            mtime = clamp(st.st_mtime)
-            self.entries += 1
-            if s_isreg(mode):
-                if st.st_nlink > 1:
-                    first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
-                    if first is not None:
-                        self.hardlinks += 1
-                        yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
-                                       first), None, 0)
-                        continue
-                size = st.st_size
-                yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
-            elif s_isdir(mode):
-                stack.append((path, tar_name + b"/", rel_prefix + name + "/",
-                              iter(_listing(path))))
-                yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
-            elif s_islnk(mode):
-                target = fsencode(os.readlink(path))
-                yield headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target), None, 0
-            else:
-                self.entries -= 1
-                self.note(f"{path}: skipped (sockets, fifos and device nodes are not packed)")
+        # each stack item: (directory path, its descriptor, its tar name prefix, its path
+        # below the tree, iterator over its sorted names). Entries are looked up relative
+        # to their directory's descriptor: the kernel resolves one name, not the whole path
+        # (on a million-entry tree of deep paths that halved the time of each lstat).
+        fd = _opened(root, root, None)
+        stack = [(root, fd, mount + b"/", "", iter(_listing(fd, root)))]
+        try:
+            while stack:
+                directory, fd, prefix, rel_prefix, names = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    stack.pop()
+                    os.close(fd)
+                    continue
+                path = directory + "/" + name
+                try:
+                    st = lstat(name, dir_fd=fd)
+                except OSError as exc:
+                    raise InputError(f"{path}: cannot stat: {exc.strerror}") from None
+                mode = st.st_mode
+                if excluder and excluder.excluded(rel_prefix + name, s_isdir(mode)):
+                    continue
+                if name.startswith(".wh."):
+                    self.note(f"{path}: skipped (a '.wh.' name is a layer whiteout; it would "
+                              "delete files of the base image)")
+                    continue
+                if not rel_prefix and name.startswith(STAGING_PREFIX):
+                    self.note(f"{path}: skipped (left by an interrupted unpack)")
+                    continue
+                tar_name = prefix + fsencode(name)
+                uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
+                perms = s_imode(mode)
+                mtime = clamp(st.st_mtime)
+                self.entries += 1
+                if s_isreg(mode):
+                    if st.st_nlink > 1:
+                        first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
+                        if first is not None:
+                            self.hardlinks += 1
+                            yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
+                                           first), None, 0)
+                            continue
+                    size = st.st_size
+                    yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
+                elif s_isdir(mode):
+                    child = _opened(path, name, fd)
+                    stack.append((path, child, tar_name + b"/", rel_prefix + name + "/",
+                                  iter(_listing(child, path))))
+                    yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
+                elif s_islnk(mode):
+                    target = fsencode(os.readlink(name, dir_fd=fd))
+                    yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target),
+                           None, 0)
+                else:
+                    self.entries -= 1
+                    self.note(f"{path}: skipped (sockets, fifos and device nodes are not "
+                              "packed)")
+        finally:
+            for item in stack:
+                os.close(item[1])
 
 class FirstNames:
     """The first tar name of every multiply-linked inode: what later links point to.
@@ -147,10 +159,22 @@ class FirstNames:
         return None
 
 
-def _listing(path: str) -> list[str]:
+def _opened(path: str, name: str, parent: int | None) -> int:
+    """A descriptor of a directory to walk, opened relative to its parent's (never through
+    a symlink: the walk saw a directory there)."""
+    try:
+        if parent is None:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=parent)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
+
+
+def _listing(fd: int, path: str) -> list[str]:
     """Directory entries sorted by name; code-point order equals UTF-8 byte order."""
     try:
-        names = os.listdir(path)
+        names = os.listdir(fd)
     except OSError as exc:
         raise InputError(f"{path}: cannot read directory: {exc.strerror}") from None
     names.sort()
