@@ -37,6 +37,7 @@ from cvmfs_inject.pack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, M
 PERMISSIONS = 0o777
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
+MADE_WITH_MODE = 0xFFFF  # a directory made with its final mode: only its time is left to set
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
 
@@ -106,17 +107,20 @@ class _Directories:
         self.known.add(path)
 
     def attributes(self, rel: bytes, mode: int, mtime: float) -> None:
+        """Record a directory's time (and its mode, unless `MADE_WITH_MODE`)."""
         self._names += rel
         self._ends.append(len(self._names))
         self._modes.append(mode)
         self._times.append(mtime)
 
     def apply(self) -> None:
-        start = [0, *self._ends]
-        for i in range(len(self._ends) - 1, -1, -1):
-            rel = bytes(self._names[start[i]:self._ends[i]]) or b"."
-            os.chmod(rel, self._modes[i], dir_fd=self.root)
-            os.utime(rel, (self._times[i], self._times[i]), dir_fd=self.root)
+        names, ends, modes, times, root = (self._names, self._ends, self._modes,
+                                           self._times, self.root)
+        for i in range(len(ends) - 1, -1, -1):
+            rel = bytes(names[ends[i - 1] if i else 0:ends[i]]) or b"."
+            if modes[i] != MADE_WITH_MODE:
+                os.chmod(rel, modes[i], dir_fd=root)
+            os.utime(rel, (times[i], times[i]), dir_fd=root)
 
 
 def _replace(make: Callable[[], object], rel: bytes, root: int, member: bytes) -> None:
@@ -137,6 +141,9 @@ class _Extraction:
                  warn: Callable[[str], None] | None) -> None:
         self.stream, self.root, self.prefix = stream, root, prefix
         self.directories = _Directories(root, 0o755 & ~umask)
+        # hashes of the names of the regular files made so far (Python's bytes hash is
+        # keyed per process): a hard link to one of them needs no lstat to be safe
+        self.regular: set[int] = set()
         self.result = ExtractResult()
         self.warn = warn
 
@@ -181,11 +188,15 @@ class _Extraction:
             self.result.entries += 1
 
     def file(self, rel: bytes, member: Member) -> None:
-        root = self.root
-        fds: list[int] = []
-        _replace(lambda: fds.append(os.open(rel, _CREATE, member.mode & PERMISSIONS,
-                                            dir_fd=root)), rel, root, member.name)
-        fd = fds[0]
+        root, mode = self.root, member.mode & PERMISSIONS
+        try:
+            fd = os.open(rel, _CREATE, mode, dir_fd=root)
+        except FileExistsError:
+            fds: list[int] = []
+            _replace(lambda: fds.append(os.open(rel, _CREATE, mode, dir_fd=root)), rel, root,
+                     member.name)
+            fd = fds[0]
+        self.regular.add(hash(rel))
         try:
             for piece in self.stream.data():
                 while piece:
@@ -195,18 +206,24 @@ class _Extraction:
             os.close(fd)
 
     def directory(self, rel: bytes, member: Member) -> None:
-        root = self.root
+        """Made with its final mode when its owner may write and enter it (the umask is 0);
+        else 0700 until the end, so that what the layer puts in it can be made."""
+        root, mode = self.root, member.mode & PERMISSIONS
+        final = mode & 0o700 == 0o700
+        self.regular.discard(hash(rel))
         try:
-            os.mkdir(rel, 0o700, dir_fd=root)
+            os.mkdir(rel, mode if final else 0o700, dir_fd=root)
         except FileExistsError:
+            final = False  # an existing directory keeps its mode until the end
             if not stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
                 os.unlink(rel, dir_fd=root)
                 os.mkdir(rel, 0o700, dir_fd=root)
         self.directories.remember(rel)
-        self.directories.attributes(rel, member.mode & PERMISSIONS, int(member.mtime))
+        self.directories.attributes(rel, MADE_WITH_MODE if final else mode, int(member.mtime))
 
     def symlink(self, rel: bytes, member: Member) -> None:
         root = self.root
+        self.regular.discard(hash(rel))
         _replace(lambda: os.symlink(member.linkname, rel, dir_fd=root), rel, root, member.name)
         os.utime(rel, (member.mtime, member.mtime), dir_fd=root, follow_symlinks=False)
 
@@ -220,17 +237,22 @@ class _Extraction:
                              f"{_show(member.linkname)}")
         source = _relative(link, self.prefix, member.name)
         root = self.root
+        if hash(source) not in self.regular:  # not a file this extraction made: say why
+            try:
+                self.directories.parent_of(source, member.name)
+                st = os.lstat(source, dir_fd=root)
+            except FileNotFoundError:
+                raise InputError(f"hard link {_show(member.name)} points at "
+                                 f"{_show(member.linkname)}, which is not in the layer "
+                                 "before it") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"hard link {_show(member.name)} points at a non-regular "
+                                 "file")
         try:
-            self.directories.parent_of(source, member.name)
-            st = os.lstat(source, dir_fd=root)
-        except FileNotFoundError:
-            raise InputError(f"hard link {_show(member.name)} points at "
-                             f"{_show(member.linkname)}, which is not in the layer before "
-                             "it") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"hard link {_show(member.name)} points at a non-regular file")
-        _replace(lambda: os.link(source, rel, src_dir_fd=root, dst_dir_fd=root,
-                                 follow_symlinks=False), rel, root, member.name)
+            os.link(source, rel, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
+        except FileExistsError:
+            _replace(lambda: os.link(source, rel, src_dir_fd=root, dst_dir_fd=root,
+                                     follow_symlinks=False), rel, root, member.name)
 
 
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,

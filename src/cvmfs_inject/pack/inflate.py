@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import queue
 import threading
-from collections.abc import Callable
 from typing import IO, Any
 
 import zstandard
@@ -27,12 +26,12 @@ QUEUE_DEPTH = 8
 _END = b""
 
 
-def _inflater(media_type: str) -> Callable[[], Any] | None:
-    """A factory of decompressor objects for one gzip member or zstd frame; None: a tar."""
+def _kind(media_type: str) -> str | None:
+    """gzip, zstd, or None for a tar as it is."""
     if media_type.endswith("+zstd") or media_type.endswith(".zstd"):
-        return lambda: zstandard.ZstdDecompressor().decompressobj(write_size=READ_CHUNK)
+        return "zstd"
     if media_type.endswith("gzip"):
-        return lambda: isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
+        return "gzip"
     if media_type in (MediaType.OCI_LAYER, MediaType.DOCKER_LAYER):
         return None
     raise InputError(f"unsupported layer media type {media_type}")
@@ -45,10 +44,10 @@ class InflatingReader(io.RawIOBase):
     consumer that reads large sizes gets the worker's chunks without a copy.
     """
 
-    def __init__(self, blob: IO[bytes], new_decompressor: Callable[[], Any]) -> None:
+    def __init__(self, blob: IO[bytes], kind: str) -> None:
         super().__init__()
         self._blob = blob
-        self._new = new_decompressor
+        self._kind = kind
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(QUEUE_DEPTH)
         self._chunk, self._offset = b"", 0
         self._done = False
@@ -96,31 +95,53 @@ class InflatingReader(io.RawIOBase):
 
     def _work(self) -> None:
         try:
-            decompressor = self._new()
-            pending = b""
-            while True:
-                data = pending or self._blob.read(READ_CHUNK)
-                pending = b""
-                if not data:
-                    if decompressor is not None:
-                        raise InputError("layer is truncated: its compressed stream ends "
-                                         "inside a gzip member or zstd frame")
-                    break
-                if decompressor is None:  # a member or frame ended: another may follow
-                    data = data.lstrip(b"\0")  # gzip files may be padded with zeros
-                    if not data:
-                        continue
-                    decompressor = self._new()
-                out = decompressor.decompress(data)
-                if out and not self._put(out):
-                    return
-                if decompressor.eof:
-                    pending, decompressor = decompressor.unused_data, None
+            if self._kind == "gzip":
+                self._gunzip()
+            else:
+                self._unzstd()
             self._put(_END)
         except (igzip_lib.IsalError, zstandard.ZstdError, OSError, EOFError) as exc:
             self._put(InputError(f"cannot extract layer: {exc}"))
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(exc)
+
+    def _gunzip(self) -> None:
+        """Every member in turn (zero padding between them is skipped, as gzip does); each
+        call gives at most one chunk, so a small layer that inflates hugely (a "bomb")
+        still comes out in chunks."""
+        member = None
+        data = b""
+        while True:
+            if not data:
+                data = self._blob.read(READ_CHUNK)
+                if not data:
+                    if member is not None:
+                        raise InputError("layer is truncated: its gzip stream ends inside a "
+                                         "member")
+                    return
+            if member is None:
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                member = isal_zlib.decompressobj(16 + isal_zlib.MAX_WBITS)
+            out = member.decompress(data, READ_CHUNK)
+            if out and not self._put(out):
+                return
+            if member.eof:
+                data, member = member.unused_data, None
+            else:
+                data = member.unconsumed_tail
+
+    def _unzstd(self) -> None:
+        """Every frame in turn, in chunks of bounded size (libzstd checks each frame's
+        checksum); the blob is read to its end, where its digest is checked."""
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            self._blob, read_size=READ_CHUNK, read_across_frames=True, closefd=False)
+        while out := reader.read(READ_CHUNK):
+            if not self._put(out):
+                return
+        while self._blob.read(READ_CHUNK):
+            raise InputError("layer has data after its last zstd frame")
 
     def close(self) -> None:
         """Stop the worker (it may be blocked on a full queue); the blob stays open, so its
@@ -132,7 +153,7 @@ class InflatingReader(io.RawIOBase):
 
 def decompressed(reader: IO[bytes], media_type: str) -> IO[bytes]:
     """The tar stream of a layer blob of `media_type`, read from `reader`."""
-    new = _inflater(media_type)
-    if new is None:
+    kind = _kind(media_type)
+    if kind is None:
         return reader
-    return InflatingReader(reader, new)  # type: ignore[return-value]
+    return InflatingReader(reader, kind)  # type: ignore[return-value]
