@@ -15,18 +15,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import CACHE, make_tree  # noqa: E402
+from common import CACHE, make_tree, start_registry  # noqa: E402
 
 from cvmfs_inject.demo.sample import build_sample_image  # noqa: E402
 from cvmfs_inject.image.layout import LayoutSource  # noqa: E402
@@ -63,26 +61,6 @@ def big_base(path: Path, mib: int) -> None:
         doc["layers"].insert(0, layer.to_dict())
         doc["config"] = config_desc.to_dict()
         layout.set_tag("v1", layout.put_bytes(canonical_json(doc), MediaType.OCI_MANIFEST))
-
-
-def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = root / "config.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-                      f"    rootdirectory: {root / 'storage'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    log = root / "registry.log"
-    with log.open("wb") as handle:
-        process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=handle,
-                                   stderr=handle)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"127.0.0.1:{port}", log
 
 
 def traffic(log: Path, start: int, storage: Path) -> tuple[int, int, int]:
