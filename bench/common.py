@@ -24,6 +24,7 @@ GNU_TIME = "/usr/bin/time"
 # name -> make_shrinkwrap_tree.py arguments
 TREES = {
     "20k": ["--files", "20000", "--mib", "512", "--seed", "7"],
+    "1m": ["--files", "300000", "--mib", "300", "--seed", "11"],
     "flat-64M": ["--files", "5000", "--mib", "64", "--seed", "11"],
     "flat-512M": ["--files", "20000", "--mib", "512", "--seed", "7"],
     "flat-2G": ["--files", "40000", "--mib", "2048", "--seed", "13"],

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`make bench`: inject speed and memory against umoci, tar | gzip, tar | pigz and the floor.
+"""`make bench`: inject speed and memory against umoci, tar | gzip, tar | pigz and the floor,
+then unpack speed against tar -xzf, pigz, umoci (bench/unpack.py).
 
 Every pipeline runs on the same tree in the same session, alternating (A B C A B C ...),
 and the median wall time of each is reported, with ratios to the floor (`tar | sha256sum`,
@@ -7,7 +8,8 @@ reading the tree and hashing it, no compression) and to `umoci insert`. Peak RSS
 GNU time. Trees are generated once and cached under bench/cache/ (ignored by git).
 
 Environment knobs: BENCH_RUNS (default 3), BENCH_TREES (comma list of names below,
-default "20k"), BENCH_FLAT=1 adds the memory-flatness trees (64 MiB, 512 MiB, 2 GiB).
+default "20k"; "1m" is 300k files, about a million entries), BENCH_FLAT=1 adds the
+memory-flatness trees (64 MiB, 512 MiB, 2 GiB).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from common import (
     shell,
     timed,
 )
+from unpack import bench_unpack, unpack_table
 
 
 def bench_tree(name: str, runs: int, only_ours: bool = False) -> list[Result]:
@@ -167,6 +170,7 @@ def main() -> int:
         results = bench_tree(name, runs)
         sections += [table(name, results, make_tree(name)), "",
                      compressor_table(make_tree(name)), ""]
+        sections += [unpack_table(name, bench_unpack(name, runs)), ""]
     if flat:
         sections += ["## Memory flatness (our pipelines only, 1 run each)", ""]
     for name in flat:
