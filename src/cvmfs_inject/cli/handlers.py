@@ -20,7 +20,7 @@ from cvmfs_inject.cli.render import Reporter, format_inspect
 from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.lock import DEFAULT_LOCK_TIMEOUT, LockWait
-from cvmfs_inject.oci.refs import parse_layout_ref, parse_ref
+from cvmfs_inject.oci.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.pack.options import PackOptions, source_date_epoch
 from cvmfs_inject.skopeo.command import RegistryOptions
 
@@ -69,9 +69,28 @@ def push(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.push import push as push_image
 
     src, dest = parse_layout_ref(args.src), parse_ref(args.dest)
+    if args.since:
+        return _push_delta(args, out, src, dest)
     digest = push_image(src, dest, access(args, out), manifest_format=args.format)
     out.line(f"pushed {src} to {dest} ({digest})")
     return {"source": str(src), "destination": str(dest), "digest": digest}
+
+
+def _push_delta(args: argparse.Namespace, out: Reporter, src: ImageRef, dest: ImageRef
+                ) -> Any:
+    from cvmfs_inject.commands.push import push_delta
+
+    if args.format != "keep":
+        raise UsageError("push --since writes the layout's documents as they are: drop --format")
+    since = parse_layout_ref(args.since)
+    desc, delta = push_delta(src, dest, since, access(args, out))
+    out.line(f"pushed {src} to {dest} ({desc.digest}): a delta archive of {delta.written} "
+             f"blobs ({delta.written_bytes} bytes); {delta.omitted} blobs "
+             f"({delta.omitted_bytes} bytes) left out, as {since} has them")
+    return {"source": str(src), "destination": str(dest), "digest": desc.digest,
+            "since": str(since), "blobsWritten": delta.written,
+            "bytesWritten": delta.written_bytes, "blobsOmitted": delta.omitted,
+            "bytesOmitted": delta.omitted_bytes}
 
 
 def validate(args: argparse.Namespace, out: Reporter) -> Any:

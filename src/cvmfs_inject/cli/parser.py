@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST", help="docker://, docker-archive: or oci-archive:")
     p.add_argument("--format", choices=FORMATS, default="keep",
                    help="manifest format (default keep: what it was pulled as)")
+    p.add_argument("--since", metavar="LAYOUT:TAG",
+                   help="write a delta oci-archive: leave out the layers this image has "
+                        "(the receiving layout must hold it)")
 
     p = command("validate", "check a layout, an image, or one JSON document")
     p.add_argument("target", metavar="REF|FILE|-",

@@ -17,6 +17,7 @@ from cvmfs_inject.commands import original
 from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
+from cvmfs_inject.layout.archive import delta_base, import_delta
 from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci import names
@@ -106,6 +107,8 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         Layout.open(src.path, access.layout_wait).resolve(src.tag)
     elif src.transport != "docker" and not os.path.isfile(src.path):
         raise InputError(f"{src.path}: no such archive file")
+    if src.transport == "oci-archive" and delta_base(Path(src.path)) is not None:
+        return _pull_delta(src, dest, tag, access, platform)
     skopeo = access.skopeo(src)
     fmt, raw = (known_format, None) if known_format else source_manifest(src, skopeo)
     with _new_or_existing_layout(dest.path, access.layout_wait) as layout, layout.writing(), \
@@ -122,4 +125,16 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         if raw is not None and fmt == "v2s2" and not all_images and not platform:
             annotations.update(original.keep(layout, src, skopeo, desc, raw))
         layout.set_tag(tag, desc.with_annotations(annotations))
+    return PullResult(tag, desc)
+
+
+def _pull_delta(src: ImageRef, dest: ImageRef, tag: str, access: Access,
+                platform: str | None) -> PullResult:
+    """A delta archive (`push --since`): ours to read, whole, completed from the layout."""
+    if platform:
+        raise UsageError(f"{src} is a delta archive, which is pulled whole: drop --platform")
+    with _new_or_existing_layout(dest.path, access.layout_wait) as layout, layout.writing(), \
+            layout.staging() as stage:
+        desc = import_delta(Path(src.path), layout, src.tag, Path(stage))
+        layout.set_tag(tag, desc)
     return PullResult(tag, desc)

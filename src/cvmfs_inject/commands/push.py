@@ -17,6 +17,7 @@ from cvmfs_inject.commands import original
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT, unchanged_original
+from cvmfs_inject.layout.archive import DeltaArchive, image_blobs, write_delta
 from cvmfs_inject.layout.gc import check_present
 from cvmfs_inject.layout.store import OCI_LAYOUT_VERSION, Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
@@ -76,6 +77,31 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
                                     manifest_format=fmt, digestfile=digestfile)
         pushed = digestfile.read_text().strip() if digestfile.exists() else ""
         return pushed or desc.digest
+
+
+def push_delta(src: ImageRef, dest: ImageRef, since: ImageRef, access: Access
+               ) -> tuple[Descriptor, DeltaArchive]:
+    """Write a delta archive: `src` as an oci-archive without the layers `since` has
+    (`layout.archive`); it appears atomically, like every archive we write."""
+    if src.transport != "oci" or since.transport != "oci":
+        raise UsageError(f"push --since compares two local layout images; {src} and {since} "
+                         "must both be oci:DIR[:TAG]")
+    if dest.transport != "oci-archive":
+        raise UsageError(f"push --since writes a delta archive: the destination must be "
+                         f"oci-archive:FILE[:TAG], not {dest}")
+    layout = Layout.open(src.path, access.layout_wait)
+    old_layout = Layout.open(since.path, access.layout_wait)
+    with layout.lock(exclusive=False), contextlib.ExitStack() as stack:
+        if old_layout.root.resolve() != layout.root.resolve():
+            stack.enter_context(old_layout.lock(exclusive=False))
+        desc = layout.resolve(src.tag)
+        old_desc = old_layout.resolve(since.tag)
+        check_present(layout, desc)
+        old = {d.digest for d in image_blobs(old_layout, old_desc)[0]}
+        with _archive_target(dest) as tmp_dest:
+            delta = write_delta(layout, desc, dest.tag, old_desc, str(since), old,
+                                Path(tmp_dest.path))
+    return desc, delta
 
 
 def _check_docker_layers(layout: Layout, desc: Descriptor, src: ImageRef) -> None:

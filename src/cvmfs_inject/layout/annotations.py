@@ -15,6 +15,10 @@ SOURCE_CONFIG = "io.cvmfs-inject.source-config"
 KEPT_ORIGINALS = (SOURCE_MANIFEST, SOURCE_CONFIG)
 SOURCE_OF = "io.cvmfs-inject.source-of"  # the digest the originals are the originals of
 
+# On the index.json of a delta archive (`layout.archive`): the image it was cut against.
+DELTA_SINCE = "io.cvmfs-inject.delta.since"  # its manifest or index digest
+DELTA_SINCE_NAME = "io.cvmfs-inject.delta.since-name"  # its tag, for messages
+
 
 def unchanged_original(desc: Descriptor) -> bool:
     """The tag still names the image as it was pulled, and its original bytes are kept."""

@@ -1,0 +1,251 @@
+"""Delta archives: an OCI archive that leaves out the blobs the receiving layout already has.
+
+An air-gapped site that holds image OLD gets image NEW as a tarball. Most of NEW's bytes are
+layers OLD has too (the base image, unchanged /cvmfs layers), so `push --since` writes every
+document (indexes, manifests, configs) but only the blobs OLD does not have. The archive is
+an ordinary `oci-archive` (a tar of an OCI layout, as skopeo writes one) whose index.json
+names what it was cut against (`layout.annotations.DELTA_SINCE*`).
+
+skopeo cannot read an archive with blobs missing, so the import is ours: every member is
+checked (names, types, digests) into a staging area inside the layout, the image is walked
+with each blob taken from the archive or, verified, from the layout, and only when nothing
+is missing are the blobs moved in and the tag set. An archive the layout cannot complete
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cvmfs_inject.errors import InputError, IntegrityError, NotFoundError
+from cvmfs_inject.layout.annotations import DELTA_SINCE, DELTA_SINCE_NAME, SOURCE_FORMAT
+from cvmfs_inject.layout.blobs import READ_CHUNK
+from cvmfs_inject.layout.store import OCI_LAYOUT_VERSION, Layout
+from cvmfs_inject.oci.digest import check_digest
+from cvmfs_inject.oci.jsondoc import MAX_DOCUMENT, canonical_json, parse_json
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.oci.model import REF_NAME, Descriptor, Index
+from cvmfs_inject.oci.walk import DescriptorPath, document_children, walk
+
+_DIRECTORIES = ("blobs", "blobs/sha256")
+
+
+@dataclass(frozen=True)
+class DeltaArchive:
+    """What `write_delta` put in the archive and what it left to the receiving side."""
+
+    written: int  # blobs in the archive
+    written_bytes: int
+    omitted: int  # blobs left out: the old image has them
+    omitted_bytes: int
+
+
+def image_blobs(layout: Layout, desc: Descriptor) -> tuple[list[Descriptor], set[str]]:
+    """Every blob of the image (post-order) and the digests of its documents: indexes,
+    manifests and the configs they name."""
+    documents: set[str] = set()
+
+    def expand(path: DescriptorPath) -> list[Descriptor]:
+        node = path.descriptor
+        if not MediaType.is_document(node.media_type):
+            return []
+        documents.add(node.digest)
+        children = document_children(node, layout.read_blob(node.digest, node.size),
+                                     layout.where(node), subject=False)
+        if MediaType.is_manifest(node.media_type):
+            documents.add(children[0].digest)  # the config
+        return children
+
+    return [path.descriptor for path in walk([desc], expand)], documents
+
+
+def write_delta(layout: Layout, desc: Descriptor, ref_name: str | None, since: Descriptor,
+                since_name: str, old: set[str], target: Path) -> DeltaArchive:
+    """Write `desc` as an OCI archive at `target` (a new file the caller renames into
+    place) without the non-document blobs in `old`, the blobs of the image `since`."""
+    blobs, documents = image_blobs(layout, desc)
+    keep = [d for d in blobs if d.digest in documents or d.digest not in old]
+    entry = desc.with_annotations({REF_NAME: ref_name} if ref_name else {}).to_dict()
+    index = canonical_json({"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
+                            "manifests": [entry],
+                            "annotations": {DELTA_SINCE: since.digest,
+                                            DELTA_SINCE_NAME: since_name}})
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "oci-layout", canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+        _add(tar, "index.json", index)
+        for name in (*_DIRECTORIES, *sorted({f"blobs/{d.digest.split(':')[0]}"
+                                             for d in keep} - set(_DIRECTORIES))):
+            tar.addfile(_info(name, 0, tarfile.DIRTYPE))
+        for blob in keep:  # the walk gives each digest once
+            with layout.open_blob(blob.digest, blob.size) as reader:
+                tar.addfile(_info(f"blobs/{blob.digest.replace(':', '/', 1)}", blob.size),
+                            reader)
+    omitted = [d for d in blobs if d not in keep]
+    return DeltaArchive(len(keep), sum(d.size for d in keep), len(omitted),
+                        sum(d.size for d in omitted))
+
+
+def _info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    """A member with fixed owner and time, so the same image gives the same archive."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return info
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    tar.addfile(_info(name, len(data)), io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """The archive's members, checked: index.json and the blobs staged under their digests."""
+
+    index: Index
+    blobs: dict[str, Path]
+
+
+def delta_base(archive: Path) -> tuple[str, str] | None:
+    """(digest, name) of the image a delta archive was cut against; None for a full one."""
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            for member in tar:
+                if member.name.removeprefix("./") == "index.json" and member.isreg():
+                    raw = _read_small(tar, member, f"{archive}: index.json")
+                    annotations = Index.parse(raw, f"{archive}: index.json").doc.get(
+                        "annotations") or {}
+                    if isinstance(annotations, dict) and DELTA_SINCE in annotations:
+                        return (str(annotations[DELTA_SINCE]),
+                                str(annotations.get(DELTA_SINCE_NAME, "")))
+                    return None
+    except (tarfile.TarError, OSError, InputError):
+        return None  # not ours to judge: skopeo reads it, and says what is wrong
+    return None
+
+
+def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) -> Descriptor:
+    """Bring the image `tag` of a delta archive into `layout` (the caller holds its write
+    lock and sets the tag); raise, with the layout unchanged, when blobs are missing."""
+    staged = _stage_members(archive, stage)
+    desc = _pick(staged.index, tag, archive)
+    missing: list[Descriptor] = []
+
+    def present(node: Descriptor) -> bool:
+        path = staged.blobs.get(node.digest)
+        if path is not None:
+            if path.stat().st_size != node.size:
+                raise InputError(f"{archive}: blob {node.digest} has {path.stat().st_size} "
+                                 f"bytes, its descriptor says {node.size}")
+            return True
+        if layout.has_blob(node.digest):
+            with layout.open_blob(node.digest, node.size) as reader:  # read it, verified
+                while reader.read(READ_CHUNK):
+                    pass
+            return True
+        missing.append(node)
+        return False
+
+    def expand(path: DescriptorPath) -> list[Descriptor]:
+        node = path.descriptor
+        if not present(node) or not MediaType.is_document(node.media_type):
+            return []
+        source = staged.blobs.get(node.digest)
+        raw = (source.read_bytes() if source is not None
+               else layout.read_blob(node.digest, node.size))
+        return document_children(node, raw, f"{archive}: {node.digest}", subject=False)
+
+    reached = walk([desc], expand)
+    if missing:
+        since, name = delta_base(archive) or ("", "")
+        raise NotFoundError(
+            f"{archive}: {len(missing)} blob(s) ({sum(d.size for d in missing)} bytes) are in "
+            f"neither this delta archive nor {layout.root}; they come from the image "
+            f"{name or '?'} ({since}): bring that image into {layout.root} first")
+    for path in reached:
+        source = staged.blobs.get(path.descriptor.digest)
+        if source is not None:
+            layout.import_blob(source, path.descriptor.digest)
+    annotations = {k: v for k, v in desc.annotations.items() if k != REF_NAME}
+    return desc.with_annotations({**annotations, SOURCE_FORMAT: "oci"})
+
+
+def _pick(index: Index, tag: str | None, archive: Path) -> Descriptor:
+    entries = index.manifests
+    if tag is None and len(entries) == 1:
+        return entries[0]
+    for desc in entries:
+        if tag is not None and desc.ref_name == tag:
+            return desc
+    names = ", ".join(d.ref_name for d in entries if d.ref_name) or "(none)"
+    wanted = f"no image tagged {tag!r}" if tag else f"{len(entries)} images"
+    raise NotFoundError(f"{archive}: {wanted}; tags: {names}")
+
+
+def _stage_members(archive: Path, stage: Path) -> _Staged:
+    """Check every member (an OCI layout's files only, regular files and directories) and
+    stage the blobs, each hashed against its name on the way."""
+    index: Index | None = None
+    blobs: dict[str, Path] = {}
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./").rstrip("/")
+                where = f"{archive}: member {member.name!r}"
+                parts = name.split("/")
+                if member.isdir() and parts[0] == "blobs" and len(parts) <= 2:
+                    continue
+                if not member.isreg():
+                    raise InputError(f"{where}: not a regular file or a blobs/ directory")
+                if name == "oci-layout":
+                    doc = parse_json(_read_small(tar, member, where), where)
+                    if doc.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
+                        raise InputError(f"{where}: unsupported imageLayoutVersion")
+                elif name == "index.json":
+                    index = Index.parse(_read_small(tar, member, where), where)
+                elif parts[0] == "blobs" and len(parts) == 3:
+                    digest = _member_digest(parts, where)
+                    blobs[digest] = _stage_blob(tar, member, digest, stage, where)
+                else:
+                    raise InputError(f"{where}: not part of an OCI layout")
+    except (tarfile.TarError, OSError) as error:
+        raise InputError(f"{archive}: not a readable OCI archive ({error})") from None
+    if index is None:
+        raise InputError(f"{archive}: no index.json; not an OCI archive")
+    return _Staged(index, blobs)
+
+
+def _member_digest(parts: list[str], where: str) -> str:
+    try:
+        return check_digest(f"{parts[1]}:{parts[2]}")
+    except InputError as error:
+        raise InputError(f"{where}: not a blob name ({error})") from None
+
+
+def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> bytes:
+    if member.size > MAX_DOCUMENT:
+        raise InputError(f"{where}: {member.size} bytes, too large for a JSON document")
+    handle = tar.extractfile(member)
+    assert handle is not None  # a regular file
+    return handle.read()
+
+
+def _stage_blob(tar: tarfile.TarFile, member: tarfile.TarInfo, digest: str, stage: Path,
+                where: str) -> Path:
+    algorithm, encoded = digest.split(":", 1)
+    hasher = hashlib.new(algorithm)
+    target = stage / f"{algorithm}-{encoded}"
+    source: IO[bytes] | None = tar.extractfile(member)
+    assert source is not None  # a regular file
+    with target.open("wb") as out:
+        while chunk := source.read(READ_CHUNK):
+            hasher.update(chunk)
+            out.write(chunk)
+    if hasher.hexdigest() != encoded:
+        raise IntegrityError(f"{where}: content does not match its name (corrupted archive)")
+    return target

@@ -1,0 +1,209 @@
+"""Delta archives across the air gap: `push --since` leaves out the layers the old image has;
+`pull` of such an archive completes the image from the layout, or changes nothing."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import EPOCH, dir_bytes
+
+from cvmfs_inject.demo.sample import build_sample_image
+from cvmfs_inject.layout.gc import reachable
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.media import MediaType
+
+USAGE, INPUT, NOT_FOUND, INTEGRITY = 2, 3, 4, 5
+
+
+def _tree(root: Path, content: bytes) -> Path:
+    (root / "repo").mkdir(parents=True)
+    (root / "repo" / "data").write_bytes(content)
+    os.utime(root, (EPOCH, EPOCH))
+    return root
+
+
+@pytest.fixture
+def two_images(cli, tmp_path: Path) -> Path:
+    """A layout with the sample index (two platforms), injected twice: tags old and new."""
+    layout = tmp_path / "site"
+    build_sample_image(layout, "base", platforms=("amd64", "arm64"))
+    for tag, content in (("old", b"release 1\n"), ("new", b"release 2\n" * 4096)):
+        tree = _tree(tmp_path / f"tree-{tag}", content)
+        assert cli("inject", f"{layout}:base", tree, "--tag", tag).code == 0
+    return layout
+
+
+def _one_layer_image(path: Path, tag: str) -> None:
+    """An image that shares no blob with the sample: one layer of its own."""
+    store = Layout.create(path)
+    with store.writing():
+        layer = store.put_bytes(gzip.compress(os.urandom(64)), MediaType.OCI_LAYER_GZIP)
+        config = store.put_bytes(canonical_json({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]}}),
+            MediaType.OCI_CONFIG)
+        manifest = store.put_bytes(canonical_json({
+            "schemaVersion": 2, "mediaType": MediaType.OCI_MANIFEST,
+            "config": config.to_dict(), "layers": [layer.to_dict()]}), MediaType.OCI_MANIFEST)
+        store.set_tag(tag, manifest)
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}  # type: ignore[union-attr]
+
+
+def _blob_names(members: dict[str, bytes]) -> set[str]:
+    return {"sha256:" + name.rsplit("/", 1)[1] for name in members if name.startswith("blobs/")}
+
+
+def _layout_state(layout: Path) -> dict[str, str]:
+    return dir_bytes(layout) if layout.exists() else {}
+
+
+def test_a_delta_archive_holds_the_documents_and_only_new_layers(cli, two_images: Path,
+                                                                  tmp_path: Path) -> None:
+    archive = tmp_path / "new.tar"
+    result = cli("--json", "push", f"{two_images}:new", f"oci-archive:{archive}:new",
+                 "--since", f"{two_images}:old")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    store = Layout.open(two_images)
+    new, old = reachable(store, [store.resolve("new")]), reachable(store, [store.resolve("old")])
+    members = _members(archive)
+    assert _blob_names(members) == {d for d in new if d not in old or _is_document(store, d)}
+    assert report["blobsWritten"] == len(_blob_names(members))
+    assert report["blobsOmitted"] == len(new) - report["blobsWritten"] > 0
+    index = json.loads(members["index.json"])
+    assert index["manifests"][0]["digest"] == store.resolve("new").digest
+    assert index["annotations"]["io.cvmfs-inject.delta.since"] == store.resolve("old").digest
+    again = tmp_path / "again.tar"
+    assert cli("push", f"{two_images}:new", f"oci-archive:{again}:new", "--since",
+               f"{two_images}:old").code == 0
+    assert again.read_bytes() == archive.read_bytes()  # reproducible
+
+
+def _is_document(store: Layout, digest: str) -> bool:
+    data = store.blob_path(digest).read_bytes()
+    return data.startswith(b"{")
+
+
+def test_a_delta_archive_completes_the_image_in_a_layout_that_holds_the_old_one(
+        cli, two_images: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "new.tar"
+    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}:new", "--since",
+               f"{two_images}:old").code == 0
+    remote = tmp_path / "airgapped"
+    subprocess.run(["skopeo", "copy", "--all", f"oci:{two_images}:old", f"oci:{remote}:old"],
+                   check=True, capture_output=True)
+    result = cli("pull", f"oci-archive:{archive}:new", f"{remote}:new")
+    assert result.code == 0, result.err
+    assert Layout.open(remote).resolve("new").digest == Layout.open(two_images).resolve(
+        "new").digest
+    assert cli("validate", remote).code == 0
+    for where in (two_images, remote):
+        assert cli("unpack", f"{where}:new", tmp_path / f"out-{where.name}").code == 0
+    assert dir_bytes(tmp_path / "out-site") == dir_bytes(tmp_path / "out-airgapped")
+
+
+def test_a_layout_without_the_old_image_is_told_which_image_and_left_unchanged(
+        cli, two_images: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "new.tar"
+    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}", "--since",
+               f"{two_images}:old").code == 0
+    fresh = tmp_path / "fresh"
+    result = cli("pull", f"oci-archive:{archive}", fresh)
+    assert result.code == NOT_FOUND
+    assert len(result.err.strip().splitlines()) == 1
+    assert "blob(s)" in result.err and f"{two_images}:old" in result.err
+    assert not fresh.exists()  # the layout this pull would have made is gone again
+    other = tmp_path / "other"
+    build_sample_image(other, "unrelated", platforms=("arm64",))
+    before = _layout_state(other)
+    assert cli("pull", f"oci-archive:{archive}", f"{other}:new").code == NOT_FOUND
+    assert _layout_state(other) == before
+
+
+def _rewrite(archive: Path, out: Path, change) -> None:
+    """Copy `archive` to `out`, passing each member through `change(info, data)`."""
+    with tarfile.open(archive) as src, tarfile.open(out, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read() if member.isreg() else b""  # type: ignore[union-attr]
+            for info, payload in change(member, data):
+                dst.addfile(info, io.BytesIO(payload) if info.isreg() else None)
+
+
+def test_a_corrupted_or_hostile_delta_archive_changes_nothing(cli, two_images: Path,
+                                                              tmp_path: Path) -> None:
+    archive = tmp_path / "new.tar"
+    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}:new", "--since",
+               f"{two_images}:old").code == 0
+    remote = tmp_path / "airgapped"
+    subprocess.run(["skopeo", "copy", "--all", f"oci:{two_images}:old", f"oci:{remote}:old"],
+                   check=True, capture_output=True)
+    before = _layout_state(remote)
+
+    def flip(info, data):
+        if info.name.startswith("blobs/sha256/") and info.size > 1000:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        yield info, data
+
+    def escape(info, data):
+        yield info, data
+        if info.name == "index.json":
+            evil = tarfile.TarInfo("../escaped")
+            evil.size = 3
+            yield evil, b"bad"
+
+    def symlink(info, data):
+        if info.name == "oci-layout":
+            link = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            yield link, b""
+        yield info, data
+
+    for change, code in ((flip, INTEGRITY), (escape, INPUT), (symlink, INPUT)):
+        bad = tmp_path / f"{change.__name__}.tar"
+        _rewrite(archive, bad, change)
+        result = cli("pull", f"oci-archive:{bad}:new", f"{remote}:new")
+        assert result.code == code, (change.__name__, result.err)
+        assert len(result.err.strip().splitlines()) == 1 and str(bad) in result.err
+        assert _layout_state(remote) == before
+    assert not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize(("dest", "extra"), [
+    ("docker://127.0.0.1:1/x:y", []),
+    ("docker-archive:{tmp}/d.tar", []),
+    ("oci-archive:{tmp}/o.tar", ["--format", "v2s2"]),
+])
+def test_since_needs_an_oci_archive_written_as_it_is(cli, two_images: Path, tmp_path: Path,
+                                                     dest: str, extra: list[str]) -> None:
+    result = cli("push", f"{two_images}:new", dest.format(tmp=tmp_path), "--since",
+                 f"{two_images}:old", *extra)
+    assert result.code == USAGE, result.err
+    assert not list(tmp_path.glob("*.tar"))
+
+
+def test_a_delta_against_an_unrelated_image_is_a_full_archive_skopeo_reads(
+        cli, two_images: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    _one_layer_image(other, "unrelated")
+    archive = tmp_path / "full.tar"
+    result = cli("--json", "push", f"{two_images}:new", f"oci-archive:{archive}:new",
+                 "--since", f"{other}:unrelated")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["blobsOmitted"] == 0
+    copy = tmp_path / "copy"
+    subprocess.run(["skopeo", "copy", "--all", f"oci-archive:{archive}:new", f"oci:{copy}:new"],
+                   check=True, capture_output=True)
+    assert Layout.open(copy).resolve("new").digest == Layout.open(two_images).resolve(
+        "new").digest
