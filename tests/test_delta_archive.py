@@ -123,7 +123,8 @@ def test_a_layout_without_the_old_image_is_told_which_image_and_left_unchanged(
     result = cli("pull", f"oci-archive:{archive}", fresh)
     assert result.code == NOT_FOUND
     assert len(result.err.strip().splitlines()) == 1
-    assert "blob(s)" in result.err and f"{two_images}:old" in result.err
+    assert "blob(s)" in result.err and "tagged old" in result.err
+    assert str(two_images) not in result.err  # the sending side's paths stay there
     assert not fresh.exists()  # the layout this pull would have made is gone again
     other = tmp_path / "other"
     build_sample_image(other, "unrelated", platforms=("arm64",))
@@ -170,7 +171,29 @@ def test_a_corrupted_or_hostile_delta_archive_changes_nothing(cli, two_images: P
             yield link, b""
         yield info, data
 
-    for change, code in ((flip, INTEGRITY), (escape, INPUT), (symlink, INPUT)):
+    def twice(info, data):
+        yield info, data
+        if info.name == "index.json":
+            yield info, data
+
+    def claims(info, data):  # an entry that names a layer, and claims kept originals
+        if info.name == "index.json":
+            doc = json.loads(data)
+            store = Layout.open(two_images)
+            top = json.loads(store.read_blob(doc["manifests"][0]["digest"],
+                                             doc["manifests"][0]["size"]))
+            first = top["manifests"][0]
+            layer = json.loads(store.read_blob(first["digest"], first["size"]))["layers"][-1]
+            doc["manifests"][0] = {**layer, "annotations": {
+                "org.opencontainers.image.ref.name": "new",
+                "io.cvmfs-inject.source-of": layer["digest"]}}
+            data = json.dumps(doc).encode()
+            info.size = len(data)
+        yield info, data
+
+    changes = ((flip, INTEGRITY), (escape, INPUT), (symlink, INPUT), (twice, INPUT),
+               (claims, INPUT))
+    for change, code in changes:
         bad = tmp_path / f"{change.__name__}.tar"
         _rewrite(archive, bad, change)
         result = cli("pull", f"oci-archive:{bad}:new", f"{remote}:new")
@@ -178,6 +201,33 @@ def test_a_corrupted_or_hostile_delta_archive_changes_nothing(cli, two_images: P
         assert len(result.err.strip().splitlines()) == 1 and str(bad) in result.err
         assert _layout_state(remote) == before
     assert not (tmp_path / "escaped").exists()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[:3000])  # inside the documents: no marker at the end
+    result = cli("pull", f"oci-archive:{cut}:new", f"{remote}:new")
+    assert result.code == INPUT and "truncated" in result.err, result.err
+    assert _layout_state(remote) == before
+
+
+def test_a_compressed_or_retarred_delta_archive_is_read_too(cli, two_images: Path,
+                                                           tmp_path: Path) -> None:
+    archive = tmp_path / "new.tar"
+    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}:new", "--since",
+               f"{two_images}:old").code == 0
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xf", archive, "-C", unpacked], check=True)
+    retarred = tmp_path / "retarred.tar.gz"
+    subprocess.run(["tar", "-czf", retarred, "-C", unpacked, "."], check=True)
+    for variant in (archive, retarred):
+        remote = tmp_path / f"airgapped-{variant.name}"
+        subprocess.run(["skopeo", "copy", "--all", f"oci:{two_images}:old",
+                        f"oci:{remote}:old"], check=True, capture_output=True)
+        result = cli("pull", f"oci-archive:{variant}:new", f"{remote}:new")
+        assert result.code == 0, result.err
+        entry = Layout.open(remote).resolve("new")
+        assert entry.digest == Layout.open(two_images).resolve("new").digest
+        assert entry.annotations == {"org.opencontainers.image.ref.name": "new",
+                                     "io.cvmfs-inject.source-format": "oci"}
 
 
 @pytest.mark.parametrize(("dest", "extra"), [

@@ -98,8 +98,8 @@ def push_delta(src: ImageRef, dest: ImageRef, since: ImageRef, access: Access
         old_desc = old_layout.resolve(since.tag)
         check_present(layout, desc)
         old = {d.digest for d in image_blobs(old_layout, old_desc)[0]}
-        with _archive_target(dest) as tmp_dest:
-            delta = write_delta(layout, desc, dest.tag, old_desc, str(since), old,
+        with _archive_target(dest) as tmp_dest:  # the old image by its tag: no local paths
+            delta = write_delta(layout, desc, dest.tag, old_desc, old_desc.ref_name or "", old,
                                 Path(tmp_dest.path))
     return desc, delta
 

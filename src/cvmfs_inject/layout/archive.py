@@ -52,7 +52,7 @@ def image_blobs(layout: Layout, desc: Descriptor) -> tuple[list[Descriptor], set
 
     def expand(path: DescriptorPath) -> list[Descriptor]:
         node = path.descriptor
-        if not MediaType.is_document(node.media_type):
+        if not _names_children(node):
             return []
         documents.add(node.digest)
         children = document_children(node, layout.read_blob(node.digest, node.size),
@@ -62,6 +62,10 @@ def image_blobs(layout: Layout, desc: Descriptor) -> tuple[list[Descriptor], set
         return children
 
     return [path.descriptor for path in walk([desc], expand)], documents
+
+
+def _names_children(desc: Descriptor) -> bool:
+    return MediaType.is_index(desc.media_type) or MediaType.is_manifest(desc.media_type)
 
 
 def write_delta(layout: Layout, desc: Descriptor, ref_name: str | None, since: Descriptor,
@@ -112,11 +116,11 @@ class _Staged:
 
 
 def delta_base(archive: Path) -> tuple[str, str] | None:
-    """(digest, name) of the image a delta archive was cut against; None for a full one."""
+    """(digest, tag) of the image a delta archive was cut against; None for a full one."""
     try:
-        with tarfile.open(archive, "r:") as tar:
+        with tarfile.open(archive, "r:*") as tar:
             for member in tar:
-                if member.name.removeprefix("./") == "index.json" and member.isreg():
+                if _member_name(member) == "index.json" and member.isreg():
                     raw = _read_small(tar, member, f"{archive}: index.json")
                     annotations = Index.parse(raw, f"{archive}: index.json").doc.get(
                         "annotations") or {}
@@ -124,16 +128,23 @@ def delta_base(archive: Path) -> tuple[str, str] | None:
                         return (str(annotations[DELTA_SINCE]),
                                 str(annotations.get(DELTA_SINCE_NAME, "")))
                     return None
-    except (tarfile.TarError, OSError, InputError):
+    except (tarfile.TarError, OSError, EOFError, InputError):
         return None  # not ours to judge: skopeo reads it, and says what is wrong
     return None
 
 
 def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) -> Descriptor:
     """Bring the image `tag` of a delta archive into `layout` (the caller holds its write
-    lock and sets the tag); raise, with the layout unchanged, when blobs are missing."""
+    lock and sets the tag); raise, with the layout unchanged, when blobs are missing.
+
+    Annotations on the archive's entry are not taken over: ours (kept originals) describe
+    blobs of the sending layout, and an archive must not make the tag claim them here.
+    """
     staged = _stage_members(archive, stage)
     desc = _pick(staged.index, tag, archive)
+    if not _names_children(desc):
+        raise InputError(f"{archive}: the entry {desc.digest} is a {desc.media_type}, not an "
+                         "image manifest or index")
     missing: list[Descriptor] = []
 
     def present(node: Descriptor) -> bool:
@@ -148,13 +159,19 @@ def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) ->
                 while reader.read(READ_CHUNK):
                     pass
             return True
+        if _names_children(node):  # a delta archive always carries its documents
+            raise InputError(f"{archive}: incomplete archive: the {node.media_type} "
+                             f"{node.digest} is neither in it nor in {layout.root}")
         missing.append(node)
         return False
 
     def expand(path: DescriptorPath) -> list[Descriptor]:
         node = path.descriptor
-        if not present(node) or not MediaType.is_document(node.media_type):
+        if not present(node) or not _names_children(node):
             return []
+        if node.size > MAX_DOCUMENT:
+            raise InputError(f"{archive}: {node.digest} is {node.size} bytes, too large for "
+                             "a JSON document")
         source = staged.blobs.get(node.digest)
         raw = (source.read_bytes() if source is not None
                else layout.read_blob(node.digest, node.size))
@@ -165,14 +182,13 @@ def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) ->
         since, name = delta_base(archive) or ("", "")
         raise NotFoundError(
             f"{archive}: {len(missing)} blob(s) ({sum(d.size for d in missing)} bytes) are in "
-            f"neither this delta archive nor {layout.root}; they come from the image "
+            f"neither this delta archive nor {layout.root}; they come from the image tagged "
             f"{name or '?'} ({since}): bring that image into {layout.root} first")
     for path in reached:
         source = staged.blobs.get(path.descriptor.digest)
         if source is not None:
             layout.import_blob(source, path.descriptor.digest)
-    annotations = {k: v for k, v in desc.annotations.items() if k != REF_NAME}
-    return desc.with_annotations({**annotations, SOURCE_FORMAT: "oci"})
+    return desc.with_annotations({SOURCE_FORMAT: "oci"})
 
 
 def _pick(index: Index, tag: str | None, archive: Path) -> Descriptor:
@@ -187,21 +203,30 @@ def _pick(index: Index, tag: str | None, archive: Path) -> Descriptor:
     raise NotFoundError(f"{archive}: {wanted}; tags: {names}")
 
 
+def _member_name(member: tarfile.TarInfo) -> str:
+    return member.name.removeprefix("./").rstrip("/")
+
+
 def _stage_members(archive: Path, stage: Path) -> _Staged:
-    """Check every member (an OCI layout's files only, regular files and directories) and
-    stage the blobs, each hashed against its name on the way."""
+    """Check every member (an OCI layout's files only, regular files and directories, each
+    name once) and stage the blobs, each hashed against its name on the way."""
     index: Index | None = None
     blobs: dict[str, Path] = {}
+    seen: set[str] = set()
     try:
-        with tarfile.open(archive, "r:") as tar:
+        with tarfile.open(archive, "r:*") as tar:
             for member in tar:
-                name = member.name.removeprefix("./").rstrip("/")
+                name = _member_name(member)
                 where = f"{archive}: member {member.name!r}"
                 parts = name.split("/")
-                if member.isdir() and parts[0] == "blobs" and len(parts) <= 2:
+                if member.isdir() and (name in ("", ".") or (parts[0] == "blobs"
+                                                             and len(parts) <= 2)):
                     continue
                 if not member.isreg():
                     raise InputError(f"{where}: not a regular file or a blobs/ directory")
+                if name in seen:
+                    raise InputError(f"{where}: appears twice")
+                seen.add(name)
                 if name == "oci-layout":
                     doc = parse_json(_read_small(tar, member, where), where)
                     if doc.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
@@ -213,11 +238,25 @@ def _stage_members(archive: Path, stage: Path) -> _Staged:
                     blobs[digest] = _stage_blob(tar, member, digest, stage, where)
                 else:
                     raise InputError(f"{where}: not part of an OCI layout")
-    except (tarfile.TarError, OSError) as error:
+            _check_end(tar, archive)
+    except (tarfile.TarError, EOFError) as error:
         raise InputError(f"{archive}: not a readable OCI archive ({error})") from None
+    except OSError as error:
+        raise InputError(f"{archive}: cannot be read ({error.strerror or error})") from None
     if index is None:
         raise InputError(f"{archive}: no index.json; not an OCI archive")
     return _Staged(index, blobs)
+
+
+def _check_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """tarfile takes a damaged or cut header for the end of the archive; a whole archive
+    ends with two zero blocks, so a cut one is told apart from a short one."""
+    assert tar.fileobj is not None
+    tar.fileobj.seek(tar.offset)
+    end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    if end != bytes(2 * tarfile.BLOCKSIZE):
+        raise InputError(f"{archive}: truncated or damaged after byte {tar.offset} (no "
+                         "end-of-archive marker); carry the archive across again")
 
 
 def _member_digest(parts: list[str], where: str) -> str:
@@ -245,7 +284,11 @@ def _stage_blob(tar: tarfile.TarFile, member: tarfile.TarInfo, digest: str, stag
     with target.open("wb") as out:
         while chunk := source.read(READ_CHUNK):
             hasher.update(chunk)
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as error:
+                raise InputError(f"{stage}: cannot stage a blob of {where} "
+                                 f"({error.strerror or error})") from None
     if hasher.hexdigest() != encoded:
         raise IntegrityError(f"{where}: content does not match its name (corrupted archive)")
     return target
