@@ -41,6 +41,21 @@ def two_images(cli, tmp_path: Path) -> Path:
     return layout
 
 
+def _delta(cli, layout: Path, archive: Path, ref: str = ":new") -> Path:
+    """`push LAYOUT:new oci-archive:ARCHIVE[:new] --since LAYOUT:old`."""
+    result = cli("push", f"{layout}:new", f"oci-archive:{archive}{ref}", "--since",
+                 f"{layout}:old")
+    assert result.code == 0, result.err
+    return archive
+
+
+def _holding_old(layout: Path, path: Path) -> Path:
+    """An air-gapped layout that holds the old image (copied by skopeo, not by us)."""
+    subprocess.run(["skopeo", "copy", "--all", f"oci:{layout}:old", f"oci:{path}:old"],
+                   check=True, capture_output=True)
+    return path
+
+
 def _one_layer_image(path: Path, tag: str) -> None:
     """An image that shares no blob with the sample: one layer of its own."""
     store = Layout.create(path)
@@ -85,9 +100,7 @@ def test_a_delta_archive_holds_the_documents_and_only_new_layers(cli, two_images
     index = json.loads(members["index.json"])
     assert index["manifests"][0]["digest"] == store.resolve("new").digest
     assert index["annotations"]["io.cvmfs-inject.delta.since"] == store.resolve("old").digest
-    again = tmp_path / "again.tar"
-    assert cli("push", f"{two_images}:new", f"oci-archive:{again}:new", "--since",
-               f"{two_images}:old").code == 0
+    again = _delta(cli, two_images, tmp_path / "again.tar")
     assert again.read_bytes() == archive.read_bytes()  # reproducible
 
 
@@ -98,12 +111,8 @@ def _is_document(store: Layout, digest: str) -> bool:
 
 def test_a_delta_archive_completes_the_image_in_a_layout_that_holds_the_old_one(
         cli, two_images: Path, tmp_path: Path) -> None:
-    archive = tmp_path / "new.tar"
-    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}:new", "--since",
-               f"{two_images}:old").code == 0
-    remote = tmp_path / "airgapped"
-    subprocess.run(["skopeo", "copy", "--all", f"oci:{two_images}:old", f"oci:{remote}:old"],
-                   check=True, capture_output=True)
+    archive = _delta(cli, two_images, tmp_path / "new.tar")
+    remote = _holding_old(two_images, tmp_path / "airgapped")
     result = cli("pull", f"oci-archive:{archive}:new", f"{remote}:new")
     assert result.code == 0, result.err
     assert Layout.open(remote).resolve("new").digest == Layout.open(two_images).resolve(
@@ -116,9 +125,7 @@ def test_a_delta_archive_completes_the_image_in_a_layout_that_holds_the_old_one(
 
 def test_a_layout_without_the_old_image_is_told_which_image_and_left_unchanged(
         cli, two_images: Path, tmp_path: Path) -> None:
-    archive = tmp_path / "new.tar"
-    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}", "--since",
-               f"{two_images}:old").code == 0
+    archive = _delta(cli, two_images, tmp_path / "new.tar", ref="")
     fresh = tmp_path / "fresh"
     result = cli("pull", f"oci-archive:{archive}", fresh)
     assert result.code == NOT_FOUND
@@ -144,12 +151,8 @@ def _rewrite(archive: Path, out: Path, change) -> None:
 
 def test_a_corrupted_or_hostile_delta_archive_changes_nothing(cli, two_images: Path,
                                                               tmp_path: Path) -> None:
-    archive = tmp_path / "new.tar"
-    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}:new", "--since",
-               f"{two_images}:old").code == 0
-    remote = tmp_path / "airgapped"
-    subprocess.run(["skopeo", "copy", "--all", f"oci:{two_images}:old", f"oci:{remote}:old"],
-                   check=True, capture_output=True)
+    archive = _delta(cli, two_images, tmp_path / "new.tar")
+    remote = _holding_old(two_images, tmp_path / "airgapped")
     before = _layout_state(remote)
 
     def flip(info, data):
@@ -210,18 +213,14 @@ def test_a_corrupted_or_hostile_delta_archive_changes_nothing(cli, two_images: P
 
 def test_a_compressed_or_retarred_delta_archive_is_read_too(cli, two_images: Path,
                                                            tmp_path: Path) -> None:
-    archive = tmp_path / "new.tar"
-    assert cli("push", f"{two_images}:new", f"oci-archive:{archive}:new", "--since",
-               f"{two_images}:old").code == 0
+    archive = _delta(cli, two_images, tmp_path / "new.tar")
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     subprocess.run(["tar", "-xf", archive, "-C", unpacked], check=True)
     retarred = tmp_path / "retarred.tar.gz"
     subprocess.run(["tar", "-czf", retarred, "-C", unpacked, "."], check=True)
     for variant in (archive, retarred):
-        remote = tmp_path / f"airgapped-{variant.name}"
-        subprocess.run(["skopeo", "copy", "--all", f"oci:{two_images}:old",
-                        f"oci:{remote}:old"], check=True, capture_output=True)
+        remote = _holding_old(two_images, tmp_path / f"airgapped-{variant.name}")
         result = cli("pull", f"oci-archive:{variant}:new", f"{remote}:new")
         assert result.code == 0, result.err
         entry = Layout.open(remote).resolve("new")
