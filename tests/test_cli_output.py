@@ -4,6 +4,7 @@ and the human summary of inject reports size, ratio, time and throughput."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,17 @@ def test_interrupt_while_loading_the_cli_is_one_line(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(builtins, "__import__", interrupted_import)
     assert entry.main() == 130
     assert capsys.readouterr().err == "cvmfs-inject: error: interrupted\n"
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path,
+                                                            json_mode: bool) -> None:
+    """`inspect | head`: like a program killed by SIGPIPE, exit 141 and no error line."""
+    build_sample_image(tmp_path / "l", "v1")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    argv = [sys.executable, "-m", "cvmfs_inject", *(["--json"] if json_mode else []),
+            "inspect", f"{tmp_path / 'l'}:v1"]
+    done = subprocess.run(argv, stdout=write, stderr=subprocess.PIPE, text=True, check=False)
+    os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

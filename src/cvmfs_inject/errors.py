@@ -7,6 +7,7 @@ it never prints. Exit codes are part of the interface documented in the README.
 from __future__ import annotations
 
 INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: not the input, a bug of ours
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: the reader of stdout left, as a shell reports it
 
 
 class CvmfsInjectError(Exception):

@@ -8,7 +8,10 @@ stderr and the documented exit code here, in one place.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -17,6 +20,7 @@ from cvmfs_inject.cli.parser import build_parser
 from cvmfs_inject.cli.render import Reporter
 from cvmfs_inject.errors import (
     INTERNAL_ERROR,
+    SIGPIPE_EXIT,
     CvmfsInjectError,
     InputError,
     Terminated,
@@ -40,6 +44,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _reader_gone() -> bool:
+    """Whether the broken pipe is our stdout, its reader gone (`inspect | head`): then the
+    command ends quietly, as a program killed by SIGPIPE does. stdout then goes to
+    /dev/null, so that Python's own flush at exit does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file (tests capture it)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are reported whatever is asked
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
             result = COMMANDS[args.command](args, out)
+            if args.json:
+                out.emit(result)
     except CvmfsInjectError as exc:
         if args.debug:
             raise
@@ -54,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.fatal(str(exc))
         return exc.exit_code
     except OSError as exc:  # the file system said no: permissions, a full disk, ...
+        if isinstance(exc, BrokenPipeError) and _reader_gone():
+            return SIGPIPE_EXIT
         if args.debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
@@ -71,7 +97,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.fatal("interrupted")
         return 130
-    if args.json:
-        out.emit(result)
     return 0
 
