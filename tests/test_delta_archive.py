@@ -256,3 +256,44 @@ def test_a_delta_against_an_unrelated_image_is_a_full_archive_skopeo_reads(
                    check=True, capture_output=True)
     assert Layout.open(copy).resolve("new").digest == Layout.open(two_images).resolve(
         "new").digest
+
+
+def test_a_delta_archive_is_refused_where_skopeo_would_read_it(cli, two_images: Path,
+                                                               tmp_path: Path) -> None:
+    archive = _delta(cli, two_images, tmp_path / "new.tar")
+    for argv in (("validate", f"oci-archive:{archive}:new"),
+                 ("unpack", f"oci-archive:{archive}:new", tmp_path / "out")):
+        result = cli(*argv)
+        assert result.code == USAGE, result.err
+        assert "delta archive" in result.err and "tagged old" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_source_format_crosses_the_air_gap(cli, tmp_path: Path) -> None:
+    """An image pulled as v2s2 goes back out as v2s2 (`push --format keep`) on both sides."""
+    layout = tmp_path / "site"
+    build_sample_image(layout, "base")
+    for tag, content in (("old", b"1\n"), ("new", b"2\n")):
+        assert cli("inject", f"{layout}:base", _tree(tmp_path / tag, content), "--tag",
+                   tag).code == 0
+    store = Layout.open(layout)
+    store.set_tag("new", store.resolve("new").with_annotations(
+        {**store.resolve("new").annotations, "io.cvmfs-inject.source-format": "v2s2"}))
+    archive = _delta(cli, layout, tmp_path / "new.tar")
+    remote = _holding_old(layout, tmp_path / "airgapped")
+    assert cli("pull", f"oci-archive:{archive}:new", f"{remote}:new").code == 0
+    kept = Layout.open(remote).resolve("new").annotations
+    assert kept["io.cvmfs-inject.source-format"] == "v2s2"
+
+
+def test_run_reads_a_delta_archive_through_a_cache_that_holds_the_old_image(
+        cli, two_images: Path, tmp_path: Path) -> None:
+    archive = _delta(cli, two_images, tmp_path / "new.tar")
+    cache = _holding_old(two_images, tmp_path / "cache")
+    tree = _tree(tmp_path / "tree-3", b"release 3\n")
+    result = cli("run", f"oci-archive:{archive}:new", tree, f"oci-archive:{tmp_path}/out.tar",
+                 "--layout", cache)
+    assert result.code == 0, result.err
+    assert cli("run", f"oci-archive:{archive}:new", tree,
+               f"oci-archive:{tmp_path}/out2.tar").code == NOT_FOUND
+    assert not (tmp_path / "out2.tar").exists()

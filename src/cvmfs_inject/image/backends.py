@@ -20,6 +20,7 @@ from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSink, LayoutSource
 from cvmfs_inject.image.sink import ImageSink
 from cvmfs_inject.image.source import ImageSource
+from cvmfs_inject.layout.archive import delta_base
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.refs import ImageRef, check_tag
 
@@ -46,10 +47,21 @@ def reading(ref: ImageRef, access: Access, *, platform: str | None = None,
     else:
         if not ref.is_registry and not os.path.isfile(ref.path):
             raise InputError(f"{ref.path}: no such archive file")
+        if ref.transport == "oci-archive":
+            _refuse_delta(Path(ref.path))
         with tempfile.TemporaryDirectory(prefix="cvmfs-inject-copy-") as scratch:
             copy = ImageRef("oci", os.path.join(scratch, "layout"), "copy")
             access.skopeo(ref).copy(ref, copy, all_images=all_platforms, platform=platform)
             yield LayoutSource(Layout.open(copy.path), copy)
+
+
+def _refuse_delta(archive: Path) -> None:
+    """skopeo cannot read a delta archive (`push --since`): it lacks the old image's blobs."""
+    base = delta_base(archive)
+    if base is not None:
+        raise UsageError(f"{archive}: a delta archive, without the blobs of the image tagged "
+                         f"{base[1] or '?'} ({base[0]}): pull it into a layout that holds "
+                         "that image, and use the layout")
 
 
 def destination(src: ImageRef, dest: ImageRef | None, new_tag: str | None) -> ImageRef:

@@ -74,7 +74,10 @@ def write_delta(layout: Layout, desc: Descriptor, ref_name: str | None, since: D
     place) without the non-document blobs in `old`, the blobs of the image `since`."""
     blobs, documents = image_blobs(layout, desc)
     keep = [d for d in blobs if d.digest in documents or d.digest not in old]
-    entry = desc.with_annotations({REF_NAME: ref_name} if ref_name else {}).to_dict()
+    carried = {k: v for k, v in desc.annotations.items() if k == SOURCE_FORMAT}
+    if ref_name:
+        carried[REF_NAME] = ref_name
+    entry = desc.with_annotations(carried).to_dict()
     index = canonical_json({"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
                             "manifests": [entry],
                             "annotations": {DELTA_SINCE: since.digest,
@@ -137,7 +140,8 @@ def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) ->
     """Bring the image `tag` of a delta archive into `layout` (the caller holds its write
     lock and sets the tag); raise, with the layout unchanged, when blobs are missing.
 
-    Annotations on the archive's entry are not taken over: ours (kept originals) describe
+    Of the annotations on the archive's entry only the source format is taken over (so
+    `push --format keep` gives the same format on both sides); the kept originals describe
     blobs of the sending layout, and an archive must not make the tag claim them here.
     """
     staged = _stage_members(archive, stage)
@@ -188,7 +192,9 @@ def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) ->
         source = staged.blobs.get(path.descriptor.digest)
         if source is not None:
             layout.import_blob(source, path.descriptor.digest)
-    return desc.with_annotations({SOURCE_FORMAT: "oci"})
+    source_format = desc.annotations.get(SOURCE_FORMAT)
+    return desc.with_annotations({SOURCE_FORMAT: source_format if source_format in (
+        "oci", "v2s2") else "oci"})
 
 
 def _pick(index: Index, tag: str | None, archive: Path) -> Descriptor:
