@@ -168,7 +168,7 @@ class _Extraction:
             if not name.startswith(prefix):
                 continue
             rel = _relative(name, prefix, member.name)
-            if posixpath.basename(rel).startswith(b".wh."):
+            if b".wh." in rel and posixpath.basename(rel).startswith(b".wh."):
                 self.skip(member.name, "whiteout entries are not extracted")
                 continue
             kind = member.type

@@ -24,6 +24,7 @@ _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 _ZERO = bytes(BLOCK)
 REGULAR = frozenset((b"0", b"\0", b"7"))
 HARDLINK, SYMLINK, DIRECTORY = b"1", b"2", b"5"
+_LINKS = frozenset((HARDLINK, SYMLINK))
 _PAX, _PAX_GLOBAL, _GNU_NAME, _GNU_LINK = b"x", b"g", b"L", b"K"
 _EXTENSIONS = frozenset((_PAX, _PAX_GLOBAL, _GNU_NAME, _GNU_LINK))
 # tarfile's SUPPORTED_TYPES: members of other types are skipped with their data
@@ -45,7 +46,14 @@ def _text(field: bytes) -> bytes:
 
 
 def _number(field: bytes) -> int:
-    """An octal field, or GNU base-256 (first byte 0x80 or 0xff)."""
+    """An octal field, or GNU base-256 (first byte 0x80 or 0xff).
+
+    The first try reads the common shape (digits, then NULs or spaces) in one C call;
+    anything else takes the general path, which gives the same value or the same error."""
+    try:
+        return int(field.rstrip(b"\0"), 8)
+    except ValueError:
+        pass
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
         return value - (256 ** (len(field) - 1)) if field[0] == 0xFF else value
@@ -185,7 +193,8 @@ class TarStream:
             prefix = _text(prefix)
             if prefix and magic[:6] == b"ustar\0":
                 name = prefix + b"/" + name
-            member = Member(name, kind, _number(mode), _number(mtime), size, _text(linkname))
+            member = Member(name, kind, _number(mode), _number(mtime), size,
+                            _text(linkname) if kind in _LINKS else b"")
             pax = {**global_pax, **local} if global_pax else local
             if pax:
                 _apply(member, pax)
