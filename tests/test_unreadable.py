@@ -40,6 +40,18 @@ def _run_unprivileged(argv: list[str], stderr_path: Path) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _inject_refused_as_nobody(work: Path, layout: Path, tree: Path) -> str:
+    """`inject LAYOUT:v1 TREE` as nobody: exit 3, one error line (returned), layout as it was."""
+    before = dir_bytes(layout)
+    stderr_path = work / "stderr"
+    code = _run_unprivileged(["inject", f"{layout}:v1", str(tree)], stderr_path)
+    message = stderr_path.read_text()
+    assert code == 3, message
+    assert message.count("\n") == 1 and message.startswith("cvmfs-inject: error:")
+    assert dir_bytes(layout) == before
+    return message
+
+
 def test_unreadable_file_is_named_and_layout_unchanged() -> None:
     work = Path(tempfile.mkdtemp(prefix="cvmfs-inject-unreadable-"))
     try:
@@ -53,14 +65,8 @@ def test_unreadable_file_is_named_and_layout_unchanged() -> None:
         for path in [work, *work.rglob("*")]:
             if os.geteuid() == 0:
                 os.lchown(path, NOBODY, NOBODY)
-        before = dir_bytes(layout)
-        stderr_path = work / "stderr"
-        code = _run_unprivileged(["inject", f"{layout}:v1", str(tree)], stderr_path)
-        message = stderr_path.read_text()
-        assert code == 3, message
-        assert message.count("\n") == 1 and message.startswith("cvmfs-inject: error:")
+        message = _inject_refused_as_nobody(work, layout, tree)
         assert str(secret) in message and "cannot read" in message
-        assert dir_bytes(layout) == before
     finally:
         shutil.rmtree(work)
 
@@ -80,13 +86,7 @@ def test_a_layout_the_user_may_not_write_is_one_line() -> None:
         if os.geteuid() != 0:
             for path in [layout, *layout.rglob("*")]:
                 path.chmod(path.stat().st_mode & ~0o222)
-        before = dir_bytes(layout)
-        stderr_path = work / "stderr"
-        code = _run_unprivileged(["inject", f"{layout}:v1", str(tree)], stderr_path)
-        message = stderr_path.read_text()
-        assert code == 3, message
-        assert message.count("\n") == 1 and message.startswith("cvmfs-inject: error:")
+        message = _inject_refused_as_nobody(work, layout, tree)
         assert str(layout) in message and "Permission denied" in message
-        assert dir_bytes(layout) == before
     finally:
         shutil.rmtree(work)
