@@ -17,6 +17,7 @@ from helpers import EPOCH, dir_bytes, make_nasty_tree, tree_snapshot
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.pack import extract as extract_module
 from cvmfs_inject.pack.extract import ExtractResult, decompressed, extract
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.pack.packer import pack
@@ -134,6 +135,22 @@ def test_round_trip_nasty_tree(tmp_path: Path, scene: Scene, compression: str) -
     a = os.stat(scene.target / ".data" / "00" / "content-0")
     b = os.stat(scene.target / "sft.cern.ch" / "lcg" / "releases" / "file-0.txt")
     assert (a.st_ino, a.st_nlink) == (b.st_ino, 3)
+
+
+@pytest.mark.parametrize("cache_size", [1, 3])
+def test_directory_times_and_modes_hold_when_the_caches_forget(
+        tmp_path: Path, scene: Scene, monkeypatch: pytest.MonkeyPatch, cache_size: int) -> None:
+    """The known-directory cache and the table's path cache are bounded; with bounds this
+    small they are cleared all the time, and every directory still gets its mode and time."""
+    monkeypatch.setattr(extract_module, "_KNOWN_DIRECTORIES", cache_size)
+    src = make_nasty_tree(tmp_path / "src")
+    for i, deep in enumerate(sorted(p for p in src.rglob("*") if p.is_dir()
+                                    and not p.is_symlink())):
+        os.chmod(deep, 0o750 if i % 2 else 0o755)
+        os.utime(deep, (EPOCH - i, EPOCH - i))
+    os.utime(src, (EPOCH - 3, EPOCH - 3))
+    run(scene, pack_layer(src, "none"))
+    assert tree_snapshot(scene.target) == tree_snapshot(src)
 
 
 def test_setuid_setgid_and_sticky_bits_are_dropped(tmp_path: Path, scene: Scene) -> None:

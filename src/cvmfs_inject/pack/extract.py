@@ -69,16 +69,20 @@ class _Directories:
     extraction, or checked with lstat one component at a time), and the mode and time each
     directory member asks for, applied at the end, deepest first.
 
-    The mode/time table is packed into arrays (about 80 bytes a directory); the set of
-    known directories is a bounded cache: forgetting one costs an lstat later, not safety.
+    The mode/time table is packed into arrays: a row holds the directory's name below its
+    parent's row (or its whole path when the parent has no row in reach), so a million
+    directories take about 30 bytes each. The known directories are a bounded cache of
+    path -> row (-1: no row): forgetting one costs an lstat later, or a longer name in the
+    table, never safety.
     """
 
     def __init__(self, root: int, implicit_mode: int) -> None:
         self.root = root
         self.implicit_mode = implicit_mode
-        self.known: set[bytes] = {b""}
+        self.known: dict[bytes, int] = {b"": -1}
         self._names = bytearray()
         self._ends = array("Q")
+        self._parents = array("q")
         self._modes = array("H")
         self._times = array("d")
 
@@ -101,23 +105,45 @@ class _Directories:
                                      "symlink or non-directory") from None
             self.remember(path)
 
-    def remember(self, path: bytes) -> None:
+    def remember(self, path: bytes, row: int = -1) -> None:
         if len(self.known) > _KNOWN_DIRECTORIES:
-            self.known = {b""}
-        self.known.add(path)
+            self.known = {b"": -1}
+        self.known[path] = row
 
     def attributes(self, rel: bytes, mode: int, mtime: float) -> None:
-        """Record a directory's time (and its mode, unless `MADE_WITH_MODE`)."""
-        self._names += rel
+        """Record a directory's time (and its mode, unless `MADE_WITH_MODE`); it is known
+        from now on."""
+        parent, _, name = rel.rpartition(b"/")
+        parent_row = self.known.get(parent, -1) if rel else -1
+        self._names += name if parent_row >= 0 else rel
         self._ends.append(len(self._names))
+        self._parents.append(parent_row)
         self._modes.append(mode)
         self._times.append(mtime)
+        self.remember(rel, len(self._modes) - 1)
+
+    def _path(self, row: int, paths: dict[int, bytes]) -> bytes:
+        """A row's path: its name below its ancestors' (the nearest found in `paths`)."""
+        names, ends, parents = self._names, self._ends, self._parents
+        chain = []
+        while row >= 0 and row not in paths:
+            chain.append(row)
+            row = parents[row]
+        path = paths[row] if row >= 0 else None
+        for row in reversed(chain):
+            name = bytes(names[ends[row - 1] if row else 0:ends[row]])
+            path = name if path is None else (path + b"/" + name if path else name)
+            paths[row] = path
+        assert path is not None
+        return path
 
     def apply(self) -> None:
-        names, ends, modes, times, root = (self._names, self._ends, self._modes,
-                                           self._times, self.root)
-        for i in range(len(ends) - 1, -1, -1):
-            rel = bytes(names[ends[i - 1] if i else 0:ends[i]]) or b"."
+        modes, times, root = self._modes, self._times, self.root
+        paths: dict[int, bytes] = {}
+        for i in range(len(modes) - 1, -1, -1):
+            if len(paths) > _KNOWN_DIRECTORIES:
+                paths = {}
+            rel = self._path(i, paths) or b"."
             if modes[i] != MADE_WITH_MODE:
                 os.chmod(rel, modes[i], dir_fd=root)
             os.utime(rel, (times[i], times[i]), dir_fd=root)
@@ -218,7 +244,6 @@ class _Extraction:
             if not stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
                 os.unlink(rel, dir_fd=root)
                 os.mkdir(rel, 0o700, dir_fd=root)
-        self.directories.remember(rel)
         self.directories.attributes(rel, MADE_WITH_MODE if final else mode, int(member.mtime))
 
     def symlink(self, rel: bytes, member: Member) -> None:
