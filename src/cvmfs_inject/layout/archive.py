@@ -92,7 +92,8 @@ def write_delta(layout: Layout, desc: Descriptor, ref_name: str | None, since: D
             with layout.open_blob(blob.digest, blob.size) as reader:
                 tar.addfile(_info(f"blobs/{blob.digest.replace(':', '/', 1)}", blob.size),
                             reader)
-    omitted = [d for d in blobs if d not in keep]
+    kept = {d.digest for d in keep}
+    omitted = [d for d in blobs if d.digest not in kept]
     return DeltaArchive(len(keep), sum(d.size for d in keep), len(omitted),
                         sum(d.size for d in omitted))
 
