@@ -294,6 +294,6 @@ def test_run_reads_a_delta_archive_through_a_cache_that_holds_the_old_image(
     result = cli("run", f"oci-archive:{archive}:new", tree, f"oci-archive:{tmp_path}/out.tar",
                  "--layout", cache)
     assert result.code == 0, result.err
-    assert cli("run", f"oci-archive:{archive}:new", tree,
-               f"oci-archive:{tmp_path}/out2.tar").code == NOT_FOUND
+    alone = cli("run", f"oci-archive:{archive}:new", tree, f"oci-archive:{tmp_path}/out2.tar")
+    assert alone.code == USAGE and "--layout" in alone.err, alone.err
     assert not (tmp_path / "out2.tar").exists()
