@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import signal
 import stat
 import tarfile
 import uuid
@@ -144,13 +145,22 @@ def test_directory_times_and_modes_hold_when_the_caches_forget(
     small they are cleared all the time, and every directory still gets its mode and time."""
     monkeypatch.setattr(extract_module, "_KNOWN_DIRECTORIES", cache_size)
     src = make_nasty_tree(tmp_path / "src")
-    for i, deep in enumerate(sorted(p for p in src.rglob("*") if p.is_dir()
-                                    and not p.is_symlink())):
-        os.chmod(deep, 0o750 if i % 2 else 0o755)
+    directories = sorted(p for p in src.rglob("*") if p.is_dir() and not p.is_symlink())
+    for i, deep in enumerate(reversed(directories)):  # deepest first: 0o500 locks them
+        os.chmod(deep, (0o750, 0o755, 0o555, 0o500)[i % 4])  # made final, or chmod at the end
         os.utime(deep, (EPOCH - i, EPOCH - i))
+    os.chmod(src, 0o705)
     os.utime(src, (EPOCH - 3, EPOCH - 3))
-    run(scene, pack_layer(src, "none"))
-    assert tree_snapshot(scene.target) == tree_snapshot(src)
+    try:
+        run(scene, pack_layer(src, "none"))
+        assert tree_snapshot(scene.target) == tree_snapshot(src)
+        root = os.stat(scene.target)
+        assert (stat.S_IMODE(root.st_mode), int(root.st_mtime)) == (0o705, EPOCH - 3)
+    finally:
+        for tree in (src, scene.target):  # let pytest remove them
+            for deep in [tree, *(p for p in tree.rglob("*") if p.is_dir()
+                                 and not p.is_symlink())]:
+                os.chmod(deep, 0o755)
 
 
 def test_setuid_setgid_and_sticky_bits_are_dropped(tmp_path: Path, scene: Scene) -> None:
@@ -197,6 +207,31 @@ def test_dot_slash_prefix_and_root_entry(scene: Scene) -> None:
     assert int(os.stat(scene.target).st_mtime) == EPOCH - 1
     assert stat.S_IMODE(os.stat(scene.target / "d").st_mode) == 0o705
     assert int(os.stat(scene.target / "d").st_mtime) == EPOCH - 4
+
+
+@pytest.mark.parametrize("root", [E("cvmfs", "symlink", link="/etc", mode=0o777),
+                                  E("cvmfs", data=b"x", mode=0o666)], ids=["symlink", "file"])
+def test_a_mount_point_that_is_not_a_directory_leaves_the_target_alone(
+        scene: Scene, root: E) -> None:
+    before = os.stat(scene.target)
+    result = run(scene, build([root, E("cvmfs/a", data=b"a")]))
+    after = os.stat(scene.target)
+    assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode)
+    assert (scene.target / "a").read_bytes() == b"a"
+    assert any("mount point itself" in why for why in result.skipped)
+
+
+def test_the_last_member_of_a_directory_gives_its_mode_and_time(scene: Scene) -> None:
+    """As tar: a directory that appears twice ends with the later member's attributes."""
+    run(scene, build([E("cvmfs/d/", "dir", mode=0o755, mtime=EPOCH - 1),
+                      E("cvmfs/d/f", data=b"f"),
+                      E("cvmfs/d/", "dir", mode=0o500, mtime=EPOCH - 2),
+                      E("cvmfs/", "dir", mode=0o700, mtime=EPOCH - 3),
+                      E("cvmfs/", "dir", mode=0o750, mtime=EPOCH - 4)]))
+    d = os.stat(scene.target / "d")
+    assert (stat.S_IMODE(d.st_mode), int(d.st_mtime)) == (0o500, EPOCH - 2)
+    root = os.stat(scene.target)
+    assert (stat.S_IMODE(root.st_mode), int(root.st_mtime)) == (0o750, EPOCH - 4)
 
 
 def test_missing_parent_directories_are_created(scene: Scene) -> None:
@@ -437,6 +472,44 @@ def test_broken_stream_is_input_error(scene: Scene, kind: str) -> None:
     data, compression = corrupt(kind)
     with pytest.raises(InputError):
         run(scene, data, compression)
+
+
+def _header(name: bytes, kind: bytes, size_field: bytes) -> bytes:
+    """One ustar header with a size field as given (and a checksum that matches)."""
+    block = bytearray(512)
+    block[0:len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[124:136] = size_field.ljust(12, b"\0")
+    block[136:148] = b"00000000000\0"
+    block[156:157] = kind
+    block[257:263] = b"ustar\0"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _pax(records: bytes) -> bytes:
+    return _header(b"pax", b"x", b"%011o" % len(records)) + records.ljust(512, b"\0")
+
+
+@pytest.mark.parametrize("layer", [
+    _header(b"cvmfs/x", b"x", b"-0001000") + bytes(1024),  # a PAX header that points back
+    _header(b"cvmfs/f", b"0", b"-0001000") + bytes(1024),  # a file whose data points back
+    _pax(b"13 size=-512\n") + _header(b"cvmfs/f", b"0", b"0") + bytes(1024),
+], ids=["pax-header", "regular-file", "pax-size-record"])
+def test_a_negative_size_is_input_error_not_a_loop(scene: Scene, layer: bytes) -> None:
+    """A negative size would move the reader backwards to the same header, forever."""
+    def stuck(signum: int, frame: object) -> None:
+        raise AssertionError("extraction is looping")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(20)
+    try:
+        with pytest.raises(InputError, match="not a valid tar stream"):
+            run(scene, layer, "none")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def member_offsets(raw: bytes) -> list[int]:

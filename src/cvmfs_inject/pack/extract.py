@@ -17,7 +17,6 @@ stamped with `futimens` and closed.
 
 from __future__ import annotations
 
-import errno
 import os
 import posixpath
 import stat
@@ -38,6 +37,7 @@ PERMISSIONS = 0o777
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
 MADE_WITH_MODE = 0xFFFF  # a directory made with its final mode: only its time is left to set
+_SUPERSEDED = 0xFFFE  # a later member of the same directory gives its mode and time (tar's rule)
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
 
@@ -112,7 +112,11 @@ class _Directories:
 
     def attributes(self, rel: bytes, mode: int, mtime: float) -> None:
         """Record a directory's time (and its mode, unless `MADE_WITH_MODE`); it is known
-        from now on."""
+        from now on. An earlier member of the same directory is superseded, as tar's last
+        member wins (when the earlier one has left the bounded cache, the first wins)."""
+        earlier = self.known.get(rel, -1)
+        if earlier >= 0:
+            self._modes[earlier] = _SUPERSEDED
         parent, _, name = rel.rpartition(b"/")
         parent_row = self.known.get(parent, -1) if rel else -1
         self._names += name if parent_row >= 0 else rel
@@ -141,6 +145,8 @@ class _Directories:
         modes, times, root = self._modes, self._times, self.root
         paths: dict[int, bytes] = {}
         for i in range(len(modes) - 1, -1, -1):
+            if modes[i] == _SUPERSEDED:
+                continue
             if len(paths) > _KNOWN_DIRECTORIES:
                 paths = {}
             rel = self._path(i, paths) or b"."
@@ -188,6 +194,10 @@ class _Extraction:
                 name = name[2:]
             name = name.rstrip(b"/")
             if name == top:
+                if member.type != DIRECTORY:  # its mode would become the target's
+                    self.skip(member.name, "the mount point itself is not a directory in "
+                                           "the layer")
+                    continue
                 directories.attributes(b"", member.mode & PERMISSIONS, int(member.mtime))
                 self.result.has_root = True
                 continue
@@ -296,11 +306,9 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
             # the gzip CRC and length, the zstd checksum and the blob's digest checked.
             # Content in stored (incompressible) blocks can be corrupt in a valid tar.
             stream.drain()
+            extraction.directories.apply()
         except OSError as exc:
-            if exc.errno == errno.ENOENT and exc.filename is None:
-                raise InputError(f"cannot extract layer: {exc}") from None
             raise InputError(f"cannot extract layer: {exc}") from None
-        extraction.directories.apply()
         return extraction.result
     finally:
         os.umask(umask)

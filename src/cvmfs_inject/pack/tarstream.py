@@ -180,6 +180,8 @@ class TarStream:
             (name, mode, _, _, size, mtime, _, kind, linkname, magic, _, _, _, _,
              prefix) = _HEADER.unpack(block)
             name, size = _text(name), _number(size)
+            if size < 0:  # it would move the reader backwards, over and over
+                raise InputError("layer is not a valid tar stream: negative size in a header")
             if kind in _EXTENSIONS:
                 payload = self._take(size)
                 self._skip(-size % BLOCK)
@@ -221,6 +223,8 @@ def _apply(member: Member, pax: dict[bytes, bytes]) -> None:
             member.linkname = pax[b"linkpath"]
         if b"size" in pax:
             member.size = int(pax[b"size"])
+            if member.size < 0:
+                raise ValueError(member.size)
         if b"mtime" in pax:
             member.mtime = float(pax[b"mtime"])
     except ValueError:
