@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import sys
 import threading
@@ -17,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from cvmfs_inject.cli.handlers import COMMANDS
 from cvmfs_inject.cli.parser import build_parser
-from cvmfs_inject.cli.render import Reporter
+from cvmfs_inject.cli.render import Reporter, StdoutClosed
 from cvmfs_inject.errors import (
     INTERNAL_ERROR,
     SIGPIPE_EXIT,
@@ -44,22 +43,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _reader_gone() -> bool:
-    """Whether the broken pipe is our stdout, its reader gone (`inspect | head`): then the
-    command ends quietly, as a program killed by SIGPIPE does. stdout then goes to
-    /dev/null, so that Python's own flush at exit does not fail again."""
+def _silence_stdout() -> None:
+    """After the reader of stdout left: point it at /dev/null, so that Python's own flush
+    at exit does not fail again."""
     try:
         fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):  # not a file (tests capture it)
-        return False
-    poller = select.poll()
-    poller.register(fd, 0)  # POLLERR and POLLHUP are reported whatever is asked
-    if not any(events & select.POLLERR for _, events in poller.poll(0)):
-        return False
+    except (AttributeError, ValueError, OSError):  # not a file: tests capture stdout
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd)
     os.close(devnull)
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = COMMANDS[args.command](args, out)
             if args.json:
                 out.emit(result)
+    except StdoutClosed:  # `inspect | head`: end quietly, as a program killed by SIGPIPE
+        _silence_stdout()
+        return SIGPIPE_EXIT
     except CvmfsInjectError as exc:
         if args.debug:
             raise
@@ -78,8 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.fatal(str(exc))
         return exc.exit_code
     except OSError as exc:  # the file system said no: permissions, a full disk, ...
-        if isinstance(exc, BrokenPipeError) and _reader_gone():
-            return SIGPIPE_EXIT
         if args.debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""

@@ -68,6 +68,17 @@ def _bar() -> Any:
                     transient=True)
 
 
+class StdoutClosed(Exception):
+    """The reader of our stdout went away (`inspect | head`)."""
+
+
+def _to_stdout(text: str) -> None:
+    try:
+        print(text, file=sys.stdout, flush=True)
+    except BrokenPipeError:
+        raise StdoutClosed from None
+
+
 class Reporter:
     def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet = quiet
@@ -79,7 +90,7 @@ class Reporter:
         JSON document instead). Warnings and errors still go to stderr."""
         if self.quiet or self.json_mode:
             return
-        print(message, file=sys.stdout, flush=True)
+        _to_stdout(message)
 
     human = line
 
@@ -98,7 +109,7 @@ class Reporter:
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
     def emit(self, result: Any) -> None:
-        print(json.dumps(result, indent=2, ensure_ascii=False, default=str), flush=True)
+        _to_stdout(json.dumps(result, indent=2, ensure_ascii=False, default=str))
 
     @contextlib.contextmanager
     def packing(self, tree: Path) -> Iterator[Callable[[int, int], None] | None]:
