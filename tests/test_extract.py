@@ -496,9 +496,11 @@ def _pax(records: bytes) -> bytes:
     _header(b"cvmfs/x", b"x", b"-0001000") + bytes(1024),  # a PAX header that points back
     _header(b"cvmfs/f", b"0", b"-0001000") + bytes(1024),  # a file whose data points back
     _pax(b"13 size=-512\n") + _header(b"cvmfs/f", b"0", b"0") + bytes(1024),
-], ids=["pax-header", "regular-file", "pax-size-record"])
-def test_a_negative_size_is_input_error_not_a_loop(scene: Scene, layer: bytes) -> None:
-    """A negative size would move the reader backwards to the same header, forever."""
+    _header(b"cvmfs/x", b"x", b"%011o" % (64 << 20)) + bytes(1024),  # 64 MiB of "records"
+], ids=["pax-header", "regular-file", "pax-size-record", "huge-pax-header"])
+def test_hostile_header_sizes_are_input_errors(scene: Scene, layer: bytes) -> None:
+    """A negative size would move the reader backwards to the same header, forever; a huge
+    extended header would be held in memory whole."""
     def stuck(signum: int, frame: object) -> None:
         raise AssertionError("extraction is looping")
 

@@ -27,6 +27,9 @@ HARDLINK, SYMLINK, DIRECTORY = b"1", b"2", b"5"
 _LINKS = frozenset((HARDLINK, SYMLINK))
 _PAX, _PAX_GLOBAL, _GNU_NAME, _GNU_LINK = b"x", b"g", b"L", b"K"
 _EXTENSIONS = frozenset((_PAX, _PAX_GLOBAL, _GNU_NAME, _GNU_LINK))
+# An extended header (PAX records, a GNU long name) is held in memory whole: 1 MiB at most,
+# as Go's archive/tar allows, so one header cannot make extraction hold the whole stream.
+MAX_EXTENSION = 1 << 20
 # tarfile's SUPPORTED_TYPES: members of other types are skipped with their data
 _KNOWN = frozenset((b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"L", b"K", b"S"))
 
@@ -183,6 +186,9 @@ class TarStream:
             if size < 0:  # it would move the reader backwards, over and over
                 raise InputError("layer is not a valid tar stream: negative size in a header")
             if kind in _EXTENSIONS:
+                if size > MAX_EXTENSION:
+                    raise InputError(f"layer is not a valid tar stream: an extended header of "
+                                     f"{size} bytes (at most {MAX_EXTENSION} are read)")
                 payload = self._take(size)
                 self._skip(-size % BLOCK)
                 if kind == _PAX:
