@@ -297,3 +297,16 @@ def test_run_reads_a_delta_archive_through_a_cache_that_holds_the_old_image(
     alone = cli("run", f"oci-archive:{archive}:new", tree, f"oci-archive:{tmp_path}/out2.tar")
     assert alone.code == USAGE and "--layout" in alone.err, alone.err
     assert not (tmp_path / "out2.tar").exists()
+
+
+def test_an_archive_with_too_many_members_is_refused(cli, two_images: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvmfs_inject.layout import archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 3)
+    archive = _delta(cli, two_images, tmp_path / "new.tar")
+    remote = _holding_old(two_images, tmp_path / "airgapped")
+    before = _layout_state(remote)
+    result = cli("pull", f"oci-archive:{archive}:new", f"{remote}:new")
+    assert result.code == INPUT and "members" in result.err, result.err
+    assert _layout_state(remote) == before

@@ -497,8 +497,12 @@ def _pax(records: bytes) -> bytes:
     _header(b"cvmfs/f", b"0", b"-0001000") + bytes(1024),  # a file whose data points back
     _pax(b"13 size=-512\n") + _header(b"cvmfs/f", b"0", b"0") + bytes(1024),
     _header(b"cvmfs/x", b"x", b"%011o" % (64 << 20)) + bytes(1024),  # 64 MiB of "records"
-], ids=["pax-header", "regular-file", "pax-size-record", "huge-pax-header"])
-def test_hostile_header_sizes_are_input_errors(scene: Scene, layer: bytes) -> None:
+    _pax(b"14 path=a\0b/c\n") + _header(b"cvmfs/f", b"0", b"0") + bytes(1024),
+    _pax(b"13 mtime=nan\n") + _header(b"cvmfs/f", b"0", b"0") + bytes(1024),
+    _pax(b"15 mtime=1e300\n") + _header(b"cvmfs/f", b"0", b"0") + bytes(1024),
+], ids=["pax-header", "regular-file", "pax-size-record", "huge-pax-header", "nul-in-path",
+        "nan-mtime", "huge-mtime"])
+def test_hostile_headers_are_input_errors(scene: Scene, layer: bytes) -> None:
     """A negative size would move the reader backwards to the same header, forever; a huge
     extended header would be held in memory whole."""
     def stuck(signum: int, frame: object) -> None:
@@ -512,6 +516,13 @@ def test_hostile_header_sizes_are_input_errors(scene: Scene, layer: bytes) -> No
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_tree_deeper_than_512_directories_is_refused(scene: Scene) -> None:
+    """Nothing real is that deep, and cleaning one up would exceed Python's recursion."""
+    deep = "cvmfs/" + "d/" * 600 + "f"
+    with pytest.raises(InputError, match="directories deep"):
+        run(scene, build([E(deep, data=b"x")]))
 
 
 def member_offsets(raw: bytes) -> list[int]:

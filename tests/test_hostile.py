@@ -266,3 +266,26 @@ def test_symlinks_inside_a_layout_are_read_never_written_through(cli, tmp_path: 
         assert result.code == 3, f"{args[0]}: {result.err}"
         assert result.err.count("\n") == 1 and f"{link}: is a symlink" in result.err
         assert _state(layout, outside) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate", "unpack"])
+def test_an_index_nested_too_deeply_is_one_line(cli, tmp_path: Path, command: str) -> None:
+    """JSON nested deeper than Python's recursion: exit 3, not an internal error."""
+    layout = tmp_path / "deep"
+    build_sample_image(layout, "v1")
+    (layout / "index.json").write_bytes(b'{"manifests": ' + b"[" * 100_000 + b"]" * 100_000
+                                        + b"}")
+    argv = [command, f"{layout}:v1"] + ([tmp_path / "out"] if command == "unpack" else [])
+    result = cli(*argv)
+    assert result.code == 3, result.err
+    assert len(result.err.strip().splitlines()) == 1 and "nested too deeply" in result.err
+
+
+def test_an_index_json_over_the_document_limit_is_one_line(cli, tmp_path: Path) -> None:
+    """index.json is held to the 64 MiB limit of every other document (it was read whole)."""
+    layout = tmp_path / "big"
+    build_sample_image(layout, "v1")
+    index = layout / "index.json"
+    index.write_bytes(index.read_bytes() + b" " * (64 << 20))
+    result = cli("inspect", f"{layout}:v1")
+    assert result.code == 3 and "too large" in result.err, result.err

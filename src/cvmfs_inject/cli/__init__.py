@@ -79,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         out.fatal(f"{where}{exc.strerror or exc}")
         return InputError.exit_code
+    except RecursionError:  # a document or tree nested deeper than any real one
+        if args.debug:
+            raise
+        out.fatal("the input is nested too deeply to read (a broken or hostile document)")
+        return InputError.exit_code
     except Exception as exc:  # a bug: still one line, and --debug shows where
         if args.debug:
             raise

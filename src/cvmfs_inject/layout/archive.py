@@ -33,6 +33,7 @@ from cvmfs_inject.oci.model import REF_NAME, Descriptor, Index
 from cvmfs_inject.oci.walk import DescriptorPath, document_children, walk
 
 _DIRECTORIES = ("blobs", "blobs/sha256")
+MAX_MEMBERS = 100_000  # an image has tens of blobs; a hostile archive could list millions
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,11 @@ def _stage_members(archive: Path, stage: Path) -> _Staged:
     seen: set[str] = set()
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
+            for count, member in enumerate(tar):
+                if count > MAX_MEMBERS:
+                    raise InputError(f"{archive}: more than {MAX_MEMBERS} members; not an OCI "
+                                     "archive of one image")
+                tar.members.clear()  # tarfile keeps every member read; this loop needs none
                 name = _member_name(member)
                 where = f"{archive}: member {member.name!r}"
                 parts = name.split("/")

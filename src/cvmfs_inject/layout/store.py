@@ -216,6 +216,9 @@ class Layout:
     # -- index.json ------------------------------------------------------------------------
     def read_index(self) -> Index:
         path = self.root / "index.json"
+        if path.stat().st_size > MAX_DOCUMENT:  # as for every other document
+            raise InputError(f"{path}: {path.stat().st_size} bytes, too large for a JSON "
+                             "document")
         return Index.parse(path.read_bytes(), str(path))
 
     def write_index(self, doc: dict[str, Any]) -> None:

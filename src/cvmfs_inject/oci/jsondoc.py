@@ -21,6 +21,8 @@ def parse_json(data: bytes, where: str) -> dict[str, Any]:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{where}: invalid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{where}: invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InputError(f"{where}: expected a JSON object, found {type(doc).__name__}")
     return doc

@@ -37,6 +37,9 @@ PERMISSIONS = 0o777
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
 MADE_WITH_MODE = 0xFFFF  # a directory made with its final mode: only its time is left to set
+# Deeper trees are refused: nothing real is, and removing one (a failed unpack cleans up)
+# would exceed Python's recursion limit in shutil.rmtree.
+MAX_DEPTH = 512
 _SUPERSEDED = 0xFFFE  # a later member of the same directory gives its mode and time (tar's rule)
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
@@ -204,6 +207,9 @@ class _Extraction:
             if not name.startswith(prefix):
                 continue
             rel = _relative(name, prefix, member.name)
+            if rel.count(b"/") >= MAX_DEPTH:
+                raise InputError(f"layer member {_show(member.name)} is more than {MAX_DEPTH} "
+                                 "directories deep")
             if b".wh." in rel and posixpath.basename(rel).startswith(b".wh."):
                 self.skip(member.name, "whiteout entries are not extracted")
                 continue

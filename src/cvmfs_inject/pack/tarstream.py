@@ -30,6 +30,7 @@ _EXTENSIONS = frozenset((_PAX, _PAX_GLOBAL, _GNU_NAME, _GNU_LINK))
 # An extended header (PAX records, a GNU long name) is held in memory whole: 1 MiB at most,
 # as Go's archive/tar allows, so one header cannot make extraction hold the whole stream.
 MAX_EXTENSION = 1 << 20
+_MAX_TIME = float(1 << 40)  # seconds either side of 1970: 35,000 years, within any time_t
 # tarfile's SUPPORTED_TYPES: members of other types are skipped with their data
 _KNOWN = frozenset((b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"L", b"K", b"S"))
 
@@ -207,6 +208,11 @@ class TarStream:
             if pax:
                 _apply(member, pax)
                 local = {}
+            if b"\0" in member.name or b"\0" in member.linkname:
+                raise InputError("layer is not a valid tar stream: a NUL byte in a name")
+            if not -_MAX_TIME < member.mtime < _MAX_TIME:  # also NaN
+                raise InputError(f"layer is not a valid tar stream: mtime {member.mtime} is "
+                                 "out of range")
             if kind == b"\0" and member.name.endswith(b"/"):
                 member.type = DIRECTORY
             if member.type in REGULAR or member.type not in _KNOWN:
