@@ -127,14 +127,16 @@ def delta_base(archive: Path) -> tuple[str, str] | None:
             for member in tar:
                 if _member_name(member) == "index.json" and member.isreg():
                     raw = _read_small(tar, member, f"{archive}: index.json")
-                    annotations = Index.parse(raw, f"{archive}: index.json").doc.get(
-                        "annotations") or {}
-                    if isinstance(annotations, dict) and DELTA_SINCE in annotations:
-                        return (str(annotations[DELTA_SINCE]),
-                                str(annotations.get(DELTA_SINCE_NAME, "")))
-                    return None
+                    return _base_of(Index.parse(raw, f"{archive}: index.json"))
     except (tarfile.TarError, OSError, EOFError, InputError):
         return None  # not ours to judge: skopeo reads it, and says what is wrong
+    return None
+
+
+def _base_of(index: Index) -> tuple[str, str] | None:
+    annotations = index.doc.get("annotations") or {}
+    if isinstance(annotations, dict) and DELTA_SINCE in annotations:
+        return str(annotations[DELTA_SINCE]), str(annotations.get(DELTA_SINCE_NAME, ""))
     return None
 
 
@@ -185,7 +187,7 @@ def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) ->
 
     reached = walk([desc], expand)
     if missing:
-        since, name = delta_base(archive) or ("", "")
+        since, name = _base_of(staged.index) or ("", "")  # the index read above
         raise NotFoundError(
             f"{archive}: {len(missing)} blob(s) ({sum(d.size for d in missing)} bytes) are in "
             f"neither this delta archive nor {layout.root}; they come from the image tagged "
