@@ -17,7 +17,7 @@ from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.layout.archive import delta_base
+from cvmfs_inject.layout.archive import delta_note
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci import names
 from cvmfs_inject.oci.refs import ImageRef, check_tag
@@ -67,11 +67,9 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
     if tree is not None:
         check_tree(tree)
     if src.transport == "oci-archive" and cache is None:
-        base = delta_base(Path(src.path))
-        if base is not None:  # completed from the working layout: a temporary one is empty
-            raise UsageError(f"{src.path}: a delta archive, without the blobs of the image "
-                             f"tagged {base[1] or '?'} ({base[0]}): give --layout CACHE, a "
-                             "layout that holds that image")
+        note = delta_note(Path(src.path))
+        if note is not None:  # completed from the working layout: a temporary one is empty
+            raise UsageError(f"{note}: give --layout CACHE, a layout that holds that image")
     fmt = source_format(src, access.skopeo(src))
     pushed_as_docker = (dest.transport == "docker-archive" or manifest_format == "v2s2"
                         or (manifest_format == "keep" and fmt == "v2s2"))

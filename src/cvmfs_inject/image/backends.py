@@ -20,7 +20,7 @@ from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSink, LayoutSource
 from cvmfs_inject.image.sink import ImageSink
 from cvmfs_inject.image.source import ImageSource
-from cvmfs_inject.layout.archive import delta_base
+from cvmfs_inject.layout.archive import delta_note
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.refs import ImageRef, check_tag
 
@@ -57,11 +57,10 @@ def reading(ref: ImageRef, access: Access, *, platform: str | None = None,
 
 def _refuse_delta(archive: Path) -> None:
     """skopeo cannot read a delta archive (`push --since`): it lacks the old image's blobs."""
-    base = delta_base(archive)
-    if base is not None:
-        raise UsageError(f"{archive}: a delta archive, without the blobs of the image tagged "
-                         f"{base[1] or '?'} ({base[0]}): pull it into a layout that holds "
-                         "that image, and use the layout")
+    note = delta_note(archive)
+    if note is not None:
+        raise UsageError(f"{note}: pull it into a layout that holds that image, and use the "
+                         "layout")
 
 
 def destination(src: ImageRef, dest: ImageRef | None, new_tag: str | None) -> ImageRef:

@@ -133,6 +133,15 @@ def delta_base(archive: Path) -> tuple[str, str] | None:
     return None
 
 
+def delta_note(archive: Path) -> str | None:
+    """For a delta archive, what a command that cannot read one says first; else None."""
+    base = delta_base(archive)
+    if base is None:
+        return None
+    return (f"{archive}: a delta archive, without the blobs of the image tagged "
+            f"{base[1] or '?'} ({base[0]})")
+
+
 def _base_of(index: Index) -> tuple[str, str] | None:
     annotations = index.doc.get("annotations") or {}
     if isinstance(annotations, dict) and DELTA_SINCE in annotations:
