@@ -46,6 +46,12 @@ class PackOptions:
                              f"({span.start}..{span.stop - 1})")
         self.mount_point = normalise_mount_point(self.mount_point)
 
+    def clamp(self, mtime: float) -> int:
+        """An mtime as packed: whole seconds, not before 1970, not after SOURCE_DATE_EPOCH."""
+        seconds = max(0, int(mtime))
+        epoch = self.source_date_epoch
+        return seconds if epoch is None or seconds < epoch else epoch
+
 
 def normalise_mount_point(path: str) -> str:
     parts = [p for p in path.split("/") if p]

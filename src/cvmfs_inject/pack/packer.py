@@ -17,8 +17,10 @@ may differ between, say, x86-64 and aarch64.)
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from cvmfs_inject.pack.headers import BLOCK, TYPE_DIR, ZEROS, TarHeaders
 from cvmfs_inject.pack.lookahead import Lookahead
 from cvmfs_inject.pack.options import CHUNK, PackOptions, Progress, Warn
 from cvmfs_inject.pack.pipeline import Pipeline, Sink, steady_malloc
-from cvmfs_inject.pack.walker import TreeWalker
+from cvmfs_inject.pack.walker import Entry, TreeWalker
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _ChunkFiller:
         self.pos = 0
         self.files = 0
         self.lookahead: Lookahead | None = None
+        self.digests: dict[str, str] | None = None  # content sha256 by path, when asked
 
     def emit(self, data: bytes | bytearray) -> None:
         pos = self.pos
@@ -111,9 +114,8 @@ class _ChunkFiller:
             mtime, mode = self.walker.clamp(st.st_mtime), stat.S_IMODE(st.st_mode)
         self.emit(self.walker.headers(mount + b"/", mode, 0, 0, 0, mtime, TYPE_DIR))
 
-    def tree(self, root: str, mount: bytes) -> None:
+    def tree(self, plan: Iterator[Entry]) -> None:
         """Emit every entry in walk order, planned ahead or not."""
-        plan = self.walker.entries_of(root, mount)
         lookahead = self.lookahead = Lookahead(plan)
         items = lookahead.items
         emit = self.emit
@@ -144,6 +146,7 @@ class _ChunkFiller:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+        sha = None if self.digests is None else hashlib.sha256()
         try:
             remaining = size
             while remaining:  # read straight into the chunk: no bytes object per read
@@ -152,6 +155,8 @@ class _ChunkFiller:
                     count = os.readv(fd, (self.view[pos:pos + min(remaining, CHUNK - pos)],))
                 except OSError as exc:
                     raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+                if sha is not None:
+                    sha.update(self.view[pos:pos + count])
                 if not count:
                     raise InputError(f"{path}: file shrank while it was packed; pack a tree "
                                      "that is not being written to")
@@ -164,16 +169,22 @@ class _ChunkFiller:
                                  "is not being written to")
         finally:
             os.close(fd)
+        if sha is not None:
+            self.digests[path] = sha.hexdigest()  # type: ignore[index]
         padding = -size % BLOCK
         if padding:
             self.emit(ZEROS[:padding])
 
 
 def pack(tree: Path | None, sink: Sink, options: PackOptions,
-         progress: Progress | None = None, warn: Warn | None = None) -> PackResult:
+         progress: Progress | None = None, warn: Warn | None = None, *,
+         plan: Callable[[TarHeaders], Iterator[Entry]] | None = None,
+         digests: dict[str, str] | None = None) -> PackResult:
     """Write the layer for `tree` (the content of the mount point) into `sink`.
 
-    `tree=None` packs the mount-point directory alone (what `init` appends).
+    `tree=None` packs the mount-point directory alone (what `init` appends). `plan` gives
+    the entries below the mount point instead of a walk of the tree (a stack's delta);
+    `digests`, when given, receives the sha256 of every file's content by its path.
     """
     warnings: list[str] = []
 
@@ -182,21 +193,18 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
         if warn:
             warn(message)
 
-    epoch = options.source_date_epoch
-
-    def clamp(mtime: float) -> int:
-        seconds = max(0, int(mtime))
-        return seconds if epoch is None or seconds < epoch else epoch
-
     steady_malloc()
     mount = options.mount_point.strip("/").encode()
-    walker = TreeWalker(options, TarHeaders(), clamp, note)
+    walker = TreeWalker(options, TarHeaders(), options.clamp, note)
     pipeline = Pipeline(sink, options)
     try:
         filler = _ChunkFiller(pipeline, walker, progress)
+        filler.digests = digests
         filler.root(tree, mount)
-        if tree is not None:
-            filler.tree(str(tree).rstrip("/") or "/", mount)
+        if plan is not None:
+            filler.tree(plan(walker.headers))
+        elif tree is not None:
+            filler.tree(walker.entries_of(str(tree).rstrip("/") or "/", mount))
         filler.finish()
         diff_id = pipeline.finish()
     except BaseException:

@@ -67,12 +67,41 @@ class TreeWalker:
 
     def entries_of(self, root: str, mount: bytes) -> Iterator[Entry]:
         """(header bytes, path of the content to copy or None, content size) in tar order."""
-        excluder = Excluder(self.options.excludes)
         keep_owner = self.options.keep_owner
         headers, clamp = self.headers, self.clamp
         first_names = FirstNames()
+        s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
+        for path, name, fd, tar_name, st in self.stats_of(root, mount):
+            mode = st.st_mode
+            uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
+            perms = s_imode(mode)
+            mtime = clamp(st.st_mtime)
+            if s_isreg(mode):
+                if st.st_nlink > 1:
+                    first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
+                    if first is not None:
+                        self.hardlinks += 1
+                        yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
+                                       first), None, 0)
+                        continue
+                size = st.st_size
+                yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
+            elif s_isdir(mode):
+                yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
+            else:
+                target = os.fsencode(os.readlink(name, dir_fd=fd))
+                yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target),
+                       None, 0)
+
+    def stats_of(self, root: str, mount: bytes
+                 ) -> Iterator[tuple[str, str, int, bytes, os.stat_result]]:
+        """(path, name, descriptor of its directory, tar name, lstat) of every entry to pack
+        (regular files, directories, symlinks), in tar order: the one place that decides
+        what a tree holds, for the packer and for `stack.scan` alike. A directory's
+        children follow it; its descriptor stays open while they are yielded."""
+        excluder = Excluder(self.options.excludes)
         lstat, fsencode = os.lstat, os.fsencode
-        s_isreg, s_isdir, s_islnk, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_IMODE
+        s_isreg, s_isdir, s_islnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
         # each stack item: (directory path, its descriptor, its tar name prefix, its path
         # below the tree, iterator over its sorted names). Entries are looked up relative
         # to their directory's descriptor: the kernel resolves one name, not the whole path
@@ -103,33 +132,16 @@ class TreeWalker:
                     self.note(f"{path}: skipped (left by an interrupted unpack)")
                     continue
                 tar_name = prefix + fsencode(name)
-                uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
-                perms = s_imode(mode)
-                mtime = clamp(st.st_mtime)
-                self.entries += 1
-                if s_isreg(mode):
-                    if st.st_nlink > 1:
-                        first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
-                        if first is not None:
-                            self.hardlinks += 1
-                            yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
-                                           first), None, 0)
-                            continue
-                    size = st.st_size
-                    yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
-                elif s_isdir(mode):
+                if s_isdir(mode):
                     child = _opened(path, name, fd)
                     stack.append((path, child, tar_name + b"/", rel_prefix + name + "/",
                                   iter(_listing(child, path))))
-                    yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
-                elif s_islnk(mode):
-                    target = fsencode(os.readlink(name, dir_fd=fd))
-                    yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target),
-                           None, 0)
-                else:
-                    self.entries -= 1
+                elif not (s_isreg(mode) or s_islnk(mode)):
                     self.note(f"{path}: skipped (sockets, fifos and device nodes are not "
                               "packed)")
+                    continue
+                self.entries += 1
+                yield path, name, fd, tar_name, st
         finally:
             for item in stack:
                 os.close(item[1])
