@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from helpers import assert_same_tree, make_nasty_tree
+from readers import umoci_unpack
 
 from cvmfs_inject.demo.sample import build_sample_image
-
-
-def umoci_unpack(layout: Path, tag: str, bundle: Path) -> Path:
-    done = subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:{tag}",
-                           str(bundle)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"umoci unpack failed: {done.stderr}"
-    return bundle / "rootfs"
-
 
 
 @pytest.mark.parametrize("compress", ["gzip", "none"])
