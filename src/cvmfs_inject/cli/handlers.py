@@ -23,6 +23,7 @@ from cvmfs_inject.layout.lock import DEFAULT_LOCK_TIMEOUT, LockWait
 from cvmfs_inject.oci.refs import ImageRef, parse_layout_ref, parse_ref
 from cvmfs_inject.pack.options import PackOptions, source_date_epoch
 from cvmfs_inject.skopeo.command import RegistryOptions
+from cvmfs_inject.stack.options import StackOptions
 
 Handler = Callable[[argparse.Namespace, Reporter], Any]
 
@@ -169,6 +170,11 @@ def _warn_if_parent_of_mount(tree: Path, mount: str, out: Reporter) -> None:
                      f"DIR is the content of the mount point (did you mean {tree}/{names[0]}?)")
 
 
+def stack_options(args: argparse.Namespace) -> StackOptions:
+    return StackOptions(max_layers=args.max_layers, compact_ratio=args.compact_ratio,
+                        state_dir=args.state, checksum=args.checksum)
+
+
 def inject(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.inject import inject_ref
 
@@ -177,8 +183,8 @@ def inject(args: argparse.Namespace, out: Reporter) -> Any:
     with out.packing(args.dir) as progress:
         report = inject_ref(ref, args.dir, pack_options(args), access(args, out), dest=dest,
                             new_tag=args.tag, platform=args.platform,
-                            via_layout=args.via_layout, progress=progress, warn=out.warn,
-                            upload_progress=out.uploading)
+                            via_layout=args.via_layout, stack_options=stack_options(args),
+                            progress=progress, warn=out.warn, upload_progress=out.uploading)
     out.inject_summary(report)
     if report.destination and report.status != "unchanged":
         out.line(f"written to {report.destination} ({report.pushed_digest})")
@@ -207,7 +213,8 @@ def run(args: argparse.Namespace, out: Reporter) -> Any:
         report = run_ref(src, args.dir, dest, access(args, out), pack_options(args),
                          cache=args.layout, new_tag=args.tag, platform=args.platform,
                          manifest_format=args.format, via_layout=args.via_layout,
-                         progress=progress, warn=out.warn, upload_progress=out.uploading)
+                         stack_options=stack_options(args), progress=progress, warn=out.warn,
+                         upload_progress=out.uploading)
     out.inject_summary(report)
     out.line(f"pushed to {args.dest} ({report.pushed_digest or report.digest})")
     return report.to_json()

@@ -10,6 +10,7 @@ from cvmfs_inject import PROG, __version__
 from cvmfs_inject.commands.push import FORMATS
 from cvmfs_inject.oci.schema import KINDS
 from cvmfs_inject.pack.options import COMPRESSIONS
+from cvmfs_inject.stack.options import DEFAULT_COMPACT_RATIO
 
 
 def _bool(text: str) -> bool:
@@ -80,6 +81,28 @@ def _pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--via-layout", action="store_true",
                         help="registry images: pull, edit a local layout, push (instead of "
                              "registry-direct)")
+    group = parser.add_argument_group("stack of layers (incremental updates; see README)")
+    group.add_argument("--max-layers", type=_positive, default=1, metavar="N",
+                       help="keep the mount point as a stack of at most N layers: an update "
+                            "adds a layer of what changed (default 1: one layer)")
+    group.add_argument("--compact-ratio", type=float, default=DEFAULT_COMPACT_RATIO,
+                       metavar="R", help="merge the deltas (or re-pack the base) when they "
+                       f"would outgrow R times the base (default {DEFAULT_COMPACT_RATIO})")
+    group.add_argument("--state", metavar="DIR", type=Path,
+                       help="cache of the layers' tree indexes (default "
+                            "$XDG_CACHE_HOME/cvmfs-inject)")
+    group.add_argument("--checksum", action="store_true",
+                       help="find changed files by content, not by size and time")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

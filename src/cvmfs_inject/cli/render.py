@@ -155,11 +155,21 @@ class Reporter:
             yield lambda sent: progress.advance(task, sent)
 
     def inject_summary(self, report: InjectReport) -> None:
-        layer, stats = report.layer, report.stats
+        layer, stats, stack = report.layer, report.stats, report.stack
+        if report.status == "unchanged" and stack is not None:
+            self.line(f"{report.reference}: unchanged (the image's stack of {stack.count} "
+                      "layer(s) already holds this tree)")
+            return
         if report.status == "unchanged" and layer is not None:
             self.line(f"{report.reference}: unchanged (the image already holds this tree, "
                       f"{layer.diff_id})")
             return
+        if stack is not None:
+            moved = "uploaded" if report.destination else "written"
+            self.line(f"stack: {stack.action}, {stack.count} layer(s); files +{stack.added} "
+                      f"~{stack.changed} -{stack.removed}; {report.written or 0:,} B {moved}"
+                      + (f"; {stack.downloaded:,} B of layers read to rebuild indexes"
+                         if stack.downloaded else ""))
         if layer is None or layer.size is None or stats is None:
             return
         tar_size = stats.tar_size
@@ -181,11 +191,16 @@ def format_inspect(report: InspectReport) -> str:
         lines.append(f"  image {image.platform}  manifest {image.descriptor.digest}")
         lines.append(f"    config {image.manifest.config.digest}  created "
                      f"{config.doc.get('created')}")
+        roles = {layer.position: layer for layer in info.stack}
         for i, layer in enumerate(info.layers):
             mark = "  <- injected" if info.injected and info.injected[0] == i else ""
+            if i in roles:
+                mark = f"  <- stack {roles[i].role}"
             lines.append(f"    layer {i}: {layer.media_type} {layer.size} B "
                          f"{layer.digest}{mark}")
             lines.append(f"             diff_id {layer.diff_id}")
+            if i in roles and roles[i].comment:
+                lines.append(f"             {roles[i].comment}")
         for key, value in sorted(config.labels.items()):
             lines.append(f"    label {key}={value}")
         for entry in config.history:

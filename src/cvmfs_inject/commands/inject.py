@@ -20,16 +20,22 @@ from cvmfs_inject.image.commit import commit
 from cvmfs_inject.image.edit import (
     EditResult,
     NewLayer,
+    Stack,
     check_layer_count,
     edit_image,
+    edit_stack,
     labelled_position,
     layer_media_type,
+    stack_of,
 )
 from cvmfs_inject.image.sink import ImageSink, publish
 from cvmfs_inject.image.source import Image, ImageSource, Resolved, resolve
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
+from cvmfs_inject.stack.diff import scan
+from cvmfs_inject.stack.options import StackOptions
+from cvmfs_inject.stack.update import StackUpdate, StackUpdater
 
 if TYPE_CHECKING:  # the registry modules load only for registry refs
     from cvmfs_inject.image.remote import UploadProgress
@@ -85,6 +91,8 @@ class InjectReport:
     warnings: list[str] = field(default_factory=list)
     destination: str | None = None  # where a registry image (or `run`) wrote the result
     pushed_digest: str | None = None  # the manifest digest there (the format may differ)
+    stack: StackUpdate | None = None  # with --max-layers 2 or more, or on a stacked image
+    written: int | None = None  # bytes of new blobs and documents the sink took
 
     def to_json(self) -> dict[str, Any]:
         found: dict[str, Any] = {"status": self.status, "reference": self.reference,
@@ -94,26 +102,36 @@ class InjectReport:
         found["images"] = [image.to_json() for image in self.images]
         if self.stats is not None:
             found["stats"] = dict(self.stats.__dict__)
+        if self.stack is not None:
+            found["stack"] = self.stack.to_json()
         found.update(warnings=self.warnings, destination=self.destination,
-                     pushed_digest=self.pushed_digest)
+                     pushed_digest=self.pushed_digest, written=self.written)
         return {k: v for k, v in found.items() if v not in (None, [], {})}
 
 
 def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: PackOptions, *,
            platform: str | None = None, init_only: bool = False,
+           stack_options: StackOptions | None = None,
            progress: Progress | None = None, warn: Warn | None = None) -> InjectReport:
     """Pack `tree` (None: the empty mount point, what `init` adds) into the images of
     `source` and write the result to `sink`."""
     resolved = resolve(source, platform)
     reference = str(sink.ref)
+    stacks: dict[str, Stack] = {}
     for image in resolved.images:  # refuse before any work: bad labels, zstd into Docker
         where = f"{reference} ({image.platform})"
         labelled_position(image.config, where)
         check_layer_count(image.manifest, image.config, where)
         layer_media_type(image.manifest, options.compression)
+        stacks[image.descriptor.digest] = stack_of(image.manifest, image.config, where)
     if init_only and all(_prepared(image) for image in resolved.images):
         return _unchanged(source, sink, resolved, InjectReport(
             "already-prepared", reference, resolved.top.digest))
+    stack_options = stack_options or StackOptions()
+    if tree is not None and not init_only and (
+            stack_options.max_layers > 1 or any(len(s.diff_ids) > 1 for s in stacks.values())):
+        return _inject_stack(source, sink, tree, options, resolved, stacks, stack_options,
+                             progress, warn)
     started = time.monotonic()
     with sink.store.writer() as writer:
         packed = pack(tree, writer, options, progress=progress, warn=warn)
@@ -132,6 +150,60 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
         LayerReport(layer.diff_id, layer.digest, layer.size, layer.compression),
         [_image_report(image, edits, replaced) for image in resolved.images],
         _stats(packed, started), packed.warnings), sink)
+
+
+def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: PackOptions,
+                  resolved: Resolved, stacks: dict[str, Stack], stack_options: StackOptions,
+                  progress: Progress | None, warn: Warn | None) -> InjectReport:
+    """`inject` with the mount point's content kept as a stack of layers (`stack.update`)."""
+    started = time.monotonic()
+    reference = str(sink.ref)
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        if warn:
+            warn(message)
+
+    updater = StackUpdater(source, sink.store, scan(tree, options, note), options,
+                           stack_options, progress, warn)
+    created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
+    edits: dict[str, EditResult | None] = {}
+    update = StackUpdate("unchanged")
+    for image in resolved.images:
+        stack, where = stacks[image.descriptor.digest], f"{reference} ({image.platform})"
+        update = updater.update(image, stack)
+        if update.action == "unchanged":
+            edits[image.descriptor.digest] = None
+        elif update.count == 1 and update.layers and len(stack.diff_ids) <= 1:
+            edits[image.descriptor.digest] = edit_image(  # a single layer: as without a stack
+                image.manifest, image.config, update.layers[0], created_by=created_by,
+                epoch=options.source_date_epoch, where=where)
+        else:
+            edits[image.descriptor.digest] = edit_stack(
+                image.manifest, image.config, stack, update.keep, update.layers,
+                update.comments, created_by=created_by, epoch=options.source_date_epoch,
+                where=where)
+    if not any(edits.values()):
+        report = InjectReport("unchanged", reference, resolved.top.digest,
+                              warnings=notes, stack=update)
+        return _unchanged(source, sink, resolved, report)
+    new_top, replaced = commit(sink.store, resolved, edits)
+    publish(sink, source, new_top)
+    layer = update.layers[-1] if update.layers else None
+    written = sum(layer.size for layer in update.layers) + sum(
+        desc.size + edit.manifest["config"]["size"] for digest, desc in replaced.items()
+        if (edit := edits[digest]) is not None)
+    if resolved.index is not None:
+        written += new_top.size
+    report = InjectReport(
+        "injected", reference, new_top.digest,
+        None if layer is None else LayerReport(layer.diff_id, layer.digest, layer.size,
+                                               layer.compression),
+        [_image_report(image, edits, replaced) for image in resolved.images],
+        None if update.packed is None else _stats(update.packed, started), notes,
+        stack=update, written=getattr(sink, "uploaded", written))
+    return _published(report, sink)
 
 
 def _prepared(image: Image) -> bool:
@@ -185,6 +257,7 @@ def _stats(packed: PackResult, started: float) -> PackStats:
 def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: Access, *,
                dest: ImageRef | None = None, new_tag: str | None = None,
                platform: str | None = None, via_layout: bool = False, init_only: bool = False,
+               stack_options: StackOptions | None = None,
                progress: Progress | None = None, warn: Warn | None = None,
                upload_progress: UploadProgress | None = None) -> InjectReport:
     """`inject`/`init` on a reference: a layout in place, a registry image registry-direct,
@@ -193,9 +266,10 @@ def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: A
         from cvmfs_inject.commands.run import run
 
         target = backends.destination(ref, dest, new_tag)
-        return run(ref, tree, target, access, options, platform=platform, progress=progress,
-                   warn=warn, init_only=init_only)
+        return run(ref, tree, target, access, options, platform=platform,
+                   stack_options=stack_options, progress=progress, warn=warn,
+                   init_only=init_only)
     with backends.editing(ref, access, dest=dest, new_tag=new_tag,
                           upload_progress=upload_progress) as (source, sink):
         return inject(source, sink, tree, options, platform=platform, init_only=init_only,
-                      progress=progress, warn=warn)
+                      stack_options=stack_options, progress=progress, warn=warn)

@@ -3,13 +3,13 @@ read through the image model wherever the image lives. No layer is downloaded.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from cvmfs_inject.errors import UsageError
+from cvmfs_inject.errors import CvmfsInjectError, UsageError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.edit import labelled_position
+from cvmfs_inject.image.edit import LABEL_STACK, labelled_position, stack_of
 from cvmfs_inject.image.source import Image, ImageSource, resolve
 from cvmfs_inject.oci.refs import ImageRef
 
@@ -23,10 +23,24 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class StackLayer:
+    """One layer of a stack: its position, role (base, delta N) and what its history
+    entry says it holds (files added, changed, removed)."""
+
+    position: int
+    role: str
+    comment: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     image: Image
     layers: list[LayerInfo]
     injected: tuple[int, str] | None  # position and diff_id of the injected layer
+    stack: list[StackLayer] = field(default_factory=list)  # a stack of two layers or more
 
     def to_json(self) -> dict[str, Any]:
         desc, manifest, config = self.image.descriptor, self.image.manifest, self.image.config
@@ -44,6 +58,7 @@ class ImageInfo:
             "history": config.history,
             "injected": None if self.injected is None else {
                 "position": self.injected[0], "diff_id": self.injected[1]},
+            "stack": [layer.to_json() for layer in self.stack],
         }
 
 
@@ -84,7 +99,25 @@ def _describe(image: Image) -> ImageInfo:
                         diff_ids[i] if i < len(diff_ids) else None)
               for i, layer in enumerate(image.manifest.layers)]
     position, diff_id = labelled_position(image.config, image.descriptor.digest)
-    return ImageInfo(image, layers, None if position is None else (position, diff_id or ""))
+    return ImageInfo(image, layers, None if position is None else (position, diff_id or ""),
+                     _stack(image))
+
+
+def _stack(image: Image) -> list[StackLayer]:
+    """The stack's layers with their history comments; none for one layer, or for labels
+    that do not match the layers (inspect shows them; the other commands refuse them)."""
+    if LABEL_STACK not in image.config.labels:
+        return []
+    try:
+        stack = stack_of(image.manifest, image.config, image.descriptor.digest)
+    except CvmfsInjectError:
+        return []
+    history = image.config.history
+    slots = [entry for entry in history if not entry.get("empty_layer")]
+    aligned = len(slots) == len(image.config.diff_ids)
+    return [StackLayer(stack.position + i, "base" if i == 0 else f"delta {i}",
+                       str(slots[stack.position + i].get("comment", "")) if aligned else "")
+            for i in range(len(stack.diff_ids))]
 
 
 def inspect_ref(ref: ImageRef, access: Access, platform: str | None = None) -> InspectReport:

@@ -23,6 +23,7 @@ from cvmfs_inject.oci import names
 from cvmfs_inject.oci.refs import ImageRef, check_tag
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import check_tree
+from cvmfs_inject.stack.options import StackOptions
 
 if TYPE_CHECKING:
     from cvmfs_inject.image.remote import UploadProgress
@@ -31,9 +32,9 @@ if TYPE_CHECKING:
 def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: PackOptions,
             *, cache: str | None = None, new_tag: str | None = None,
             platform: str | None = None, manifest_format: str = "keep",
-            via_layout: bool = False, progress: Progress | None = None,
-            warn: Warn | None = None, upload_progress: UploadProgress | None = None
-            ) -> InjectReport:
+            via_layout: bool = False, stack_options: StackOptions | None = None,
+            progress: Progress | None = None, warn: Warn | None = None,
+            upload_progress: UploadProgress | None = None) -> InjectReport:
     """Registry to registry without a layout (`cache`) or `via_layout`: registry-direct,
     keeping each manifest's format. Otherwise through a layout (`run`)."""
     if src.is_registry and dest.is_registry and not via_layout and cache is None:
@@ -42,18 +43,18 @@ def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: 
         check_tree(tree)
         with backends.editing(src, access, dest=dest,
                               upload_progress=upload_progress) as (source, sink):
-            return inject(source, sink, tree, options, platform=platform, progress=progress,
-                          warn=warn)
+            return inject(source, sink, tree, options, platform=platform,
+                          stack_options=stack_options, progress=progress, warn=warn)
     return run(src, tree, dest, access, options, cache=cache, new_tag=new_tag,
-               platform=platform, manifest_format=manifest_format, progress=progress,
-               warn=warn)
+               platform=platform, manifest_format=manifest_format,
+               stack_options=stack_options, progress=progress, warn=warn)
 
 
 def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         options: PackOptions, *, cache: str | None = None, new_tag: str | None = None,
         platform: str | None = None, manifest_format: str = "keep",
-        progress: Progress | None = None, warn: Warn | None = None,
-        init_only: bool = False) -> InjectReport:
+        stack_options: StackOptions | None = None, progress: Progress | None = None,
+        warn: Warn | None = None, init_only: bool = False) -> InjectReport:
     """pull -> inject -> validate -> push, through a working layout.
 
     The working layout is CACHE when given (kept, so later runs reuse its blobs), else a
@@ -93,7 +94,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         layout = Layout.open(cache, access.layout_wait)
         stack.callback(layout.remove_tag, pulled.tag)
         report = inject_ref(working, tree, options, access, platform=platform,
-                            progress=progress, warn=warn, init_only=init_only)
+                            stack_options=stack_options, progress=progress, warn=warn,
+                            init_only=init_only)
         report.reference = str(working.with_tag(final))
         problems = validate_ref(working, access)
         if problems:

@@ -14,10 +14,12 @@ from typing import IO, Any, cast
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.image.edit import LABEL_MOUNT, injected_position
+from cvmfs_inject.image.edit import LABEL_MOUNT, stack_of
 from cvmfs_inject.image.source import ImageSource, resolve
 from cvmfs_inject.layout.blobs import READ_CHUNK
+from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
+from cvmfs_inject.pack.extract import ExtractResult, extract
 from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.options import Warn
 from cvmfs_inject.pack.staging import check_target, extract_into
@@ -30,32 +32,53 @@ class UnpackReport:
     diff_id: str | None = None
     entries: int = 0
     skipped: list[str] = field(default_factory=list)
+    layers: int = 1  # the layers applied: more than one for a stack
 
     def to_json(self) -> dict[str, Any]:
         if self.status == "empty":
             return {"status": "empty", "target": self.target,
                     "note": "the image has no injected layer yet"}
-        return {"status": self.status, "target": self.target, "diff_id": self.diff_id,
-                "entries": self.entries, "skipped": self.skipped}
+        found = {"status": self.status, "target": self.target, "diff_id": self.diff_id,
+                 "entries": self.entries, "skipped": self.skipped}
+        if self.layers > 1:
+            found["layers"] = self.layers
+        return found
 
 
 def unpack(source: ImageSource, target: Path, *, force: bool = False,
            platform: str | None = None, mount_point: str | None = None,
            warn: Warn | None = None) -> UnpackReport:
-    """Extract the injected layer of the (first selected) image of `source` into `target`."""
+    """Extract the injected layer (the union of a stack's layers) of the (first selected)
+    image of `source` into `target`."""
     image = resolve(source, platform).images[0]
-    position, diff_id = injected_position(image.manifest, image.config,
-                                          f"{source.ref} ({image.platform})")
+    stack = stack_of(image.manifest, image.config, f"{source.ref} ({image.platform})")
     check_target(target, force)  # before a layer is downloaded
-    if position is None:
+    if not stack.diff_ids:
         target.mkdir(parents=True, exist_ok=True)
         return UnpackReport("empty", str(target))
-    layer = image.manifest.layers[position]
+    layers = image.manifest.layers[stack.position:stack.position + len(stack.diff_ids)]
     mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
+
+    def fill(staging: str) -> ExtractResult:
+        result = ExtractResult()
+        for i, layer in enumerate(layers):  # applied in order, as a runtime does
+            done = _extract_layer(source, layer, staging, mount, i > 0, warn)
+            result.entries += done.entries
+            result.skipped += done.skipped
+            result.has_root = result.has_root or done.has_root
+        return result
+
+    result = extract_into(fill, target, force=force)
+    return UnpackReport("unpacked", str(target), stack.diff_ids[-1], result.entries,
+                        result.skipped, len(layers))
+
+
+def _extract_layer(source: ImageSource, layer: Descriptor, staging: str, mount: str,
+                   whiteouts: bool, warn: Warn | None) -> ExtractResult:
     with source.open_blob(layer) as blob:
         stream = decompressed(cast(IO[bytes], blob), layer.media_type)
         try:
-            result = extract_into(stream, target, mount, force=force, warn=warn)
+            return extract(stream, staging, mount, warn, whiteouts=whiteouts)
         except InputError:
             # A corrupted blob can break the stream before its end is reached; the rest is
             # read through the blob's verifier so the root cause is reported (exit 5).
@@ -67,7 +90,6 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
         finally:
             if stream is not blob:
                 stream.close()
-    return UnpackReport("unpacked", str(target), diff_id, result.entries, result.skipped)
 
 
 def unpack_ref(ref: ImageRef, target: Path, access: Access, *, force: bool = False,

@@ -26,6 +26,8 @@ LABEL_PREFIX = "io.cvmfs-inject."
 LABEL_VERSION = LABEL_PREFIX + "version"
 LABEL_TREE = LABEL_PREFIX + "tree-digest"
 LABEL_MOUNT = LABEL_PREFIX + "mount-point"
+# a stack of two or more layers: their diff_ids, base first, comma-separated
+LABEL_STACK = LABEL_PREFIX + "stack"
 HISTORY_AUTHOR = "cvmfs-inject"
 
 LAYER_MEDIA_TYPES = {
@@ -145,12 +147,7 @@ def edit_image(manifest: Manifest, config: ImageConfig, layer: NewLayer, *,
                 history[slots[position]] = entry
             else:
                 history.append({**entry, "empty_layer": True})
-    container = new_config.get("config")
-    if not isinstance(container, dict):
-        container = new_config["config"] = {}
-    labels = container.get("Labels")
-    if not isinstance(labels, dict):
-        labels = container["Labels"] = {}
+    labels = _labels(new_config)
     labels.update({
         LABEL_TAR: layer.diff_id,
         LABEL_GZ: layer.digest,
@@ -160,6 +157,85 @@ def edit_image(manifest: Manifest, config: ImageConfig, layer: NewLayer, *,
     })
     new_config["created"] = now
     return EditResult(new_manifest, new_config, old_diff_id, position)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Where the mount point's layers are: `diff_ids[0]` (the base) at `position`, the
+    deltas right above it. Empty on an image without an injected layer."""
+
+    position: int
+    diff_ids: list[str]
+
+
+def stack_of(manifest: Manifest, config: ImageConfig, where: str) -> Stack:
+    """The stack named by the labels: `cvmfs_injection_tar` (the base, or the single
+    layer) and, for two layers or more, `io.cvmfs-inject.stack`."""
+    position, base = injected_position(manifest, config, where)
+    if position is None or base is None:
+        return Stack(len(config.diff_ids), [])
+    listed = config.labels.get(LABEL_STACK)
+    if not listed:
+        return Stack(position, [base])
+    diff_ids = listed.split(",") if isinstance(listed, str) else []
+    if (len(diff_ids) < 2 or diff_ids[0] != base
+            or config.diff_ids[position:position + len(diff_ids)] != diff_ids):
+        raise InputError(f"{where}: label {LABEL_STACK} does not name the layers above the "
+                         f"one {LABEL_TAR} names, in order; the image was changed by "
+                         "another tool. Remove both labels to inject as a new layer.")
+    return Stack(position, diff_ids)
+
+
+def edit_stack(manifest: Manifest, config: ImageConfig, stack: Stack, keep: int,
+               layers: list[NewLayer], comments: list[str], *, created_by: str,
+               epoch: int | None, where: str) -> EditResult:
+    """Replace the stack by its first `keep` layers and `layers` above them."""
+    check_layer_count(manifest, config, where)
+    position, old = stack.position, len(stack.diff_ids)
+    new_manifest, new_config = manifest.edit(), config.edit()
+    kept = new_manifest["layers"][position:position + keep]
+    new_manifest["layers"][position:position + old] = kept + [
+        Descriptor(layer_media_type(manifest, layer.compression), layer.digest,
+                   layer.size).to_dict() for layer in layers]
+    diff_ids = stack.diff_ids[:keep] + [layer.diff_id for layer in layers]
+    new_config["rootfs"]["diff_ids"][position:position + old] = diff_ids
+    now = timestamp(epoch)
+    entries = [{"created": now, "created_by": created_by, "author": HISTORY_AUTHOR,
+                "comment": comment} for comment in comments]
+    history = new_config.get("history")
+    if isinstance(history, list):
+        slots = _history_layer_slots(history)
+        if len(slots) == len(config.diff_ids):
+            start = slots[position] if position < len(slots) else len(history)
+            end = slots[position + old - 1] + 1 if old else start
+            history[start:end] = [history[slots[position + i]] for i in range(keep)]
+            at = start + keep
+            history[at:at] = entries
+        else:
+            history.append({**entries[-1], "empty_layer": True} if entries else
+                           {"created": now, "created_by": created_by,
+                            "author": HISTORY_AUTHOR, "empty_layer": True})
+    base = new_manifest["layers"][position]
+    labels = _labels(new_config)
+    labels.update({LABEL_TAR: diff_ids[0], LABEL_GZ: base["digest"], LABEL_VERSION: __version__,
+                   LABEL_TREE: diff_ids[-1], LABEL_MOUNT: layers[-1].mount_point
+                   if layers else labels.get(LABEL_MOUNT, "/cvmfs")})
+    if len(diff_ids) > 1:
+        labels[LABEL_STACK] = ",".join(diff_ids)
+    else:
+        labels.pop(LABEL_STACK, None)
+    new_config["created"] = now
+    return EditResult(new_manifest, new_config, stack.diff_ids[-1] if old else None, position)
+
+
+def _labels(config_doc: dict[str, Any]) -> dict[str, Any]:
+    container = config_doc.get("config")
+    if not isinstance(container, dict):
+        container = config_doc["config"] = {}
+    labels = container.get("Labels")
+    if not isinstance(labels, dict):
+        labels = container["Labels"] = {}
+    return labels
 
 
 def with_config(manifest_doc: dict[str, Any], config_desc: Descriptor) -> dict[str, Any]:

@@ -140,6 +140,7 @@ class RegistrySink:
         self.store = store
         self._upload_progress = upload_progress
         self._present: set[str] = set()
+        self.uploaded = 0  # bytes of new blobs and of manifests sent
 
     def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
         problems = []
@@ -159,8 +160,9 @@ class RegistrySink:
         repo = self.ref.repository
         if self.store.has_blob(desc.digest):  # new: uploaded unless the registry has it
             with self._upload_progress(desc.size) as progress:
-                self.client.push_blob(repo, self.store.blob_path(desc.digest), desc.digest,
-                                      desc.size, progress=progress)
+                if self.client.push_blob(repo, self.store.blob_path(desc.digest), desc.digest,
+                                         desc.size, progress=progress):
+                    self.uploaded += desc.size
         elif isinstance(source, RemoteSource):  # present, else mounted or streamed across
             self.client.copy_blob_from(source.client, source.ref.repository, repo,
                                        desc.digest, desc.size)
@@ -171,8 +173,10 @@ class RegistrySink:
 
     def put_manifest(self, desc: Descriptor, raw: bytes) -> None:
         self.client.put_manifest(self.ref.repository, desc.digest, raw, desc.media_type)
+        self.uploaded += len(raw)
 
     def set_tag(self, desc: Descriptor, raw: bytes) -> None:
+        self.uploaded += len(raw)
         self.client.put_manifest(self.ref.repository, self.ref.tag or "latest", raw,
                                  desc.media_type)
 

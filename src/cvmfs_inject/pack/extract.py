@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import stat
 from array import array
 from collections.abc import Callable
@@ -40,6 +41,7 @@ MADE_WITH_MODE = 0xFFFF  # a directory made with its final mode: only its time i
 # Deeper trees are refused: nothing real is, and removing one (a failed unpack cleans up)
 # would exceed Python's recursion limit in shutil.rmtree.
 MAX_DEPTH = 512
+WHITEOUT, OPAQUE = b".wh.", b".wh..wh..opq"
 _SUPERSEDED = 0xFFFE  # a later member of the same directory gives its mode and time (tar's rule)
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
@@ -173,8 +175,9 @@ def _replace(make: Callable[[], object], rel: bytes, root: int, member: bytes) -
 
 class _Extraction:
     def __init__(self, stream: TarStream, root: int, prefix: bytes, umask: int,
-                 warn: Callable[[str], None] | None) -> None:
+                 warn: Callable[[str], None] | None, whiteouts: bool) -> None:
         self.stream, self.root, self.prefix = stream, root, prefix
+        self.whiteouts = whiteouts
         self.directories = _Directories(root, 0o755 & ~umask)
         # hashes of the names of the regular files made so far (Python's bytes hash is
         # keyed per process): a hard link to one of them needs no lstat to be safe
@@ -211,7 +214,10 @@ class _Extraction:
                 raise InputError(f"layer member {_show(member.name)} is more than {MAX_DEPTH} "
                                  "directories deep")
             if b".wh." in rel and posixpath.basename(rel).startswith(b".wh."):
-                self.skip(member.name, "whiteout entries are not extracted")
+                if self.whiteouts:
+                    self.whiteout(rel, member.name)
+                else:
+                    self.skip(member.name, "whiteout entries are not extracted")
                 continue
             kind = member.type
             if kind not in REGULAR and kind not in (DIRECTORY, SYMLINK, HARDLINK):
@@ -228,6 +234,36 @@ class _Extraction:
             else:
                 self.hardlink(rel, member)
             self.result.entries += 1
+
+    def whiteout(self, rel: bytes, member: bytes) -> None:
+        """Remove what a lower layer put at the whited-out path (`.wh.NAME`), or in the
+        directory (`.wh..wh..opq`), never following a symlink."""
+        parent, _, name = rel.rpartition(b"/")
+        hidden = name[len(WHITEOUT):]
+        if hidden in (b"", b".", b".."):
+            raise InputError(f"layer member {_show(member)} is not a valid whiteout")
+        self.directories.parent_of(rel, member)
+        if hidden == OPAQUE[len(WHITEOUT):]:
+            fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                         dir_fd=self.root)
+            try:
+                names = os.listdir(fd)
+            finally:
+                os.close(fd)
+            paths = [parent + b"/" + child if parent else child for child in names]
+        else:
+            paths = [parent + b"/" + hidden if parent else hidden]
+        for path in paths:
+            try:
+                st = os.lstat(path, dir_fd=self.root)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path, dir_fd=self.root)
+                self.directories.known = {b"": -1}
+            else:
+                os.unlink(path, dir_fd=self.root)
+            self.regular.discard(hash(path))
 
     def file(self, rel: bytes, member: Member) -> None:
         root, mode = self.root, member.mode & PERMISSIONS
@@ -256,10 +292,12 @@ class _Extraction:
         try:
             os.mkdir(rel, mode if final else 0o700, dir_fd=root)
         except FileExistsError:
-            final = False  # an existing directory keeps its mode until the end
+            final = False  # an existing directory takes its mode at the end
             if not stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
                 os.unlink(rel, dir_fd=root)
                 os.mkdir(rel, 0o700, dir_fd=root)
+            else:  # a lower layer's, maybe read-only by now
+                os.chmod(rel, 0o700, dir_fd=root)
         self.directories.attributes(rel, MADE_WITH_MODE if final else mode, int(member.mtime))
 
     def symlink(self, rel: bytes, member: Member) -> None:
@@ -297,15 +335,17 @@ class _Extraction:
 
 
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
-            warn: Callable[[str], None] | None = None) -> ExtractResult:
+            warn: Callable[[str], None] | None = None, *, whiteouts: bool = False
+            ) -> ExtractResult:
     """Write the members under `mount_point` from the tar stream `fileobj` into target_dir
-    (which must exist; the directories in it are this extraction's own)."""
+    (which must exist; the directories in it are this extraction's own, or a lower
+    layer's: with `whiteouts`, the layer's whiteouts remove what they hide)."""
     prefix = os.fsencode(mount_point.strip("/")) + b"/"
     root = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     umask = os.umask(0)  # files get their mode at creation: no chmod a file
     try:
         stream = TarStream(fileobj.read, READ_CHUNK)
-        extraction = _Extraction(stream, root, prefix, umask, warn)
+        extraction = _Extraction(stream, root, prefix, umask, warn, whiteouts)
         try:
             extraction.run()
             # Read past the end-of-archive marker to the end of the stream: only there are

@@ -16,10 +16,9 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack.extract import ExtractResult, extract
+from cvmfs_inject.pack.extract import ExtractResult
 from cvmfs_inject.pack.options import STAGING_PREFIX
 from cvmfs_inject.paths import missing_directories, remove_if_empty, remove_tree
 
@@ -31,9 +30,10 @@ def check_target(target: Path, force: bool) -> None:
         raise InputError(f"{target}: directory is not empty; use --force to unpack into it")
 
 
-def extract_into(stream: IO[bytes], target: Path, mount_point: str, *, force: bool,
-                 warn: Callable[[str], None] | None = None) -> ExtractResult:
-    """Extract the tar `stream` (whose reader verifies it at its end) into `target`."""
+def extract_into(fill: Callable[[str], ExtractResult], target: Path, *, force: bool
+                 ) -> ExtractResult:
+    """Extract into `target` what `fill` extracts (and verifies) into a staging
+    directory: one layer, or a stack of them applied in order."""
     check_target(target, force)
     made = missing_directories(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,7 @@ def extract_into(stream: IO[bytes], target: Path, mount_point: str, *, force: bo
         remove_tree(stale)
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target)
     try:
-        result = extract(stream, staging, mount_point, warn)
+        result = fill(staging)
         _conflicts(staging, str(target))
         root = os.lstat(staging)
         os.chmod(staging, 0o700)  # the layer's mode for the root may forbid moving out

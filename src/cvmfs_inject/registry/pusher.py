@@ -92,8 +92,8 @@ class Pusher(Fetcher):
         raise self.transport.fail(resp, f"mount {digest} from {from_repo} into {repo}")
 
     def push_blob(self, repo: str, path: Path, digest: str, size: int,
-                  progress: Callable[[int], None] | None = None) -> None:
-        """Upload a file as a blob unless the repository has it already.
+                  progress: Callable[[int], None] | None = None) -> bool:
+        """Upload a file as a blob unless the repository has it already (then False).
 
         Files up to `monolithic_limit` go in one streamed PUT, larger ones as PATCH chunks
         of `chunk_size` (or the registry's OCI-Chunk-Min-Length); neither ever reads the
@@ -110,7 +110,7 @@ class Pusher(Fetcher):
             raise IntegrityError(f"{path} has {actual} bytes, but blob {digest} should have "
                                  f"{size}")
         if self.has_blob(repo, digest):
-            return
+            return False
 
         def attempt() -> None:
             try:
@@ -124,6 +124,7 @@ class Pusher(Fetcher):
 
         self._with_retries(repo, digest, attempt)
         self._check_uploaded(repo, digest, size)
+        return True
 
     def copy_blob_from(self, source: Fetcher, source_repo: str, repo: str, digest: str,
                        size: int) -> None:

@@ -1,0 +1,176 @@
+"""What changed: a scan of DIR against the tree a stack shows, as the entries of a delta.
+
+The scan lstats every entry (the packer's own walk, so it sees exactly what a full pack
+would); nothing is read unless the quick check cannot decide. The quick check is rsync's
+and git's: type, mode, owner, size, packed mtime, link target and hard-link group, and
+the exact host mtime where the index has it. With `checksum`, files equal by those are
+read and compared by content. A hard-link group never spans layers: when any of its names
+changed, was added or left, every name of the group goes into the delta, the content once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.headers import TarHeaders
+from cvmfs_inject.pack.options import CHUNK, PackOptions, Warn
+from cvmfs_inject.pack.packer import check_tree
+from cvmfs_inject.pack.walker import TreeWalker
+from cvmfs_inject.stack.index import DIR, FILE, LINK, Node, estimate
+
+
+@dataclass
+class Scan:
+    """The tree as it would be packed: a node per entry, in tar order."""
+
+    root: str
+    nodes: dict[bytes, Node]
+
+    def path(self, rel: bytes) -> str:
+        return self.root + "/" + os.fsdecode(rel) if rel else self.root
+
+
+def scan(tree: Path, options: PackOptions, warn: Warn | None = None) -> Scan:
+    """lstat every entry the packer would pack (same exclusions, same skips)."""
+    st = check_tree(tree)
+    root = str(tree).rstrip("/") or "/"
+    keep_owner, clamp = options.keep_owner, options.clamp
+    nodes: dict[bytes, Node] = {b"": Node(DIR, stat.S_IMODE(st.st_mode), 0, 0, 0,
+                                          clamp(st.st_mtime))}
+    walker = TreeWalker(options, TarHeaders(), clamp, warn or (lambda _: None))
+    firsts: dict[int, bytes] = {}
+    s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
+    for _, name, fd, tar_name, st in walker.stats_of(root, b""):
+        rel = tar_name[1:]
+        mode = st.st_mode
+        uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
+        if s_isreg(mode):
+            group = b""
+            if st.st_nlink > 1:
+                group = firsts.setdefault(st.st_dev << 64 | st.st_ino, rel)
+            nodes[rel] = Node(FILE, s_imode(mode), uid, gid, st.st_size, clamp(st.st_mtime),
+                              b"", group, "", st.st_mtime_ns)
+        elif s_isdir(mode):
+            nodes[rel] = Node(DIR, s_imode(mode), uid, gid, 0, clamp(st.st_mtime))
+        else:
+            nodes[rel] = Node(LINK, s_imode(mode), uid, gid, 0, clamp(st.st_mtime),
+                              os.fsencode(os.readlink(name, dir_fd=fd)))
+    sizes = Counter(node.group for node in nodes.values() if node.group)
+    for rel, node in nodes.items():  # a group of one name (other links outside DIR) is none
+        if node.group and sizes[node.group] == 1:
+            nodes[rel] = node._replace(group=b"")
+    return Scan(root, nodes)
+
+
+@dataclass
+class Delta:
+    """The entries a delta holds: `emit` paths of the scan (in its order) and whiteouts by
+    parent directory; what changed, counted in non-directory entries."""
+
+    emit: set[bytes] = field(default_factory=set)
+    whiteouts: dict[bytes, list[bytes]] = field(default_factory=dict)
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    tar_bytes: int = 0
+    touched: int = 0  # entries changed, added or whited out, directories included
+
+    @property
+    def empty(self) -> bool:
+        return not self.touched
+
+
+def file_digest(path: str) -> str:
+    sha = hashlib.sha256()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(CHUNK):
+                sha.update(chunk)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    return sha.hexdigest()
+
+
+def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
+         epoch: int | None = None) -> Delta:
+    """The delta that turns the tree `old` (a union of indexes) into the scanned tree.
+
+    Digests of files read on the way are put into the scan's nodes, for their index."""
+    delta = Delta()
+    nodes = new.nodes
+    marked: set[bytes] = set()
+    gone: set[bytes] = set()  # paths to white out
+    for path, node in nodes.items():
+        before = old.get(path)
+        if before is None:
+            delta.added += node.kind != DIR
+            marked.add(path)
+        elif before.kind != node.kind:
+            delta.changed += 1
+            marked.add(path)
+            gone.add(path)  # the old entry goes first: a directory's content with it
+        elif not _same(before, node, path, new, checksum, epoch):
+            delta.changed += node.kind != DIR
+            marked.add(path)
+    for path, before in old.items():
+        if path in nodes:
+            continue
+        delta.removed += before.kind != DIR
+        parent = path.rpartition(b"/")[0]
+        now, then = nodes.get(parent), old.get(parent)
+        if now is not None and now.kind == DIR and then is not None and then.kind == DIR:
+            gone.add(path)  # else an ancestor's whiteout or replacement hides it
+    _whole_groups(old, nodes, marked)
+    emit = delta.emit
+    for path in marked | gone | {b""}:
+        if path in marked:
+            emit.add(path)
+        parent = path
+        while parent:
+            parent = parent.rpartition(b"/")[0]
+            if parent in emit:
+                break
+            emit.add(parent)
+    for path in sorted(gone):
+        parent, _, name = path.rpartition(b"/")
+        delta.whiteouts.setdefault(parent, []).append(name)
+    delta.touched = len(marked | gone)
+    delta.tar_bytes = estimate((path, nodes[path]) for path in emit) + 512 * len(gone)
+    return delta
+
+
+def _same(before: Node, node: Node, path: bytes, new: Scan, checksum: bool,
+          epoch: int | None) -> bool:
+    if not before.same_entry(node):
+        return False
+    if node.kind != FILE:
+        return True
+    if checksum or (not before.mtime_ns and epoch is not None and before.mtime >= epoch):
+        # compare contents: asked to, or the packed time was clamped and cannot tell
+        if not before.digest:
+            return False
+        digest = file_digest(new.path(path))
+        new.nodes[path] = node._replace(digest=digest)
+        return digest == before.digest
+    return not before.mtime_ns or before.mtime_ns == node.mtime_ns
+
+
+def _whole_groups(old: dict[bytes, Node], nodes: dict[bytes, Node], marked: set[bytes]
+                  ) -> None:
+    """Mark every name of a hard-link group one of whose names is marked, or whose
+    membership changed (a name joined or left it)."""
+    members: dict[bytes, list[bytes]] = {}
+    for path, node in nodes.items():
+        if node.group:
+            members.setdefault(node.group, []).append(path)
+    old_sizes = Counter(node.group for node in old.values() if node.group)
+    for group, paths in members.items():
+        if old_sizes[group] != len(paths) or any(
+                path in marked or old[path].group != group for path in paths):
+            marked.update(paths)

@@ -1,0 +1,192 @@
+"""Tree indexes: what each /cvmfs layer holds, so an update can be diffed without
+downloading the layers.
+
+A layer's index has one `Node` per entry below the mount point (the mount point itself is
+the empty path): its type, mode, owner, size, packed mtime, link target, hard-link group
+(the group's first name, which tar's links point at) and content sha256; whiteouts are
+nodes too. The union of a stack's indexes, applied as a runtime applies the layers, is the
+tree the image shows at the mount point (`union`).
+
+Indexes made while packing also hold each entry's exact mtime in nanoseconds as the host
+saw it, which makes the quick check exact even when SOURCE_DATE_EPOCH clamps the packed
+times; an index rebuilt from a layer has the packed time only (`mtime_ns` 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, NamedTuple
+
+from cvmfs_inject.errors import InputError
+from cvmfs_inject.layout.blobs import READ_CHUNK
+from cvmfs_inject.pack.extract import OPAQUE as OPAQUE_NAME
+from cvmfs_inject.pack.extract import PERMISSIONS
+from cvmfs_inject.pack.extract import WHITEOUT as WHITEOUT_PREFIX
+from cvmfs_inject.pack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TarStream
+
+FILE, DIR, LINK, WHITEOUT = "f", "d", "l", "w"
+
+
+class Node(NamedTuple):
+    """One entry of a layer (or of a tree), as packed."""
+
+    kind: str  # FILE, DIR, LINK (symlink) or WHITEOUT (at the path it hides)
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int  # as packed (clamped to SOURCE_DATE_EPOCH)
+    target: bytes = b""  # symlink target
+    group: bytes = b""  # first name of the hard-link group (b"" when not in one)
+    digest: str = ""  # sha256 hex of a file's content ("" when not known)
+    mtime_ns: int = 0  # the host's exact mtime when the index was made by packing (0: unknown)
+
+    def same_entry(self, other: Node) -> bool:
+        """Equal as an image shows them: everything but the content and the host time."""
+        return self[:8] == other[:8]
+
+
+@dataclass
+class LayerIndex:
+    """The entries one layer holds, in tar order, by path below the mount point."""
+
+    diff_id: str
+    mount_point: str
+    nodes: dict[bytes, Node] = field(default_factory=dict)
+    # directories whose lower content this layer hides (`.wh..wh..opq`, or a whiteout and
+    # a directory of the same name in one layer)
+    opaque: set[bytes] = field(default_factory=set)
+
+    def tar_bytes(self) -> int:
+        """What the layer's tar costs, about: a header per entry and each content once."""
+        return estimate(self.nodes.items())
+
+
+def estimate(nodes: Iterable[tuple[bytes, Node]]) -> int:
+    """About the tar size of these entries: a header each, each content once."""
+    total = 0
+    for path, node in nodes:
+        total += 512
+        if node.kind == FILE and (not node.group or node.group == path):
+            total += node.size + 511 & ~511
+    return total
+
+
+def union(layers: Iterable[LayerIndex]) -> dict[bytes, Node]:
+    """The tree the stack shows: each layer's whiteouts hide what lies below them, a
+    non-directory hides a lower directory's content, and its entries then replace the
+    lower ones (the OCI image spec's changeset rules)."""
+    tree: dict[bytes, Node] = {}
+    for layer in layers:
+        hidden: set[bytes] = set(layer.opaque)  # paths whose lower descendants go
+        gone: set[bytes] = set()  # paths that go themselves
+        for path, node in layer.nodes.items():
+            if node.kind == WHITEOUT:
+                hidden.add(path)
+                gone.add(path)
+            elif node.kind != DIR:
+                hidden.add(path)
+        if hidden:
+            tree = {path: node for path, node in tree.items()
+                    if path not in gone and not _below_any(path, hidden)}
+        for path, node in layer.nodes.items():
+            if node.kind != WHITEOUT:
+                tree[path] = node
+    return tree
+
+
+def _below_any(path: bytes, tops: set[bytes]) -> bool:
+    """Whether a strict ancestor of `path` is in `tops` (b"" is the mount point)."""
+    if b"" in tops and path:
+        return True
+    end = path.rfind(b"/")
+    while end > 0:
+        path = path[:end]
+        if path in tops:
+            return True
+        end = path.rfind(b"/")
+    return False
+
+
+def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIndex:
+    """Read a layer's tar stream (already decompressed) into its index: every member below
+    the mount point, whiteouts included, each file's content hashed on the way."""
+    prefix = os.fsencode(mount_point.strip("/")) + b"/"
+    top = prefix.rstrip(b"/")
+    tar = TarStream(stream.read, READ_CHUNK)
+    index = LayerIndex(diff_id, mount_point)
+    nodes = index.nodes
+    group_firsts: set[bytes] = set()
+    for member in tar.members():
+        name = member.name
+        while name.startswith(b"./"):
+            name = name[2:]
+        name = name.rstrip(b"/")
+        if name == top:
+            rel = b""
+        elif name.startswith(prefix):
+            rel = name[len(prefix):]
+        else:
+            continue
+        mode, mtime = member.mode & PERMISSIONS, int(member.mtime)
+        base = rel.rpartition(b"/")[2]
+        parent = rel.rpartition(b"/")[0]
+        if base == OPAQUE_NAME:
+            index.opaque.add(parent)
+        elif base.startswith(WHITEOUT_PREFIX):
+            hidden = (parent + b"/" if parent else b"") + base[len(WHITEOUT_PREFIX):]
+            earlier = nodes.get(hidden)
+            if earlier is None:
+                nodes[hidden] = Node(WHITEOUT, 0, 0, 0, 0, 0)
+            elif earlier.kind == DIR:  # an entry of the same layer is not hidden by it
+                index.opaque.add(hidden)
+        elif member.type in REGULAR:
+            sha = hashlib.sha256()
+            for piece in tar.data():
+                sha.update(piece)
+            nodes[rel] = Node(FILE, mode, 0, 0, member.size, mtime, digest=sha.hexdigest())
+        elif member.type == DIRECTORY:
+            earlier = nodes.get(rel)
+            if earlier is not None and earlier.kind == WHITEOUT:
+                index.opaque.add(rel)
+            nodes[rel] = Node(DIR, mode, 0, 0, 0, mtime)
+        elif member.type == SYMLINK:
+            nodes[rel] = Node(LINK, mode, 0, 0, 0, mtime, target=member.linkname)
+        elif member.type == HARDLINK:
+            link = member.linkname
+            while link.startswith(b"./"):
+                link = link[2:]
+            first = link[len(prefix):] if link.startswith(prefix) else link
+            source = nodes.get(first)
+            if source is None or source.kind != FILE:
+                raise InputError(f"layer {diff_id}: hard link {os.fsdecode(name)!r} points "
+                                 "at a file that is not in the layer before it")
+            group_firsts.add(first)
+            nodes[rel] = source._replace(mode=mode, mtime=mtime, group=first)
+    tar.drain()
+    for first in group_firsts:
+        nodes[first] = nodes[first]._replace(group=first)
+    return index
+
+
+def records(index: LayerIndex) -> Iterator[list[object]]:
+    """The index as JSON-ready rows (names through the filesystem encoding)."""
+    for path, node in index.nodes.items():
+        yield [os.fsdecode(path), node.kind, node.mode, node.uid, node.gid, node.size,
+               node.mtime, os.fsdecode(node.target), os.fsdecode(node.group), node.digest,
+               node.mtime_ns]
+
+
+def from_records(diff_id: str, mount_point: str, rows: list[list[object]],
+                 opaque: list[str]) -> LayerIndex:
+    index = LayerIndex(diff_id, mount_point, opaque={os.fsencode(path) for path in opaque})
+    nodes = index.nodes
+    fsencode = os.fsencode
+    for row in rows:
+        path, kind, mode, uid, gid, size, mtime, target, group, digest, mtime_ns = row
+        nodes[fsencode(path)] = Node(kind, mode, uid, gid, size, mtime, fsencode(target),
+                                     fsencode(group), digest, mtime_ns)  # type: ignore[arg-type]
+    return index

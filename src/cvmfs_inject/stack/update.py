@@ -1,0 +1,151 @@
+"""One update of a stack: decide what the new stack is, and pack the layers it needs.
+
+The stack is an LSM tree. An update normally appends a delta holding what changed since
+the stack's last state. When that would make more than `max_layers` layers, or the deltas
+together would outgrow `compact_ratio` of the base, the deltas are merged into one (the
+diff of the tree against the base alone); when even that merged delta outgrows the ratio,
+a fresh base is packed and the stack is one layer again. Every decision depends on the
+tree and the indexes only, so the same sequence of trees gives the same layers anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from cvmfs_inject.image.edit import LABEL_MOUNT, NewLayer, Stack
+from cvmfs_inject.image.source import Image, ImageSource
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.pack.inflate import decompressed
+from cvmfs_inject.pack.options import PackOptions, Progress, Warn
+from cvmfs_inject.pack.packer import PackResult, pack
+from cvmfs_inject.stack.cache import IndexCache, default_state_dir
+from cvmfs_inject.stack.diff import Delta, Scan, diff
+from cvmfs_inject.stack.index import LayerIndex, index_of_layer, union
+from cvmfs_inject.stack.options import StackOptions
+from cvmfs_inject.stack.plan import Plan
+
+
+@dataclass
+class StackUpdate:
+    """The new stack: the first `keep` layers of the old one, then `layers`."""
+
+    action: str  # base, delta, merged, rebased, unchanged
+    keep: int = 0
+    layers: list[NewLayer] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    downloaded: int = 0  # layer bytes read to rebuild indexes missing from the cache
+    packed: PackResult | None = None
+
+    @property
+    def count(self) -> int:
+        return self.keep + len(self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "layers": self.count, "added": self.added,
+                "changed": self.changed, "removed": self.removed,
+                "compacted": self.action in ("merged", "rebased"),
+                "downloaded": self.downloaded}
+
+
+class StackUpdater:
+    """Updates the stacks of the images of one command, from one scan of the tree."""
+
+    def __init__(self, source: ImageSource, store: Layout, scan: Scan, options: PackOptions,
+                 stack_options: StackOptions, progress: Progress | None = None,
+                 warn: Warn | None = None) -> None:
+        self.source, self.store, self.scan = source, store, scan
+        self.options, self.stack_options = options, stack_options
+        self.cache = IndexCache(stack_options.state_dir or default_state_dir())
+        self.progress, self.warn = progress, warn
+        self._done: dict[tuple[str, ...], StackUpdate] = {}
+
+    def update(self, image: Image, stack: Stack) -> StackUpdate:
+        """The update of this image's stack (images with the same stack share it)."""
+        key = tuple(stack.diff_ids)
+        if key not in self._done:
+            self._done[key] = self._update(image, stack)
+        return self._done[key]
+
+    def _update(self, image: Image, stack: Stack) -> StackUpdate:
+        ratio, limit = self.stack_options.compact_ratio, self.stack_options.max_layers
+        labelled = image.config.labels.get(LABEL_MOUNT)
+        if not stack.diff_ids or limit == 1 or labelled not in (None, self.options.mount_point):
+            return self._rebase("base" if not stack.diff_ids else "rebased", stack)
+        update = StackUpdate("unchanged")
+        indexes = [self._index(image, stack, i, update) for i in range(len(stack.diff_ids))]
+        delta = self._diff(union(indexes), update)
+        if delta.empty and len(indexes) <= limit:
+            return update
+        base_bytes = indexes[0].tar_bytes()
+        deltas_bytes = sum(index.tar_bytes() for index in indexes[1:])
+        if (not delta.empty and len(indexes) < limit
+                and deltas_bytes + delta.tar_bytes <= ratio * base_bytes):
+            update.action, update.keep = "delta", len(indexes)
+            self._pack(delta, update, f"delta {len(indexes)}")
+            return update
+        merged = self._diff(union(indexes[:1]), update)
+        if merged.tar_bytes > ratio * base_bytes:
+            rebased = self._rebase("rebased", stack)
+            rebased.downloaded = update.downloaded
+            return rebased
+        update.action, update.keep = "merged", 1
+        if not merged.empty:
+            self._pack(merged, update, "deltas merged")
+        return update
+
+    def _diff(self, old: dict[bytes, Any], update: StackUpdate) -> Delta:
+        epoch = self.options.source_date_epoch
+        delta = diff(old, self.scan, checksum=self.stack_options.checksum, epoch=epoch)
+        update.added, update.changed, update.removed = delta.added, delta.changed, delta.removed
+        return delta
+
+    def _rebase(self, action: str, stack: Stack) -> StackUpdate:
+        update = StackUpdate(action)
+        update.added = sum(node.kind != "d" for node in self.scan.nodes.values())
+        self._pack(None, update, "base")
+        return update
+
+    def _pack(self, delta: Delta | None, update: StackUpdate, role: str) -> None:
+        options = self.options
+        plan = Plan(self.scan, delta, options.mount_point)
+        digests: dict[str, str] = {}
+        with self.store.writer() as writer:
+            packed = pack(Path(self.scan.root), writer, options, self.progress, self.warn,
+                          plan=plan, digests=digests)
+            layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
+                             options.compression, options.mount_point)
+            writer.commit()
+        packed.entries, packed.hardlinks = plan.entries + 1, plan.hardlinks
+        self.cache.put(plan.index(packed.diff_id, digests))
+        update.layers.append(layer)
+        update.packed = packed
+        counts = f"+{update.added} ~{update.changed} -{update.removed}"
+        update.comments.append(f"cvmfs-inject: {options.mount_point} {role} "
+                               f"({counts} files) layer {layer.diff_id}")
+
+    def _index(self, image: Image, stack: Stack, i: int, update: StackUpdate) -> LayerIndex:
+        """A layer's index from the cache, else rebuilt by reading the layer."""
+        diff_id, mount = stack.diff_ids[i], self.options.mount_point
+        index = self.cache.get(diff_id, mount)
+        if index is not None:
+            return index
+        desc = image.manifest.layers[stack.position + i]
+        if self.warn:
+            self.warn(f"rebuilding the index of layer {diff_id} (not in the cache): "
+                      f"reading {desc.size} bytes")
+        with self.source.open_blob(desc) as blob:
+            stream = decompressed(cast(IO[bytes], blob), desc.media_type)
+            try:
+                index = index_of_layer(stream, mount, diff_id)
+            finally:
+                if stream is not blob:
+                    stream.close()
+        update.downloaded += desc.size
+        self.cache.put(index)
+        return index
+

@@ -1,0 +1,365 @@
+"""/cvmfs as a stack of layers (`--max-layers`): the union every reader sees is the tree.
+
+Each change kind is one update (a delta) of a base, and three readers apply the stack:
+our `unpack`, `umoci unpack` and podman (pull, then `image mount`: overlayfs, as a
+container sees it). The comparison is the full `tree_snapshot`: types, modes, mtimes,
+contents, link targets and hard-link groups. SOURCE_DATE_EPOCH is unset here, so the
+mtimes are the tree's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+from helpers import assert_same_tree, dir_bytes, unique_repo
+from readers import podman_rootfs, umoci_unpack
+
+from cvmfs_inject.demo.sample import build_sample_image
+
+PAST = 1_600_000_000
+
+
+def build_tree(root: Path) -> Path:
+    """A small shrinkwrap-shaped tree: a content farm hard-linked into releases, symlinks,
+    an empty directory, deep paths, odd names; every time distinct and in the past."""
+    files = {
+        ".data/aa/c1": b"shared content one\n",
+        ".data/bb/c2": b"shared content two, a little longer\n",
+        "rel/a/sub/deep/file.txt": b"deep file\n",
+        "rel/a/name with spaces é.txt": b"odd name\n",
+        "rel/b/only-b.txt": b"only in b\n",
+        "rel/c/data.bin": bytes(range(256)) * 40,
+        "top.txt": b"at the top\n",
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    for name in ("rel/a/x.py", "rel/b/x.py"):
+        os.link(root / ".data/aa/c1", root / name)
+    os.link(root / ".data/bb/c2", root / "rel/c/y.py")
+    (root / "rel/empty").mkdir()
+    (root / "latest").symlink_to("rel")
+    (root / "rel/a/run").symlink_to("sub/deep/file.txt")
+    (root / "rel/c/data.bin").chmod(0o600)
+    stamp(root)
+    return root
+
+
+def stamp(root: Path, at: int = PAST) -> None:
+    """Give every entry its own time (deepest first, so directories keep theirs)."""
+    paths = sorted(root.rglob("*"), key=lambda p: (-len(p.parts), str(p)))
+    for i, path in enumerate([*paths, root]):
+        os.utime(path, (at + i, at + i), follow_symlinks=False)
+
+
+def touch(path: Path) -> None:
+    """A change a second later than anything before (the quick check compares times)."""
+    later = max(os.lstat(path).st_mtime, PAST + 10_000) + 1
+    os.utime(path, (later, later), follow_symlinks=False)
+
+
+def _content(root: Path) -> None:
+    (root / "rel/a/sub/deep/file.txt").write_bytes(b"DEEP FILE\n")  # same size
+
+
+def _mode(root: Path) -> None:
+    (root / "top.txt").chmod(0o600)
+
+
+def _mtime(root: Path) -> None:
+    touch(root / "top.txt")
+
+
+def _add(root: Path) -> None:
+    (root / "rel/b/new.txt").write_bytes(b"new\n")
+
+
+def _remove(root: Path) -> None:
+    (root / "rel/b/only-b.txt").unlink()
+
+
+def _remove_tree(root: Path) -> None:
+    shutil.rmtree(root / "rel/a/sub")
+    (root / "rel/a/run").unlink()
+
+
+def _dir_to_symlink(root: Path) -> None:
+    shutil.rmtree(root / "rel/b")
+    (root / "rel/b").symlink_to("a")
+
+
+def _symlink_to_dir(root: Path) -> None:
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+    (root / "latest/readme").write_bytes(b"now a directory\n")
+
+
+def _file_to_dir(root: Path) -> None:
+    (root / "top.txt").unlink()
+    (root / "top.txt").mkdir()
+    (root / "top.txt/inner").write_bytes(b"inner\n")
+
+
+def _dir_to_file(root: Path) -> None:
+    shutil.rmtree(root / "rel/c")
+    (root / "rel/c").write_bytes(b"was a directory\n")
+
+
+def _group_gains_a_name(root: Path) -> None:
+    os.link(root / ".data/aa/c1", root / "rel/c/x.py")
+
+
+def _group_loses_a_name(root: Path) -> None:
+    (root / "rel/b/x.py").unlink()
+
+
+def _group_content(root: Path) -> None:
+    (root / ".data/aa/c1").write_bytes(b"shared content ONE, rewritten in place\n")
+
+
+def _new_release(root: Path) -> None:
+    release = root / "rel/d"
+    (release / "lib").mkdir(parents=True)
+    os.link(root / ".data/bb/c2", release / "lib/y.py")
+    os.link(root / ".data/aa/c1", release / "x.py")
+    (release / "fresh.txt").write_bytes(b"fresh\n")
+
+
+def _empty_dir_removed(root: Path) -> None:
+    (root / "rel/empty").rmdir()
+
+
+CHANGES: dict[str, Callable[[Path], None]] = {
+    "content": _content, "mode": _mode, "mtime": _mtime, "add": _add, "remove": _remove,
+    "remove-tree": _remove_tree, "dir-to-symlink": _dir_to_symlink,
+    "symlink-to-dir": _symlink_to_dir, "file-to-dir": _file_to_dir,
+    "dir-to-file": _dir_to_file, "group-gains-a-name": _group_gains_a_name,
+    "group-loses-a-name": _group_loses_a_name, "group-content": _group_content,
+    "new-release": _new_release, "empty-dir-removed": _empty_dir_removed,
+}
+
+
+def _change(root: Path, name: str) -> None:
+    """Apply a change a second after the tree's times, as a later export would."""
+    CHANGES[name](root)
+    later = PAST + 20_000
+    for path in [root, *root.rglob("*")]:
+        st = os.lstat(path)
+        if st.st_mtime > later:  # touched by the change just now: bring it to `later`
+            os.utime(path, (later, later), follow_symlinks=False)
+
+
+def inject(cli, ref: str, tree: Path, state: Path, *args: object) -> dict:
+    result = cli("--json", "inject", ref, tree, "--state", state, *args)
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+@pytest.fixture
+def stacked(cli, tmp_path):
+    """A layout whose tag s1 holds the base layer of build_tree, ready for an update."""
+    layout, state = tmp_path / "layout", tmp_path / "state"
+    build_sample_image(layout, "v1")
+    tree = build_tree(tmp_path / "tree")
+    report = inject(cli, f"{layout}:v1", tree, state, "--max-layers", "4", "--tag", "s1")
+    assert report["stack"]["action"] == "base"
+    return layout, tree, state
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_every_change_kind_gives_the_tree_in_every_reader(cli, tmp_path, stacked, change):
+    layout, tree, state = stacked
+    _change(tree, change)
+    report = inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    assert report["stack"]["action"] == "delta" and report["stack"]["layers"] == 2
+    result = cli("unpack", f"{layout}:s2", tmp_path / "ours")
+    assert result.code == 0, result.err
+    assert_same_tree(tree, tmp_path / "ours")
+    assert_same_tree(tree, umoci_unpack(layout, "s2", tmp_path / "bundle") / "cvmfs")
+    with podman_rootfs(layout, "s2", tmp_path / "podman") as rootfs:
+        assert_same_tree(tree, rootfs / "cvmfs")
+        assert (rootfs / "etc/os-release").is_file()  # the base image is still underneath
+
+
+def test_a_delta_holds_only_what_changed(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    _change(tree, "content")
+    report = inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    stack = report["stack"]
+    assert (stack["added"], stack["changed"], stack["removed"]) == (0, 1, 0)
+    # the file and its directories, up to the mount point: nothing else
+    assert report["stats"]["files"] == 1 and report["stats"]["entries"] == 6
+    assert report["layer"]["size"] < 400
+
+
+def test_an_unchanged_tree_writes_nothing(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    before = dir_bytes(layout)
+    report = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4")
+    assert report["status"] == "unchanged" and report["stack"]["action"] == "unchanged"
+    assert dir_bytes(layout) == before
+
+
+def test_the_first_stacked_inject_is_todays_single_layer(cli, tmp_path, epoch):
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    tree = build_tree(tmp_path / "tree")
+    single = inject(cli, f"{layout}:v1", tree, tmp_path / "state", "--tag", "single")
+    stacked = inject(cli, f"{layout}:v1", tree, tmp_path / "state", "--tag", "stacked",
+                     "--max-layers", "3")
+    assert stacked["digest"] == single["digest"]
+    assert stacked["layer"] == single["layer"]
+
+
+def _updates(cli, tmp_path: Path, name: str, *args: object, cache: bool = True
+             ) -> list[dict]:
+    """Five updates of one change each, with `args`; the reports. Without `cache`, every
+    update starts from an empty state directory (a fresh CI runner)."""
+    layout, state = tmp_path / name / "layout", tmp_path / name / "state"
+    build_sample_image(layout, "v1")
+    tree = build_tree(tmp_path / name / "tree")
+    reports = [inject(cli, f"{layout}:v1", tree, state, *args)]
+    for change in ("content", "add", "new-release", "remove", "dir-to-symlink"):
+        _change(tree, change)
+        if not cache:
+            shutil.rmtree(state)
+        reports.append(inject(cli, f"{layout}:v1", tree, state, *args))
+        result = cli("unpack", f"{layout}:v1", tmp_path / name / f"out-{change}")
+        assert result.code == 0, result.err
+        assert_same_tree(tree, tmp_path / name / f"out-{change}")
+    return reports
+
+
+def test_the_stack_stays_within_max_layers_by_merging_deltas(cli, tmp_path):
+    reports = _updates(cli, tmp_path, "a", "--max-layers", "3", "--compact-ratio", "10")
+    actions = [report["stack"]["action"] for report in reports]
+    assert actions == ["base", "delta", "delta", "merged", "delta", "merged"]
+    assert [report["stack"]["layers"] for report in reports] == [1, 2, 3, 2, 3, 2]
+
+
+def test_deltas_that_outgrow_the_ratio_give_a_fresh_base(cli, tmp_path):
+    reports = _updates(cli, tmp_path, "a", "--max-layers", "3", "--compact-ratio", "0.01")
+    assert {report["stack"]["action"] for report in reports[1:]} == {"rebased"}
+    assert all(report["stack"]["layers"] == 1 for report in reports)
+
+
+def test_the_same_updates_give_the_same_digests_with_or_without_the_cache(cli, tmp_path,
+                                                                          epoch):
+    first = _updates(cli, tmp_path, "a", "--max-layers", "3")
+    again = _updates(cli, tmp_path, "b", "--max-layers", "3", cache=False)
+    assert [r["digest"] for r in first] == [r["digest"] for r in again]
+    assert all(r["stack"]["downloaded"] > 0 for r in again[1:])
+
+
+def test_a_missing_or_corrupt_cache_is_rebuilt_from_the_layers(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    _change(tree, "remove")
+    expected = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s3")
+    indexes = sorted((state / "index").iterdir())
+    assert len(indexes) == 3
+    indexes[0].write_bytes(indexes[0].read_bytes()[:-20])  # truncated
+    indexes[1].unlink()
+    report = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s4")
+    assert report["stack"]["downloaded"] > 0
+    assert report["layer"] == expected["layer"]
+
+
+def test_max_layers_1_compacts_a_stack_back_to_one_layer(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    report = inject(cli, f"{layout}:s2", tree, state, "--tag", "one")
+    assert report["stack"]["action"] == "rebased" and report["stack"]["layers"] == 1
+    result = cli("--json", "inspect", f"{layout}:one")
+    labels = json.loads(result.out)["images"][0]["labels"]
+    assert "io.cvmfs-inject.stack" not in labels
+    result = cli("unpack", f"{layout}:one", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert_same_tree(tree, tmp_path / "out")
+    assert_same_tree(tree, umoci_unpack(layout, "one", tmp_path / "bundle") / "cvmfs")
+
+
+def test_a_stack_label_that_does_not_match_the_layers_is_refused(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    from cvmfs_inject.layout.store import Layout
+    from cvmfs_inject.oci.jsondoc import canonical_json
+    from cvmfs_inject.oci.model import ImageConfig, Manifest
+
+    store = Layout.open(layout)
+    top = store.resolve("s2")
+    manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
+    config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size), "c")
+    doc = config.edit()
+    labels = doc["config"]["Labels"]
+    labels["io.cvmfs-inject.stack"] = ",".join(reversed(labels["io.cvmfs-inject.stack"]
+                                                        .split(",")))
+    new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
+    mdoc = manifest.edit()
+    mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
+    store.set_tag("bad", store.put_bytes(canonical_json(mdoc), manifest.media_type))
+    shutil.rmtree(store.tmp_dir)  # our own writes' scratch space, which a command tidies
+    before = dir_bytes(layout)
+    for args in (["inject", f"{layout}:bad", tree, "--max-layers", "4", "--state", state],
+                 ["unpack", f"{layout}:bad", tmp_path / "out"]):
+        result = cli(*args)
+        assert result.code == 3, result.err
+        assert "io.cvmfs-inject.stack" in result.err and result.err.count("\n") == 1
+    assert dir_bytes(layout) == before
+
+
+def _blob_traffic(registry, start: int) -> tuple[set[str], set[str]]:
+    """Digests of the blobs uploaded (completed upload PUTs) and downloaded (GETs) since
+    request number `start`."""
+    uploaded, downloaded = set(), set()
+    for method, uri in registry.requests(query=True)[start:]:
+        path, _, query = uri.partition("?")
+        if method == "PUT" and "/blobs/uploads/" in path:
+            uploaded.update(parse_qs(query).get("digest", []))
+        elif method == "GET" and "/blobs/" in path:
+            downloaded.add(path.rsplit("/", 1)[1])
+    return uploaded, downloaded
+
+
+def test_registry_direct_updates_move_only_the_new_layer(cli, registry, tmp_path):
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    url = f"docker://{registry.host}/{unique_repo('stack', 'direct')}:v1"
+    assert cli("push", "--no-tls-verify", f"{layout}:v1", url).code == 0
+    tree, state = build_tree(tmp_path / "tree"), tmp_path / "state"
+    inject(cli, url, tree, state, "--no-tls-verify", "--max-layers", "3")
+    _change(tree, "new-release")
+    start = len(registry.requests())
+    report = inject(cli, url, tree, state, "--no-tls-verify", "--max-layers", "3")
+    uploaded, downloaded = _blob_traffic(registry, start)
+    inspected = json.loads(cli("--json", "inspect", "--no-tls-verify", url).out)["images"][0]
+    config = inspected["config"]["digest"]
+    assert report["stack"]["action"] == "delta"
+    assert uploaded == {report["layer"]["digest"], config}
+    assert not downloaded & {layer["digest"] for layer in inspected["layers"]}  # configs only
+    assert report["written"] < report["layer"]["size"] + 4096  # the layer and documents
+    result = cli("unpack", "--no-tls-verify", url, tmp_path / "out")
+    assert result.code == 0, result.err
+    assert_same_tree(tree, tmp_path / "out")
+
+    # a fresh runner (no cache) reads the stack's layers, never the base image's
+    _change(tree, "remove")
+    stack_layers = {layer["digest"]: layer["size"] for layer in inspected["layers"]
+                    if layer["diff_id"] in inspected["labels"]["io.cvmfs-inject.stack"]}
+    start = len(registry.requests())
+    report = inject(cli, url, tree, tmp_path / "fresh", "--no-tls-verify", "--max-layers", "3")
+    _, downloaded = _blob_traffic(registry, start)
+    assert report["stack"]["downloaded"] == sum(stack_layers.values())
+    assert downloaded - {config} == set(stack_layers)
