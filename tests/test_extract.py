@@ -577,3 +577,40 @@ def test_decompressed_known_media_types(scene: Scene, media_type: str) -> None:
         data = raw
     extract(decompressed(io.BytesIO(data), media_type), str(scene.target), "/cvmfs")
     assert (scene.target / "f").read_bytes() == b"payload"
+
+
+# -- whiteouts: an upper layer of a stack applied over a lower one ---------------------------
+def upper(scene: Scene, entries: list[E]) -> ExtractResult:
+    return extract(io.BytesIO(build(entries)), str(scene.target), "/cvmfs", whiteouts=True)
+
+
+def test_whiteouts_remove_what_the_lower_layer_put_there(scene: Scene) -> None:
+    run(scene, build([E("cvmfs/", "dir", mode=0o755), E("cvmfs/d/", "dir", mode=0o555),
+                      E("cvmfs/d/a", data=b"a"), E("cvmfs/d/sub/", "dir"),
+                      E("cvmfs/d/sub/b", data=b"b"), E("cvmfs/keep", data=b"k"),
+                      E("cvmfs/o/", "dir"), E("cvmfs/o/gone", data=b"g")]))
+    upper(scene, [E("cvmfs/d/", "dir", mode=0o555), E("cvmfs/d/.wh.a"), E("cvmfs/d/.wh.sub"),
+                  E("cvmfs/d/new", data=b"n"), E("cvmfs/o/", "dir"),
+                  E("cvmfs/o/.wh..wh..opq"), E("cvmfs/o/fresh", data=b"f")])
+    snap = tree_snapshot(scene.target)
+    assert sorted(snap) == ["d", "d/new", "keep", "o", "o/fresh"]
+    assert snap["d"]["mode"] == 0o555  # read-only below, and written into above
+
+
+def test_whiteouts_are_skipped_in_a_single_layer_unpack(scene: Scene) -> None:
+    warnings: list[str] = []
+    run(scene, build([E("cvmfs/a", data=b"a"), E("cvmfs/.wh.a")]), warnings=warnings)
+    assert (scene.target / "a").read_bytes() == b"a"
+    assert any("whiteout" in warning for warning in warnings)
+
+
+@pytest.mark.parametrize("name", ["cvmfs/link/.wh.victim", "cvmfs/link/.wh..wh..opq",
+                                  "cvmfs/.wh..", "cvmfs/.wh.", "cvmfs/d/.wh..."])
+def test_hostile_whiteouts_remove_nothing_outside(scene: Scene, name: str) -> None:
+    run(scene, build([E("cvmfs/link", "symlink", link=str(scene.outside)),
+                      E("cvmfs/d/", "dir"), E("cvmfs/d/f", data=b"f")]))
+    before = scene.outside_state()
+    with pytest.raises(InputError):
+        upper(scene, [E(name)])
+    assert scene.outside_state() == before
+    assert (scene.target / "d" / "f").exists()

@@ -247,7 +247,7 @@ class _Extraction:
             fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                          dir_fd=self.root)
             try:
-                names = os.listdir(fd)
+                names = [os.fsencode(name) for name in os.listdir(fd)]
             finally:
                 os.close(fd)
             paths = [parent + b"/" + child if parent else child for child in names]
