@@ -363,3 +363,19 @@ def test_registry_direct_updates_move_only_the_new_layer(cli, registry, tmp_path
     _, downloaded = _blob_traffic(registry, start)
     assert report["stack"]["downloaded"] == sum(stack_layers.values())
     assert downloaded - {config} == set(stack_layers)
+
+
+def test_the_union_of_indexes_follows_the_changeset_rules():
+    from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node, union
+
+    def layer(nodes: dict[bytes, str], opaque: set[bytes] = frozenset()) -> LayerIndex:
+        return LayerIndex("sha256:x", "/cvmfs", {p: Node(k, 0o755, 0, 0, 0, 0)
+                                                 for p, k in nodes.items()}, set(opaque))
+
+    base = layer({b"": DIR, b"a": DIR, b"a/f": FILE, b"a/s": DIR, b"a/s/g": FILE,
+                  b"b": DIR, b"b/h": FILE, b"c": FILE, b"o": DIR, b"o/x": FILE, b"ab": FILE})
+    delta = layer({b"": DIR, b"a": DIR, b"a/s": WHITEOUT, b"b": LINK, b"c": DIR,
+                   b"c/new": FILE, b"o": DIR, b"o/y": FILE, b"gone": WHITEOUT}, {b"o"})
+    tree = union([base, delta])
+    assert sorted(tree) == [b"", b"a", b"a/f", b"ab", b"b", b"c", b"c/new", b"o", b"o/y"]
+    assert tree[b"b"].kind == LINK and tree[b"c"].kind == DIR

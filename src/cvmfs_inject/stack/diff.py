@@ -46,6 +46,7 @@ def scan(tree: Path, options: PackOptions, warn: Warn | None = None) -> Scan:
     walker = TreeWalker(options, TarHeaders(), clamp, warn or (lambda _: None))
     firsts: dict[int, bytes] = {}
     s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
+    new = tuple.__new__  # a Node per entry: skip NamedTuple's Python-level __new__
     for _, name, fd, tar_name, st in walker.stats_of(root, b""):
         rel = tar_name[1:]
         mode = st.st_mode
@@ -54,13 +55,14 @@ def scan(tree: Path, options: PackOptions, warn: Warn | None = None) -> Scan:
             group = b""
             if st.st_nlink > 1:
                 group = firsts.setdefault(st.st_dev << 64 | st.st_ino, rel)
-            nodes[rel] = Node(FILE, s_imode(mode), uid, gid, st.st_size, clamp(st.st_mtime),
-                              b"", group, "", st.st_mtime_ns)
+            nodes[rel] = new(Node, (FILE, s_imode(mode), uid, gid, st.st_size,
+                                    clamp(st.st_mtime), b"", group, "", st.st_mtime_ns))
         elif s_isdir(mode):
-            nodes[rel] = Node(DIR, s_imode(mode), uid, gid, 0, clamp(st.st_mtime))
+            nodes[rel] = new(Node, (DIR, s_imode(mode), uid, gid, 0, clamp(st.st_mtime), b"",
+                                    b"", "", 0))
         else:
-            nodes[rel] = Node(LINK, s_imode(mode), uid, gid, 0, clamp(st.st_mtime),
-                              os.fsencode(os.readlink(name, dir_fd=fd)))
+            nodes[rel] = new(Node, (LINK, s_imode(mode), uid, gid, 0, clamp(st.st_mtime),
+                                    os.fsencode(os.readlink(name, dir_fd=fd)), b"", "", 0))
     sizes = Counter(node.group for node in nodes.values() if node.group)
     for rel, node in nodes.items():  # a group of one name (other links outside DIR) is none
         if node.group and sizes[node.group] == 1:

@@ -14,11 +14,12 @@ times; an index rebuilt from a layer has the packed time only (`mtime_ns` 0).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
@@ -81,34 +82,39 @@ def union(layers: Iterable[LayerIndex]) -> dict[bytes, Node]:
     lower ones (the OCI image spec's changeset rules)."""
     tree: dict[bytes, Node] = {}
     for layer in layers:
-        hidden: set[bytes] = set(layer.opaque)  # paths whose lower descendants go
-        gone: set[bytes] = set()  # paths that go themselves
+        gone: list[bytes] = []  # lower paths that go, and all below them
+        emptied = list(layer.opaque)  # lower directories whose content goes
         for path, node in layer.nodes.items():
+            if node.kind == DIR:
+                continue
+            lower = tree.get(path)
+            if lower is None:
+                continue
             if node.kind == WHITEOUT:
-                hidden.add(path)
-                gone.add(path)
-            elif node.kind != DIR:
-                hidden.add(path)
-        if hidden:
-            tree = {path: node for path, node in tree.items()
-                    if path not in gone and not _below_any(path, hidden)}
+                gone.append(path)
+            elif lower.kind == DIR:
+                emptied.append(path)
+        if gone or emptied:
+            _remove(tree, gone, emptied)
         for path, node in layer.nodes.items():
             if node.kind != WHITEOUT:
                 tree[path] = node
     return tree
 
 
-def _below_any(path: bytes, tops: set[bytes]) -> bool:
-    """Whether a strict ancestor of `path` is in `tops` (b"" is the mount point)."""
-    if b"" in tops and path:
-        return True
-    end = path.rfind(b"/")
-    while end > 0:
-        path = path[:end]
-        if path in tops:
-            return True
-        end = path.rfind(b"/")
-    return False
+def _remove(tree: dict[bytes, Node], gone: list[bytes], emptied: list[bytes]) -> None:
+    """Remove `gone` paths and everything below them and below `emptied` ones: a path's
+    descendants are the keys after it in sorted order that start with it and a slash."""
+    keys = sorted(tree)
+    for path in gone:
+        del tree[path]
+    for path in [*gone, *emptied]:
+        prefix = path + b"/" if path else b""
+        i = bisect.bisect_left(keys, prefix)
+        while i < len(keys) and keys[i].startswith(prefix):
+            if keys[i]:  # the mount point itself stays
+                tree.pop(keys[i], None)
+            i += 1
 
 
 def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIndex:
@@ -180,13 +186,16 @@ def records(index: LayerIndex) -> Iterator[list[object]]:
                node.mtime_ns]
 
 
-def from_records(diff_id: str, mount_point: str, rows: list[list[object]],
+def from_records(diff_id: str, mount_point: str, rows: list[list[Any]],
                  opaque: list[str]) -> LayerIndex:
+    """The index back from its rows (names encoded as `os.fsencode` does, inline: this
+    runs once per entry of the tree)."""
     index = LayerIndex(diff_id, mount_point, opaque={os.fsencode(path) for path in opaque})
     nodes = index.nodes
-    fsencode = os.fsencode
-    for row in rows:
-        path, kind, mode, uid, gid, size, mtime, target, group, digest, mtime_ns = row
-        nodes[fsencode(path)] = Node(kind, mode, uid, gid, size, mtime, fsencode(target),
-                                     fsencode(group), digest, mtime_ns)  # type: ignore[arg-type]
+    encode, new = str.encode, tuple.__new__
+    for path, kind, mode, uid, gid, size, mtime, target, group, digest, mtime_ns in rows:
+        nodes[encode(path, "utf-8", "surrogateescape")] = new(Node, (
+            kind, mode, uid, gid, size, mtime,
+            encode(target, "utf-8", "surrogateescape") if target else b"",
+            encode(group, "utf-8", "surrogateescape") if group else b"", digest, mtime_ns))
     return index

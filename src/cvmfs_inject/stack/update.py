@@ -80,6 +80,7 @@ class StackUpdater:
         indexes = [self._index(image, stack, i, update) for i in range(len(stack.diff_ids))]
         delta = self._diff(union(indexes), update)
         if delta.empty and len(indexes) <= limit:
+            update.keep = len(indexes)
             return update
         base_bytes = indexes[0].tar_bytes()
         deltas_bytes = sum(index.tar_bytes() for index in indexes[1:])
