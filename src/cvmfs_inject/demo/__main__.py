@@ -2,8 +2,9 @@
 
 It builds a small base image with our own packer, a shrinkwrap-shaped tree, then runs the
 two site workflows for real: the air-gapped one (docker-archive in, docker-archive out)
-and the connected one against a docker-registry it starts on 127.0.0.1. Every step is a
-real `cvmfs-inject` command, printed before it runs.
+and the connected one against a docker-registry it starts on 127.0.0.1, ending with an
+incremental update that uploads only what changed. Every step is a real `cvmfs-inject`
+command, printed before it runs.
 """
 
 from __future__ import annotations
@@ -115,6 +116,14 @@ def main() -> int:
                  f"docker://{host}/sample/base:1.0")
             step("run", "--no-tls-verify", f"docker://{host}/sample/base:1.0", str(tree),
                  f"docker://{host}/sample/base:1.0-cvmfs")
+            step("inspect", "--no-tls-verify", f"docker://{host}/sample/base:1.0-cvmfs")
+            # An incremental update: /cvmfs as a stack of layers, only the delta uploaded.
+            # The first one reads the /cvmfs layer once to index it (no cache yet).
+            stacked = [f"docker://{host}/sample/base:1.0-cvmfs", str(tree), "--no-tls-verify",
+                       "--max-layers", "3", "--state", str(out / "state")]
+            (tree / "sft.cern.ch" / "NEW-RELEASE").mkdir()
+            (tree / "sft.cern.ch" / "NEW-RELEASE" / "setup.sh").write_text("# new release\n")
+            step("inject", *stacked)
             step("inspect", "--no-tls-verify", f"docker://{host}/sample/base:1.0-cvmfs")
 
     print(f"""
