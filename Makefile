@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 APT_PROGRAMS := skopeo:skopeo docker-registry:docker-registry umoci:umoci pigz:pigz \
                 openssl:openssl apache2-utils:htpasswd ca-certificates:update-ca-certificates
 
-.PHONY: all setup system-packages demo test lint bench bench-direct clean
+.PHONY: all setup system-packages demo test lint bench bench-direct bench-stack clean
 
 all: test
 
@@ -52,6 +52,9 @@ bench: setup
 
 bench-direct: setup
 	$(PY) bench/direct.py
+
+bench-stack: setup
+	$(PY) bench/stack.py
 
 clean:
 	rm -rf $(VENV) demo-out bench/cache .pytest_cache .ruff_cache build dist src/*.egg-info
