@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian package -> a program it provides (used to tell what is missing)
 APT_PROGRAMS := skopeo:skopeo docker-registry:docker-registry umoci:umoci pigz:pigz \
-                openssl:openssl apache2-utils:htpasswd ca-certificates:update-ca-certificates
+                openssl:openssl apache2-utils:htpasswd ca-certificates:update-ca-certificates \
+                podman:podman
 
 .PHONY: all setup system-packages demo test lint bench bench-direct bench-stack clean
 
