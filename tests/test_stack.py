@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -379,3 +381,41 @@ def test_the_union_of_indexes_follows_the_changeset_rules():
     tree = union([base, delta])
     assert sorted(tree) == [b"", b"a", b"a/f", b"ab", b"b", b"c", b"c/new", b"o", b"o/y"]
     assert tree[b"b"].kind == LINK and tree[b"c"].kind == DIR
+
+
+def test_checksum_finds_a_change_that_kept_size_and_time(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    path = tree / "rel/a/sub/deep/file.txt"
+    st = os.lstat(path)
+    path.write_bytes(b"DEEP FILE\n")  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same time
+    quick = inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "quick")
+    assert quick["status"] == "unchanged"
+    checked = inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "sum",
+                     "--checksum")
+    assert checked["stack"]["changed"] == 1
+    assert cli("unpack", f"{layout}:sum", tmp_path / "out").code == 0
+    assert (tmp_path / "out/rel/a/sub/deep/file.txt").read_bytes() == b"DEEP FILE\n"
+
+
+def test_concurrent_stacked_injects_share_the_cache_safely(tmp_path, stacked):
+    layout, tree, state = stacked
+    trees = []
+    for i, change in enumerate(("add", "remove", "new-release")):
+        copy = tmp_path / f"tree{i}"
+        shutil.copytree(tree, copy, symlinks=True)
+        _change(copy, change)
+        trees.append(copy)
+    cli_path = Path(sys.executable).parent / "cvmfs-inject"
+    processes = [subprocess.Popen([cli_path, "inject", f"{layout}:s1", copy, "--max-layers",
+                                   "4", "--state", state, "--tag", f"c{i}", "-q"],
+                                  stderr=subprocess.PIPE)
+                 for i, copy in enumerate(trees)]
+    for process in processes:
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    for i, copy in enumerate(trees):
+        out = tmp_path / f"out{i}"
+        result = subprocess.run([cli_path, "unpack", f"{layout}:c{i}", out],
+                                capture_output=True, check=False)
+        assert result.returncode == 0, result.stderr
+        assert_same_tree(copy, out)

@@ -15,11 +15,17 @@ import json
 import os
 import tempfile
 import zlib
+from itertools import repeat
 from pathlib import Path
 
-from cvmfs_inject.stack.index import LayerIndex, from_records, records
+from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
 
-FORMAT = "cvmfs-inject tree index 1"
+FORMAT = "cvmfs-inject tree index 2"
+# Columns, not a row per entry: one JSON string per text column (names joined by NUL, which
+# no name holds) and one list per number column load about four times faster.
+_NAMES = ("paths", "targets", "groups")  # bytes, through the filesystem encoding
+_INTS = ("modes", "uids", "gids", "sizes", "mtimes", "mtimes_ns")
+_KINDS = frozenset((FILE, DIR, LINK, WHITEOUT))
 STATE_ENV = "XDG_CACHE_HOME"
 
 
@@ -44,21 +50,18 @@ class IndexCache:
         except (OSError, EOFError, ValueError, zlib.error):
             return None
         if not (isinstance(doc, dict) and doc.get("format") == FORMAT
-                and doc.get("diff_id") == diff_id and doc.get("mount_point") == mount_point
-                and isinstance(doc.get("entries"), list) and isinstance(doc.get("opaque"), list)):
+                and doc.get("diff_id") == diff_id and doc.get("mount_point") == mount_point):
             return None
         try:
-            return from_records(diff_id, mount_point, doc["entries"], doc["opaque"])
-        except (TypeError, ValueError):
+            return _loaded(doc)
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
     def put(self, index: LayerIndex) -> None:
         """Store an index atomically; a cache that cannot be written costs time later,
         so failing to write it is not an error."""
-        doc = {"format": FORMAT, "diff_id": index.diff_id, "mount_point": index.mount_point,
-               "entries": list(records(index)),
-               "opaque": sorted(os.fsdecode(path) for path in index.opaque)}
-        data = gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), 1, mtime=0)
+        data = gzip.compress(json.dumps(_document(index), separators=(",", ":")).encode(), 1,
+                             mtime=0)
         with contextlib.suppress(OSError):
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
@@ -72,3 +75,57 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+
+
+def _joined(names: list[bytes]) -> str:
+    return b"\0".join(names).decode("utf-8", "surrogateescape")
+
+
+def _split(text: str, count: int) -> list[bytes]:
+    names = text.encode("utf-8", "surrogateescape").split(b"\0") if count else []
+    if len(names) != count:
+        raise ValueError("column length")
+    return names
+
+
+def _document(index: LayerIndex) -> dict[str, object]:
+    nodes = list(index.nodes.values())
+    doc: dict[str, object] = {
+        "format": FORMAT, "diff_id": index.diff_id, "mount_point": index.mount_point,
+        "count": len(nodes), "opaque": _joined(sorted(index.opaque)),
+        "paths": _joined(list(index.nodes)), "kinds": "".join(n.kind for n in nodes),
+        "targets": _joined([n.target for n in nodes]),
+        "groups": _joined([n.group for n in nodes]),
+        "digests": "\0".join(n.digest for n in nodes)}
+    for name, field in zip(_INTS, ("mode", "uid", "gid", "size", "mtime", "mtime_ns"),
+                           strict=True):
+        doc[name] = [getattr(n, field) for n in nodes]
+    return doc
+
+
+def _loaded(doc: dict[str, object]) -> LayerIndex:
+    """The index a document holds; ValueError/TypeError when it is not whole."""
+    count = doc["count"]
+    if not isinstance(count, int):
+        raise TypeError("count")
+    paths, targets, groups = (_split(doc[name], count) for name in _NAMES)  # type: ignore[arg-type]
+    kinds, digests = doc["kinds"], doc["digests"]
+    if not (isinstance(kinds, str) and isinstance(digests, str) and len(kinds) == count
+            and set(kinds) <= _KINDS):
+        raise ValueError("kinds")
+    digest_list = digests.split("\0") if count else []
+    numbers = [doc[name] for name in _INTS]
+    for column in numbers:
+        if not (isinstance(column, list) and len(column) == count
+                and set(map(type, column)) <= {int}):
+            raise ValueError("numbers")
+    if len(digest_list) != count:
+        raise ValueError("digests")
+    modes, uids, gids, sizes, mtimes, mtimes_ns = numbers
+    rows = zip(kinds, modes, uids, gids, sizes, mtimes, targets, groups, digest_list,
+               mtimes_ns, strict=True)
+    opaque = doc["opaque"]
+    index = LayerIndex(str(doc["diff_id"]), str(doc["mount_point"]),
+                       dict(zip(paths, map(tuple.__new__, repeat(Node), rows), strict=True)),
+                       set(_split(opaque, opaque.count("\0") + 1 if opaque else 0)))  # type: ignore[union-attr,arg-type]
+    return index

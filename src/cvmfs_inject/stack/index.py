@@ -17,9 +17,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any, NamedTuple
+from typing import IO, NamedTuple
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
@@ -175,27 +175,4 @@ def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIn
     tar.drain()
     for first in group_firsts:
         nodes[first] = nodes[first]._replace(group=first)
-    return index
-
-
-def records(index: LayerIndex) -> Iterator[list[object]]:
-    """The index as JSON-ready rows (names through the filesystem encoding)."""
-    for path, node in index.nodes.items():
-        yield [os.fsdecode(path), node.kind, node.mode, node.uid, node.gid, node.size,
-               node.mtime, os.fsdecode(node.target), os.fsdecode(node.group), node.digest,
-               node.mtime_ns]
-
-
-def from_records(diff_id: str, mount_point: str, rows: list[list[Any]],
-                 opaque: list[str]) -> LayerIndex:
-    """The index back from its rows (names encoded as `os.fsencode` does, inline: this
-    runs once per entry of the tree)."""
-    index = LayerIndex(diff_id, mount_point, opaque={os.fsencode(path) for path in opaque})
-    nodes = index.nodes
-    encode, new = str.encode, tuple.__new__
-    for path, kind, mode, uid, gid, size, mtime, target, group, digest, mtime_ns in rows:
-        nodes[encode(path, "utf-8", "surrogateescape")] = new(Node, (
-            kind, mode, uid, gid, size, mtime,
-            encode(target, "utf-8", "surrogateescape") if target else b"",
-            encode(group, "utf-8", "surrogateescape") if group else b"", digest, mtime_ns))
     return index
