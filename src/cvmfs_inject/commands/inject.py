@@ -8,6 +8,7 @@ tag last. Layout and registry-direct injection therefore give the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from cvmfs_inject.stack.options import StackOptions
 from cvmfs_inject.stack.update import StackUpdate, StackUpdater
 
 if TYPE_CHECKING:  # the registry modules load only for registry refs
+    from cvmfs_inject.batch.packs import Prepacked
     from cvmfs_inject.image.remote import UploadProgress
 
 
@@ -111,10 +113,11 @@ class InjectReport:
 
 def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: PackOptions, *,
            platform: str | None = None, init_only: bool = False,
-           stack_options: StackOptions | None = None,
+           stack_options: StackOptions | None = None, prepacked: Prepacked | None = None,
            progress: Progress | None = None, warn: Warn | None = None) -> InjectReport:
     """Pack `tree` (None: the empty mount point, what `init` adds) into the images of
-    `source` and write the result to `sink`."""
+    `source` and write the result to `sink`. `prepacked`: the layer of `tree` with these
+    options, packed already (`batch` packs a tree once for all its images)."""
     resolved = resolve(source, platform)
     reference = str(sink.ref)
     stacks: dict[str, Stack] = {}
@@ -133,17 +136,28 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
         return _inject_stack(source, sink, tree, options, resolved, stacks, stack_options,
                              progress, warn)
     started = time.monotonic()
-    with sink.store.writer() as writer:
-        packed = pack(tree, writer, options, progress=progress, warn=warn)
-        layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
-                         options.compression, options.mount_point)
+    with contextlib.ExitStack() as stack:
+        if prepacked is None:
+            writer = stack.enter_context(sink.store.writer())
+            packed = pack(tree, writer, options, progress=progress, warn=warn)
+            layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
+                             options.compression, options.mount_point)
+        else:
+            packed, layer = prepacked.packed, prepacked.layer
         edits = _edit_all(resolved.images, layer, options, init_only, reference)
         if not any(edits.values()):
             return _unchanged(source, sink, resolved, InjectReport(
                 "unchanged", reference, resolved.top.digest, LayerReport(layer.diff_id),
                 warnings=packed.warnings))
-        writer.commit()
+        if prepacked is None:
+            writer.commit()
+        else:
+            prepacked.place(sink.store)
     new_top, replaced = commit(sink.store, resolved, edits)
+    if sink.ref != source.ref and sink.holds(new_top):  # the destination has it already
+        return _published(InjectReport(
+            "unchanged", reference, new_top.digest, LayerReport(layer.diff_id),
+            warnings=packed.warnings), sink)
     publish(sink, source, new_top)
     return _published(InjectReport(
         "prepared" if init_only else "injected", reference, new_top.digest,
@@ -257,7 +271,7 @@ def _stats(packed: PackResult, started: float) -> PackStats:
 def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: Access, *,
                dest: ImageRef | None = None, new_tag: str | None = None,
                platform: str | None = None, via_layout: bool = False, init_only: bool = False,
-               stack_options: StackOptions | None = None,
+               stack_options: StackOptions | None = None, prepacked: Prepacked | None = None,
                progress: Progress | None = None, warn: Warn | None = None,
                upload_progress: UploadProgress | None = None) -> InjectReport:
     """`inject`/`init` on a reference: a layout in place, a registry image registry-direct,
@@ -267,9 +281,10 @@ def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: A
 
         target = backends.destination(ref, dest, new_tag)
         return run(ref, tree, target, access, options, platform=platform,
-                   stack_options=stack_options, progress=progress, warn=warn,
-                   init_only=init_only)
+                   stack_options=stack_options, prepacked=prepacked, progress=progress,
+                   warn=warn, init_only=init_only)
     with backends.editing(ref, access, dest=dest, new_tag=new_tag,
                           upload_progress=upload_progress) as (source, sink):
         return inject(source, sink, tree, options, platform=platform, init_only=init_only,
-                      stack_options=stack_options, progress=progress, warn=warn)
+                      stack_options=stack_options, prepacked=prepacked, progress=progress,
+                      warn=warn)

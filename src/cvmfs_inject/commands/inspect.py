@@ -58,7 +58,7 @@ class ImageInfo:
             "history": config.history,
             "injected": None if self.injected is None else {
                 "position": self.injected[0], "diff_id": self.injected[1]},
-            "stack": [layer.to_json() for layer in self.stack],
+            **({"stack": [layer.to_json() for layer in self.stack]} if self.stack else {}),
         }
 
 

@@ -17,7 +17,7 @@ from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
-from cvmfs_inject.layout.archive import delta_note
+from cvmfs_inject.layout.archive import delta_note, same_archive
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci import names
 from cvmfs_inject.oci.refs import ImageRef, check_tag
@@ -26,6 +26,7 @@ from cvmfs_inject.pack.packer import check_tree
 from cvmfs_inject.stack.options import StackOptions
 
 if TYPE_CHECKING:
+    from cvmfs_inject.batch.packs import Prepacked
     from cvmfs_inject.image.remote import UploadProgress
 
 
@@ -33,8 +34,9 @@ def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: 
             *, cache: str | None = None, new_tag: str | None = None,
             platform: str | None = None, manifest_format: str = "keep",
             via_layout: bool = False, stack_options: StackOptions | None = None,
-            progress: Progress | None = None, warn: Warn | None = None,
-            upload_progress: UploadProgress | None = None) -> InjectReport:
+            prepacked: Prepacked | None = None, progress: Progress | None = None,
+            warn: Warn | None = None, upload_progress: UploadProgress | None = None
+            ) -> InjectReport:
     """Registry to registry without a layout (`cache`) or `via_layout`: registry-direct,
     keeping each manifest's format. Otherwise through a layout (`run`)."""
     if src.is_registry and dest.is_registry and not via_layout and cache is None:
@@ -44,17 +46,19 @@ def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: 
         with backends.editing(src, access, dest=dest,
                               upload_progress=upload_progress) as (source, sink):
             return inject(source, sink, tree, options, platform=platform,
-                          stack_options=stack_options, progress=progress, warn=warn)
+                          stack_options=stack_options, prepacked=prepacked,
+                          progress=progress, warn=warn)
     return run(src, tree, dest, access, options, cache=cache, new_tag=new_tag,
                platform=platform, manifest_format=manifest_format,
-               stack_options=stack_options, progress=progress, warn=warn)
+               stack_options=stack_options, prepacked=prepacked, progress=progress, warn=warn)
 
 
 def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         options: PackOptions, *, cache: str | None = None, new_tag: str | None = None,
         platform: str | None = None, manifest_format: str = "keep",
-        stack_options: StackOptions | None = None, progress: Progress | None = None,
-        warn: Warn | None = None, init_only: bool = False) -> InjectReport:
+        stack_options: StackOptions | None = None, prepacked: Prepacked | None = None,
+        progress: Progress | None = None, warn: Warn | None = None,
+        init_only: bool = False) -> InjectReport:
     """pull -> inject -> validate -> push, through a working layout.
 
     The working layout is CACHE when given (kept, so later runs reuse its blobs), else a
@@ -94,14 +98,36 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         layout = Layout.open(cache, access.layout_wait)
         stack.callback(layout.remove_tag, pulled.tag)
         report = inject_ref(working, tree, options, access, platform=platform,
-                            stack_options=stack_options, progress=progress, warn=warn,
-                            init_only=init_only)
+                            stack_options=stack_options, prepacked=prepacked,
+                            progress=progress, warn=warn, init_only=init_only)
         report.reference = str(working.with_tag(final))
         problems = validate_ref(working, access)
         if problems:
             raise ValidationFailed(f"{working}: the injected image does not validate: "
                                    f"{problems[0]} ({len(problems)} problem(s))")
         report.destination = str(dest)
-        report.pushed_digest = push(working, dest, access, manifest_format=manifest_format)
+        if dest.is_registry or not os.path.exists(dest.path):
+            report.pushed_digest = push(working, dest, access, manifest_format=manifest_format)
+        elif _push_archive_if_changed(working, dest, access, manifest_format, report):
+            report.status = "unchanged"  # the archive there holds this image already
         layout.set_tag(final, layout.resolve(working.tag))
         return report
+
+
+def _push_archive_if_changed(working: ImageRef, dest: ImageRef, access: Access,
+                             manifest_format: str, report: InjectReport) -> bool:
+    """Write the archive beside the existing one; keep the old file (and say so: True)
+    when it holds the same image, so an unchanged image leaves the file as it was."""
+    directory, name = os.path.split(os.path.abspath(dest.path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".new", dir=directory)
+    os.close(fd)
+    try:
+        fresh = ImageRef(dest.transport, tmp, dest.tag)
+        report.pushed_digest = push(working, fresh, access, manifest_format=manifest_format)
+        if same_archive(dest.transport, tmp, dest.path):
+            return True
+        os.replace(tmp, dest.path)
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

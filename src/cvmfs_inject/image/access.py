@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from cvmfs_inject.layout.lock import LockWait
 from cvmfs_inject.oci.refs import ImageRef
+from cvmfs_inject.registry.ledger import BlobLedger
 from cvmfs_inject.skopeo.auth import credentials_authfile
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
 
@@ -39,6 +40,8 @@ class Access:
         self._read_credentials = read_credentials
         self._credentials: Credentials | None = None
         self._authfiles: dict[tuple[str, ...], Path] = {}
+        # where this command's uploads went: a blob goes up once per registry (`batch`)
+        self.ledger = BlobLedger()
 
     def credentials(self) -> Credentials | None:
         """The credentials given on stdin, if any (read on the first call)."""

@@ -112,7 +112,8 @@ def editing(ref: ImageRef, access: Access, *, dest: ImageRef | None = None,
                 prefix="cvmfs-inject-direct-"))
             store = Layout.create(Path(scratch) / "layout")
             yield (RemoteSource(src_client, ref),
-                   RegistrySink(dest_client, target, store, upload_progress or no_progress))
+                   RegistrySink(dest_client, target, store, upload_progress or no_progress,
+                                access.ledger))
     else:
         raise UsageError(f"{ref}: inject edits a local layout (oci:DIR[:TAG]) or a registry "
                          "image (docker://); use `run` for archives")

@@ -83,6 +83,10 @@ class LayoutSink:
         if not self.layout.has_blob(desc.digest):
             self.layout.put_bytes(raw, desc.media_type)
 
+    def holds(self, desc: Descriptor) -> bool:
+        return any(d.ref_name == self.tag and d.digest == desc.digest
+                   for d in self.layout.read_index().manifests)
+
     def set_tag(self, desc: Descriptor, raw: bytes) -> None:
         """Point the tag at `desc`, keeping its annotations; the originals kept beside a
         pulled image (`commands.original`) stay named only while the tag names that image.

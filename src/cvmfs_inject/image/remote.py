@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from cvmfs_inject.errors import InputError, ValidationFailed
+from cvmfs_inject.errors import InputError, NotFoundError, ValidationFailed
 from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
@@ -23,6 +23,7 @@ from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.schema import check_document
 from cvmfs_inject.registry.client import RegistryClient
+from cvmfs_inject.registry.ledger import BlobLedger
 
 # upload_progress(total bytes) -> a context yielding a callback(bytes sent), or None
 UploadProgress = Callable[[int], AbstractContextManager[Callable[[int], None] | None]]
@@ -134,10 +135,12 @@ class RegistrySink:
     """
 
     def __init__(self, client: RegistryClient, ref: ImageRef, store: Layout,
-                 upload_progress: UploadProgress = no_progress) -> None:
+                 upload_progress: UploadProgress = no_progress,
+                 ledger: BlobLedger | None = None) -> None:
         self.client = client
         self.ref = ref
         self.store = store
+        self._ledger = ledger or BlobLedger()
         self._upload_progress = upload_progress
         self._present: set[str] = set()
         self.uploaded = 0  # bytes of new blobs and of manifests sent
@@ -159,10 +162,15 @@ class RegistrySink:
             return
         repo = self.ref.repository
         if self.store.has_blob(desc.digest):  # new: uploaded unless the registry has it
-            with self._upload_progress(desc.size) as progress:
-                if self.client.push_blob(repo, self.store.blob_path(desc.digest), desc.digest,
-                                         desc.size, progress=progress):
-                    self.uploaded += desc.size
+            registry = self.ref.registry
+            with self._ledger.claim(registry, desc.digest) as holder:
+                if not (holder and holder != repo
+                        and self.client.mount_blob(repo, desc.digest, holder)):
+                    with self._upload_progress(desc.size) as progress:
+                        if self.client.push_blob(repo, self.store.blob_path(desc.digest),
+                                                 desc.digest, desc.size, progress=progress):
+                            self.uploaded += desc.size
+                self._ledger.record(registry, desc.digest, repo)
         elif isinstance(source, RemoteSource):  # present, else mounted or streamed across
             self.client.copy_blob_from(source.client, source.ref.repository, repo,
                                        desc.digest, desc.size)
@@ -174,6 +182,13 @@ class RegistrySink:
     def put_manifest(self, desc: Descriptor, raw: bytes) -> None:
         self.client.put_manifest(self.ref.repository, desc.digest, raw, desc.media_type)
         self.uploaded += len(raw)
+
+    def holds(self, desc: Descriptor) -> bool:
+        try:
+            _, _, digest = self.client.get_manifest(self.ref.repository, self.ref.tag or "latest")
+        except NotFoundError:
+            return False
+        return digest == desc.digest
 
     def set_tag(self, desc: Descriptor, raw: bytes) -> None:
         self.uploaded += len(raw)

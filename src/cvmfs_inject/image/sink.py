@@ -55,6 +55,10 @@ class ImageSink(Protocol):
         """Point the reference's tag at `desc` (whose bytes are `raw`), atomically."""
         ...
 
+    def holds(self, desc: Descriptor) -> bool:
+        """Whether the reference's tag names `desc` already (then there is nothing to do)."""
+        ...
+
 
 def publish(sink: ImageSink, source: ImageSource, top: Descriptor) -> None:
     """Make `sink` hold the image `top`: blobs first, then child manifests, then the tag.

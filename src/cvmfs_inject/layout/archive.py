@@ -15,12 +15,13 @@ changes nothing.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cvmfs_inject.errors import InputError, IntegrityError, NotFoundError
 from cvmfs_inject.layout.annotations import DELTA_SINCE, DELTA_SINCE_NAME, SOURCE_FORMAT
@@ -118,6 +119,28 @@ class _Staged:
 
     index: Index
     blobs: dict[str, Path]
+
+
+def same_archive(transport: str, new: str, old: str) -> bool:
+    """Whether two archives hold the same image. skopeo writes a docker-archive byte for
+    byte the same for the same image; an oci-archive's tar headers carry the time it was
+    written, so there the images named by index.json are compared."""
+    if transport == "docker-archive":
+        return filecmp.cmp(new, old, shallow=False)
+    return _index_entries(new) == _index_entries(old) is not None
+
+
+def _index_entries(archive: str) -> list[Any] | None:
+    """The entries of an oci-archive's index.json, or None when it has none we can read."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if _member_name(member) == "index.json" and member.isreg():
+                    raw = _read_small(tar, member, f"{archive}: index.json")
+                    return list(Index.parse(raw, f"{archive}: index.json").doc["manifests"])
+    except (tarfile.TarError, OSError, EOFError, InputError):
+        return None
+    return None
 
 
 def delta_base(archive: Path) -> tuple[str, str] | None:

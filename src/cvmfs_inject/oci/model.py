@@ -94,7 +94,12 @@ def platform_string(platform: dict[str, Any] | None) -> str:
 
 
 def platform_matches(platform: dict[str, Any] | None, wanted: str) -> bool:
-    """`wanted` is OS/ARCH[/VARIANT] as docker and skopeo write it."""
+    """`wanted` is OS/ARCH[/VARIANT] as docker and skopeo write it, or several of them
+    separated by commas (any may match)."""
+    return any(_platform_is(platform, one) for one in wanted.split(","))
+
+
+def _platform_is(platform: dict[str, Any] | None, wanted: str) -> bool:
     parts = wanted.split("/")
     if not platform or len(parts) not in (2, 3):
         return False

@@ -40,6 +40,7 @@ class PackResult:
     files: int = 0
     hardlinks: int = 0
     warnings: list[str] = field(default_factory=list)
+    newest: int = 0  # the latest mtime in the layer, as packed
 
 
 class _ChunkFiller:
@@ -112,6 +113,7 @@ class _ChunkFiller:
         else:
             st = check_tree(tree)
             mtime, mode = self.walker.clamp(st.st_mtime), stat.S_IMODE(st.st_mode)
+            self.walker.newest = max(self.walker.newest, mtime)
         self.emit(self.walker.headers(mount + b"/", mode, 0, 0, 0, mtime, TYPE_DIR))
 
     def tree(self, plan: Iterator[Entry]) -> None:
@@ -211,7 +213,7 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
         pipeline.cancel()
         raise
     return PackResult(diff_id, pipeline.size, walker.entries + 1, filler.files,
-                      walker.hardlinks, warnings)
+                      walker.hardlinks, warnings, walker.newest)
 
 
 def check_tree(tree: Path) -> os.stat_result:

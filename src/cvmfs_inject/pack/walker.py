@@ -64,6 +64,7 @@ class TreeWalker:
         self.clamp = clamp
         self.note = note
         self.entries = self.hardlinks = 0
+        self.newest = 0  # the latest mtime packed (as clamped)
 
     def entries_of(self, root: str, mount: bytes) -> Iterator[Entry]:
         """(header bytes, path of the content to copy or None, content size) in tar order."""
@@ -76,6 +77,8 @@ class TreeWalker:
             uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
             perms = s_imode(mode)
             mtime = clamp(st.st_mtime)
+            if mtime > self.newest:
+                self.newest = mtime
             if s_isreg(mode):
                 if st.st_nlink > 1:
                     first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
