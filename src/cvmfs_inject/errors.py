@@ -65,6 +65,12 @@ class MissingDependencyError(CvmfsInjectError):
     exit_code = 8
 
 
+class BatchFailed(CvmfsInjectError):
+    """`batch`: some images failed (each said why in the table); the others are done."""
+
+    exit_code = 9
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`timeout`, a CI cancel, systemd), raised like Ctrl-C so the same clean-up
     runs: temp blobs removed, skopeo killed, the layout left as it was."""

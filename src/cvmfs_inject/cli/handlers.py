@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_inject.cli.render import Reporter, format_inspect
-from cvmfs_inject.errors import InputError, UsageError, ValidationFailed
+from cvmfs_inject.errors import BatchFailed, InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.lock import DEFAULT_LOCK_TIMEOUT, LockWait
 from cvmfs_inject.oci.refs import ImageRef, parse_layout_ref, parse_ref
@@ -220,7 +220,26 @@ def run(args: argparse.Namespace, out: Reporter) -> Any:
     return report.to_json()
 
 
+def batch(args: argparse.Namespace, out: Reporter) -> Any:
+    from cvmfs_inject.batch.plan import load_plan, shard
+    from cvmfs_inject.commands.batch import batch as run_batch
+    from cvmfs_inject.commands.batch import default_jobs
+
+    plan = load_plan(args.plan, state_dir=args.state)
+    jobs = shard(plan.jobs, args.shard) if args.shard else plan.jobs
+    report = run_batch(plan, jobs, access(args, out), workers=args.jobs or default_jobs(),
+                       cache=args.layout, dry_run=args.dry_run, packing=out.packing,
+                       warn=out.warn, on_result=out.batch_line)
+    out.batch_table(report)
+    if report.failed:
+        if args.json:
+            out.emit(report.to_json())
+        raise BatchFailed(f"{len(report.failed)} of {len(report.images)} images failed "
+                          "(the others are done)")
+    return report.to_json()
+
+
 COMMANDS: dict[str, Handler] = {
     "pull": pull, "push": push, "validate": validate, "inspect": inspect, "gc": gc,
-    "init": init, "unpack": unpack, "inject": inject, "run": run,
+    "init": init, "unpack": unpack, "inject": inject, "run": run, "batch": batch,
 }

@@ -179,4 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", metavar="CACHE", help="keep the working layout here")
     p.add_argument("--format", choices=FORMATS, default="keep",
                    help="manifest format at DEST (default keep; oci/v2s2 need the layout path)")
+
+    p = command("batch", "one tree into many images, as a YAML plan says (see README)")
+    p.add_argument("plan", type=Path, metavar="PLAN.yaml", help="the plan")
+    p.add_argument("--jobs", type=_positive, metavar="N",
+                   help="images at once (default: twice the cores, at most 8)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    p.add_argument("--shard", metavar="K/N",
+                   help="do the K-th of N slices of the plan (a job array, a CI matrix)")
+    p.add_argument("--layout", metavar="CACHE",
+                   help="working layout for archives and --format, shared by the images")
+    p.add_argument("--state", metavar="DIR", type=Path,
+                   help="tree index cache for images with max_layers (default "
+                        "$XDG_CACHE_HOME/cvmfs-inject)")
     return parser

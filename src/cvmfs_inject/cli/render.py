@@ -19,6 +19,7 @@ from cvmfs_inject import PROG
 from cvmfs_inject.pack.headers import BLOCK
 
 if TYPE_CHECKING:
+    from cvmfs_inject.commands.batch import BatchReport, ImageResult
     from cvmfs_inject.commands.inject import InjectReport
     from cvmfs_inject.commands.inspect import InspectReport
 
@@ -179,6 +180,29 @@ class Reporter:
         self.line(f"layer {layer.digest}: {layer.size:,} B {layer.compression} "
                   f"({ratio:.1%} of {tar_size:,} B tar, {stats.files:,} files) in "
                   f"{seconds:.2f} s, {tar_size / seconds / 1e6:.0f} MB/s; image {report.digest}")
+
+
+    def batch_line(self, result: ImageResult) -> None:
+        """One line per image as it finishes, on a terminal (the table follows at the end)."""
+        if sys.stderr.isatty() and not self.quiet and result.status != "planned":
+            self.note(f"[{result.number}] {result.destination}: {result.status}"
+                      + (f": {result.error}" if result.error else ""))
+
+    def batch_table(self, report: BatchReport) -> None:
+        rows = [("#", "image", "platforms", "result", "digest", "uploaded")]
+        for r in report.images:
+            outcome = r.status if r.error is None else f"failed: {r.error}"
+            uploaded = "-" if r.uploaded is None else f"{r.uploaded:,} B"
+            rows.append((str(r.number), f"{r.source} -> {r.destination}", r.platforms,
+                         outcome, (r.digest or "-")[:19], uploaded))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            self.line("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
+                                                                         strict=False))
+                      + "  " + row[-1])
+        if report.packed:
+            self.line(f"packed {len(report.packed)} layer(s) once for "
+                      f"{len(report.images)} image(s) in {report.seconds:.2f} s")
 
 
 def format_inspect(report: InspectReport) -> str:

@@ -331,6 +331,14 @@ def _validator(name: str) -> Any:
     return cls(schema, format_checker=format_checker() if name.startswith("oci-") else None)
 
 
+def schema_errors(name: str, instance: Any) -> list[tuple[list[str | int], str]]:
+    """Where `instance` breaks the schema `name` (of ours, e.g. `batch-plan.json`): each
+    problem's path and message, in document order."""
+    found = [(list(error.absolute_path), error.message)
+             for error in _validator(name).iter_errors(instance)]
+    return sorted(found, key=lambda item: _path_key(item[0]))
+
+
 def _json_path(parts: Iterable[str | int]) -> str:
     """Render a path as a reader would write it: layers[1].digest, platform["os.version"]."""
     out = ""

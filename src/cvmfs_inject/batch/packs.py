@@ -1,0 +1,53 @@
+"""Packing once for many images: the layer of a tree, packed into a store of its own, and
+put into each image's store by a hard link (a copy across file systems)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_inject.image.edit import NewLayer
+from cvmfs_inject.layout.blobs import READ_CHUNK, fsync_dir
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.pack.options import PackOptions, Progress, Warn
+from cvmfs_inject.pack.packer import PackResult, pack
+
+
+@dataclass(frozen=True)
+class Prepacked:
+    """A packed layer waiting in `store`, for every image that takes it."""
+
+    layer: NewLayer
+    packed: PackResult
+    store: Layout
+
+    def place(self, store: Layout) -> None:
+        """Make the layer's blob present in `store` (nothing to do when it is there)."""
+        digest = self.layer.digest
+        if store.has_blob(digest):
+            return
+        source, target = self.store.blob_path(digest), store.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            return
+        except OSError:  # another file system: copy, hashed on the way like any write
+            with source.open("rb") as blob, store.writer() as writer:
+                while chunk := blob.read(READ_CHUNK):
+                    writer.write(chunk)
+                writer.commit()
+            return
+        fsync_dir(target.parent)
+
+
+def pack_once(tree: Path, options: PackOptions, store: Layout,
+              progress: Progress | None = None, warn: Warn | None = None) -> Prepacked:
+    """Pack `tree` into `store`; the layer every image with these options takes."""
+    with store.writer() as writer:
+        packed = pack(tree, writer, options, progress=progress, warn=warn)
+        layer = NewLayer(packed.diff_id, writer.peek_digest(), writer.size,
+                         options.compression, options.mount_point)
+        writer.commit()
+    return Prepacked(layer, packed, store)

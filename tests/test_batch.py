@@ -1,0 +1,210 @@
+"""`batch PLAN.yaml`: one tree into many images against real registries and archives.
+
+The registry's access log is the witness for "packed once, uploaded once per registry":
+the new layer's digest is PUT once; the other repositories get it by a mount.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+from helpers import assert_same_tree, dir_bytes, make_nasty_tree
+
+from cvmfs_inject.batch.plan import Job, shard
+from cvmfs_inject.demo.sample import build_sample_image
+
+
+def _push(cli, tmp_path: Path, registry, repo: str, *, docker: bool = False,
+          platforms: tuple[str, ...] = ("amd64",), flags: tuple[str, ...] = ()) -> str:
+    layout = tmp_path / f"sample-{uuid.uuid4().hex[:6]}"
+    build_sample_image(layout, "v1", docker=docker, platforms=platforms)
+    url = f"docker://{registry.host}/{repo}:v1"
+    result = cli("push", *(flags or ("--no-tls-verify",)), "--format",
+                 "v2s2" if docker else "keep", f"{layout}:v1", url)
+    assert result.code == 0, result.err
+    return url
+
+
+def _uploads_and_mounts(registry, start: int) -> tuple[list[str], list[str]]:
+    """Digests whose upload completed (PUT ...?digest=) and that were mounted (POST
+    ...?mount=), since request `start`."""
+    uploaded, mounted = [], []
+    for method, uri in registry.requests(query=True)[start:]:
+        path, _, query = uri.partition("?")
+        args = parse_qs(query)
+        if method == "PUT" and "/blobs/uploads/" in path and "digest" in args:
+            uploaded.append(args["digest"][0])
+        elif method == "POST" and "mount" in args:
+            mounted.append(args["mount"][0])
+    return uploaded, mounted
+
+
+@pytest.fixture
+def plan_setup(cli, registry, tmp_path):
+    """Three registry images (OCI, Docker v2s2, a two-platform index) and a plan writing
+    each to a new repository by `output`, plus one into a docker-archive."""
+    area = f"batch-{uuid.uuid4().hex[:8]}"
+    sources = {
+        "oci": _push(cli, tmp_path, registry, f"{area}/oci"),
+        "docker": _push(cli, tmp_path, registry, f"{area}/docker", docker=True),
+        "index": _push(cli, tmp_path, registry, f"{area}/multi",
+                       platforms=("amd64", "arm64")),
+    }
+    tree = make_nasty_tree(tmp_path / "tree")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""\
+tree: tree
+path: /cvmfs
+compress: gzip
+output: docker://{registry.host}/{area}-out/{{repository}}:{{tag}}-cvmfs
+images:
+  - from: {sources['oci']}
+  - from: {sources['docker']}
+  - from: {sources['index']}
+    platforms: [linux/amd64, linux/arm64]
+  - from: {sources['oci']}
+    to: docker-archive:out/oci-cvmfs.tar:hep/oci:cvmfs
+""")
+    (tmp_path / "out").mkdir()
+    return plan, tree, area
+
+
+def test_a_plan_packs_once_and_uploads_each_blob_once_per_registry(cli, registry, tmp_path,
+                                                                   plan_setup):
+    plan, tree, area = plan_setup
+    start = len(registry.requests())
+    result = cli("--json", "--no-tls-verify", "batch", plan, "--jobs", "4")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [image["status"] for image in report["images"]] == ["updated"] * 4
+    assert len(report["packed"]) == 1
+    uploaded, mounted = _uploads_and_mounts(registry, start)
+    layer = json.loads(cli("--json", "--no-tls-verify", "inspect",
+                           f"docker://{registry.host}/{area}-out/{area}/oci:v1-cvmfs").out)
+    layer_digest = layer["images"][0]["layers"][-1]["digest"]
+    assert uploaded.count(layer_digest) == 1, uploaded
+    assert mounted.count(layer_digest) == 2  # the Docker image and the index
+    for repo, count in (("oci", 1), ("docker", 1), ("multi", 2)):
+        out = tmp_path / f"back-{repo}"
+        pulled = cli("--no-tls-verify", "pull", "--all",
+                     f"docker://{registry.host}/{area}-out/{area}/{repo}:v1-cvmfs",
+                     f"{out}:t")
+        assert pulled.code == 0, pulled.err
+        assert cli("validate", out).code == 0
+        for arch in ("amd64", "arm64")[:count]:
+            unpacked = tmp_path / f"unpacked-{repo}-{arch}"
+            done = cli("unpack", "--platform", f"linux/{arch}", f"{out}:t", unpacked)
+            assert done.code == 0, done.err
+            assert_same_tree(tree, unpacked)
+    archive = tmp_path / "out/oci-cvmfs.tar"
+    done = cli("unpack", f"docker-archive:{archive}", tmp_path / "from-archive")
+    assert done.code == 0, done.err
+    assert_same_tree(tree, tmp_path / "from-archive")
+
+    # the same plan again: nothing to do, nothing uploaded, the archive left as it was
+    before = archive.stat().st_mtime_ns
+    start = len(registry.requests())
+    result = cli("--json", "--no-tls-verify", "batch", plan)
+    assert result.code == 0, result.err
+    assert [image["status"] for image in json.loads(result.out)["images"]] == \
+        ["unchanged"] * 4
+    assert _uploads_and_mounts(registry, start) == ([], [])
+    assert not [m for m, _ in registry.requests()[start:] if m in ("PUT", "PATCH", "POST")]
+    assert archive.stat().st_mtime_ns == before
+
+
+def test_one_failing_image_does_not_stop_the_others(cli, registry, tmp_path):
+    area = f"batch-{uuid.uuid4().hex[:8]}"
+    good = _push(cli, tmp_path, registry, f"{area}/good")
+    make_nasty_tree(tmp_path / "tree")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""\
+tree: tree
+images:
+  - from: docker://{registry.host}/{area}/missing:v1
+    to: docker://{registry.host}/{area}/missing:out
+  - from: {good}
+    to: docker://{registry.host}/{area}/good:out
+""")
+    result = cli("--json", "--no-tls-verify", "batch", plan)
+    assert result.code == 9, result.err
+    report = json.loads(result.out)
+    first, second = report["images"]
+    assert first["status"] == "failed" and "missing" in first["error"]
+    assert first["exit_code"] == 4
+    assert second["status"] == "updated"
+    assert result.err.strip().splitlines()[-1].endswith(
+        "1 of 2 images failed (the others are done)")
+
+
+BAD_PLANS = {
+    "yaml": ("tree: t\nimages:\n\t- from: docker://r.example/a:1\n", 3, "not valid YAML"),
+    "unknown key": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n    to: "
+                    "docker://r.example/b:1\n    colour: blue\n", 3, "images[0]"),
+    "platform": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n    to: "
+                 "docker://r.example/b:1\n    platforms: [linux]\n", 5,
+                 "images[0].platforms[0]"),
+    "compress": ("tree: t\ncompress: lz4\nimages:\n  - from: docker://r.example/a:1\n"
+                 "    to: docker://r.example/b:1\n", 2, "compress"),
+    "no destination": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n", 3,
+                       "no destination"),
+    "no tree": ("images:\n  - from: docker://r.example/a:1\n    to: docker://r.example/b:1\n",
+                2, "no tree"),
+    "bad reference": ("tree: t\nimages:\n  - from: docker://r.example/A:1\n"
+                      "    to: docker://r.example/b:1\n", 3, "images[0].from"),
+    "no images": ("tree: t\nimages: []\n", 2, "images"),
+    "not a mapping": ("- just a list\n", 1, "(the plan)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PLANS))
+def test_a_malformed_plan_is_one_line_naming_line_and_key(cli, tmp_path, name):
+    text, line, key = BAD_PLANS[name]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    before = dir_bytes(tmp_path)
+    result = cli("batch", plan)
+    assert result.code == 3, result.err
+    assert result.err.count("\n") == 1, result.err
+    assert f"{plan}:{line}:" in result.err and key in result.err, result.err
+    assert dir_bytes(tmp_path) == before
+
+
+def test_dry_run_says_what_it_would_do_and_does_nothing(cli, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("tree: t\nimages:\n  - from: docker://r.example/a:1\n"
+                    "    to: docker://r.example/b:1\n")
+    result = cli("--json", "batch", plan, "--dry-run")
+    assert result.code == 0, result.err
+    images = json.loads(result.out)["images"]
+    assert [(i["source"], i["destination"], i["status"]) for i in images] == [
+        ("docker://r.example/a:1", "docker://r.example/b:1", "planned")]
+
+
+def test_shards_cover_the_plan_exactly_once():
+    jobs = [Job(i, i, None, None, (), Path("t"), None, None, "keep")  # type: ignore[arg-type]
+            for i in range(1, 12)]
+    slices = [shard(jobs, f"{k}/4") for k in range(1, 5)]
+    assert sorted(job.number for part in slices for job in part) == list(range(1, 12))
+    assert shard(jobs, "1/4") == shard(jobs, "1/4")  # deterministic
+
+
+def test_a_plan_through_a_tls_registry_with_credentials(cli, secure_registry, tmp_path):
+    reg = secure_registry
+    flags = ("--cert-dir", str(reg.cert_dir), "--authfile", str(reg.authfile))
+    area = f"batch-{uuid.uuid4().hex[:8]}"
+    source = _push(cli, tmp_path, reg, f"{area}/src", flags=flags)
+    tree = make_nasty_tree(tmp_path / "tree")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"tree: tree\nimages:\n  - from: {source}\n"
+                    f"    to: docker://{reg.host}/{area}/dest:cvmfs\n")
+    result = cli("--json", *flags, "batch", plan)
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["images"][0]["status"] == "updated"
+    done = cli(*flags, "unpack", f"docker://{reg.host}/{area}/dest:cvmfs", tmp_path / "out")
+    assert done.code == 0, done.err
+    assert_same_tree(tree, tmp_path / "out")
