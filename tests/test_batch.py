@@ -208,3 +208,28 @@ def test_a_plan_through_a_tls_registry_with_credentials(cli, secure_registry, tm
     done = cli(*flags, "unpack", f"docker://{reg.host}/{area}/dest:cvmfs", tmp_path / "out")
     assert done.code == 0, done.err
     assert_same_tree(tree, tmp_path / "out")
+
+
+def test_archives_in_and_out_through_a_shared_layout(cli, tmp_path):
+    layout = tmp_path / "sample"
+    build_sample_image(layout, "v1")
+    assert cli("push", f"{layout}:v1", f"docker-archive:{tmp_path}/in.tar:hep/el8:v1").code == 0
+    assert cli("push", f"{layout}:v1", f"oci-archive:{tmp_path}/in-oci.tar").code == 0
+    tree = make_nasty_tree(tmp_path / "tree")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("tree: tree\ncompress: gzip\nimages:\n"
+                    "  - from: docker-archive:in.tar\n"
+                    "    to: docker-archive:el8-cvmfs.tar:hep/el8:cvmfs\n"
+                    "  - from: oci-archive:in-oci.tar\n"
+                    "    to: oci-archive:oci-cvmfs.tar\n")
+    for expected in ("updated", "unchanged"):
+        result = cli("--json", "batch", plan, "--layout", tmp_path / "cache")
+        assert result.code == 0, result.err
+        report = json.loads(result.out)
+        assert [i["status"] for i in report["images"]] == [expected] * 2
+    for name in ("docker-archive:el8-cvmfs.tar", "oci-archive:oci-cvmfs.tar"):
+        transport, file = name.split(":")
+        out = tmp_path / f"out-{transport}"
+        done = cli("unpack", f"{transport}:{tmp_path / file}", out)
+        assert done.code == 0, done.err
+        assert_same_tree(tree, out)
