@@ -233,3 +233,23 @@ def test_archives_in_and_out_through_a_shared_layout(cli, tmp_path):
         done = cli("unpack", f"{transport}:{tmp_path / file}", out)
         assert done.code == 0, done.err
         assert_same_tree(tree, out)
+
+
+def test_images_with_max_layers_get_a_delta_on_the_next_run(cli, registry, tmp_path):
+    area = f"batch-{uuid.uuid4().hex[:8]}"
+    source = _push(cli, tmp_path, registry, f"{area}/src")
+    tree = make_nasty_tree(tmp_path / "tree")
+    dest = f"docker://{registry.host}/{area}/dest:cvmfs"
+    plan = tmp_path / "plan.yaml"
+    assert cli("--no-tls-verify", "run", source, tree, dest).code == 0
+    (tree / "new-file").write_bytes(b"added after the first run\n")
+    plan.write_text(f"tree: tree\nmax_layers: 3\nimages:\n  - from: {dest}\n    to: {dest}\n")
+    result = cli("--json", "--no-tls-verify", "batch", plan, "--state", tmp_path / "state")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["images"][0]["status"] == "updated"
+    labels = json.loads(cli("--json", "--no-tls-verify", "inspect", dest).out)["images"][0][
+        "labels"]
+    assert len(labels["io.cvmfs-inject.stack"].split(",")) == 2
+    done = cli("--no-tls-verify", "unpack", dest, tmp_path / "out")
+    assert done.code == 0, done.err
+    assert_same_tree(tree, tmp_path / "out")
