@@ -614,3 +614,29 @@ def test_hostile_whiteouts_remove_nothing_outside(scene: Scene, name: str) -> No
         upper(scene, [E(name)])
     assert scene.outside_state() == before
     assert (scene.target / "d" / "f").exists()
+
+
+@pytest.mark.parametrize("link", ["outside", "outside/victim"])
+def test_a_whiteout_then_a_symlink_cannot_redirect_what_came_before(scene: Scene,
+                                                                    link: str) -> None:
+    """A directory made, whited out and replaced by a symlink out of the target in one
+    layer: its recorded mode and time, and a hard link to a file that was in it, must not
+    reach through the symlink."""
+    run(scene, build([E("cvmfs/", "dir")]))
+    (scene.outside / "victim").chmod(0o600)
+    before = scene.outside_state(), os.stat(scene.outside / "victim").st_mode
+    layer = [E("cvmfs/", "dir"), E("cvmfs/a/", "dir", mode=0o666),
+             E("cvmfs/a/victim", data=b"x"), E("cvmfs/.wh.a"),
+             E("cvmfs/a", "symlink", link=str(scene.base / link))]
+    upper(scene, layer)  # so far harmless: a symlink in the target
+    assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
+    with pytest.raises(InputError):
+        upper(scene, [*layer, E("cvmfs/stolen", "hardlink", link="cvmfs/a/victim")])
+    assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
+    assert os.stat(scene.outside / "victim").st_nlink == 1
+
+
+def test_a_whiteout_in_a_missing_directory_makes_nothing(scene: Scene) -> None:
+    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/f", data=b"f")]))
+    upper(scene, [E("cvmfs/", "dir"), E("cvmfs/nowhere/.wh.x")])
+    assert sorted(tree_snapshot(scene.target)) == ["f"]

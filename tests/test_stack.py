@@ -419,3 +419,82 @@ def test_concurrent_stacked_injects_share_the_cache_safely(tmp_path, stacked):
                                 capture_output=True, check=False)
         assert result.returncode == 0, result.stderr
         assert_same_tree(copy, out)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs root and setpriv to drop the capability to override modes")
+def test_a_stack_over_read_only_directories_unpacks_without_privileges(cli, tmp_path,
+                                                                       stacked):
+    """What an unprivileged user meets: a read-only mount point and a read-only
+    directory in the base, written into and removed by a delta."""
+    layout, tree, state = stacked
+    (tree / "rel/a/sub/deep").chmod(0o555)
+    tree.chmod(0o555)
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "ro")
+    tree.chmod(0o755)
+    (tree / "rel/a/sub/deep").chmod(0o755)
+    shutil.rmtree(tree / "rel/a/sub")
+    (tree / "rel/a/run").unlink()
+    (tree / "added-at-the-top").write_bytes(b"new\n")
+    tree.chmod(0o555)
+    inject(cli, f"{layout}:ro", tree, state, "--max-layers", "4", "--tag", "ro2")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
+         Path(sys.executable).parent / "cvmfs-inject", "unpack", f"{layout}:ro2", out],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert_same_tree(tree, out)
+    tree.chmod(0o755)
+    out.chmod(0o755)
+
+
+def test_a_cold_cache_sees_mode_bits_and_changes_within_a_second(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    special = tree / "rel/b/only-b.txt"
+    special.chmod(0o4755)
+    (tree / "rel/empty").chmod(0o1777)
+    report = inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    assert report["stack"]["action"] == "delta"
+    special.chmod(0o755)  # back: only the layer (read again, no cache) can tell
+    report = inject(cli, f"{layout}:s2", tree, tmp_path / "cold1", "--max-layers", "4",
+                    "--tag", "s3")
+    assert report["stack"]["action"] == "delta" and report["stack"]["changed"] == 1
+    # a rewrite of the same size within the second the layer recorded
+    st = os.lstat(special)
+    special.write_bytes(b"ONLY IN B\n")
+    os.utime(special, ns=(st.st_atime_ns, st.st_mtime_ns // 10**9 * 10**9 + 900_000_000))
+    report = inject(cli, f"{layout}:s3", tree, tmp_path / "cold2", "--max-layers", "4",
+                    "--tag", "s4")
+    assert report["stack"]["changed"] == 1
+    assert cli("unpack", f"{layout}:s4", tmp_path / "out").code == 0
+    (tree / "rel/empty").chmod(0o777)  # unpack drops the sticky bit (README)
+    assert_same_tree(tree, tmp_path / "out")
+
+
+def test_a_layer_that_is_not_its_diff_id_is_refused_not_indexed(cli, tmp_path):
+    from cvmfs_inject.layout.store import Layout
+    from cvmfs_inject.oci.jsondoc import canonical_json
+    from cvmfs_inject.oci.model import Manifest
+
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    tree, other = build_tree(tmp_path / "tree"), build_tree(tmp_path / "other")
+    (other / "extra").write_bytes(b"not in tree\n")
+    assert cli("inject", f"{layout}:v1", tree, "--tag", "good").code == 0
+    assert cli("inject", f"{layout}:v1", other, "--tag", "other").code == 0
+    store = Layout.open(layout)
+    good, bad = (Manifest.parse(store.read_blob(d.digest, d.size), "m")
+                 for d in (store.resolve("good"), store.resolve("other")))
+    doc = good.edit()
+    doc["layers"][-1] = bad.edit()["layers"][-1]  # the config still names good's diff_id
+    store.set_tag("evil", store.put_bytes(canonical_json(doc), good.media_type))
+    shutil.rmtree(store.tmp_dir)
+    before = dir_bytes(layout)
+    result = cli("inject", f"{layout}:evil", tree, "--max-layers", "4", "--state",
+                 tmp_path / "state")
+    assert result.code == 5, result.err
+    error = result.err.strip().splitlines()[-1]  # after the note that it reads the layer
+    assert error.startswith("cvmfs-inject: error:") and "diff_id" in error
+    assert dir_bytes(layout) == before
+    assert not list((tmp_path / "state").rglob("*.json.gz"))

@@ -56,7 +56,7 @@ class LayerReport:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageReport:
     """What happened to one platform's image."""
 
@@ -64,12 +64,15 @@ class ImageReport:
     status: str
     manifest: str
     edit: EditResult | None = None
+    stack: StackUpdate | None = None  # this platform's stack update, for a stacked inject
 
     def to_json(self) -> dict[str, Any]:
         found: dict[str, Any] = {"platform": self.platform, "status": self.status,
                                  "manifest": self.manifest}
         if self.edit is not None:
             found.update(position=self.edit.position, replaced=self.edit.old_diff_id)
+        if self.stack is not None:
+            found["stack"] = self.stack.to_json()
         return found
 
 
@@ -183,10 +186,10 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
                            stack_options, progress, warn)
     created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
     edits: dict[str, EditResult | None] = {}
-    update = StackUpdate("unchanged")
+    updates: dict[str, StackUpdate] = {}  # by manifest digest; platforms may differ
     for image in resolved.images:
         stack, where = stacks[image.descriptor.digest], f"{reference} ({image.platform})"
-        update = updater.update(image, stack)
+        update = updates[image.descriptor.digest] = updater.update(image, stack)
         if update.action == "unchanged":
             edits[image.descriptor.digest] = None
         elif update.count == 1 and update.layers and len(stack.diff_ids) <= 1:
@@ -198,6 +201,9 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
                 image.manifest, image.config, stack, update.keep, update.layers,
                 update.comments, created_by=created_by, epoch=options.source_date_epoch,
                 where=where)
+    # the report's stack: the first image that changed (all of them, when they share it)
+    update = next((u for u in updates.values() if u.action != "unchanged"),
+                  next(iter(updates.values())))
     if not any(edits.values()):
         report = InjectReport("unchanged", reference, resolved.top.digest,
                               warnings=notes, stack=update)
@@ -205,17 +211,20 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
     new_top, replaced = commit(sink.store, resolved, edits)
     publish(sink, source, new_top)
     layer = update.layers[-1] if update.layers else None
-    written = sum(layer.size for layer in update.layers) + sum(
+    new_layers = {layer.digest: layer.size for u in updates.values() for layer in u.layers}
+    written = sum(new_layers.values()) + sum(
         desc.size + edit.manifest["config"]["size"] for digest, desc in replaced.items()
         if (edit := edits[digest]) is not None)
     if resolved.index is not None:
         written += new_top.size
+    images = [_image_report(image, edits, replaced) for image in resolved.images]
+    for image, image_report in zip(resolved.images, images, strict=True):
+        image_report.stack = updates[image.descriptor.digest]
     report = InjectReport(
         "injected", reference, new_top.digest,
         None if layer is None else LayerReport(layer.diff_id, layer.digest, layer.size,
                                                layer.compression),
-        [_image_report(image, edits, replaced) for image in resolved.images],
-        None if update.packed is None else _stats(update.packed, started), notes,
+        images, None if update.packed is None else _stats(update.packed, started), notes,
         stack=update, written=getattr(sink, "uploaded", written))
     return _published(report, sink)
 

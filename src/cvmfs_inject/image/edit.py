@@ -194,9 +194,13 @@ def edit_stack(manifest: Manifest, config: ImageConfig, stack: Stack, keep: int,
     position, old = stack.position, len(stack.diff_ids)
     new_manifest, new_config = manifest.edit(), config.edit()
     kept = new_manifest["layers"][position:position + keep]
-    new_manifest["layers"][position:position + old] = kept + [
-        Descriptor(layer_media_type(manifest, layer.compression), layer.digest,
-                   layer.size).to_dict() for layer in layers]
+    added = [Descriptor(layer_media_type(manifest, layer.compression), layer.digest,
+                        layer.size).to_dict() for layer in layers]
+    if old and not keep and added:  # a new base keeps what we do not manage (annotations)
+        extra = {k: v for k, v in new_manifest["layers"][position].items()
+                 if k not in ("mediaType", "digest", "size")}
+        added[0] = {**added[0], **extra}
+    new_manifest["layers"][position:position + old] = kept + added
     diff_ids = stack.diff_ids[:keep] + [layer.diff_id for layer in layers]
     new_config["rootfs"]["diff_ids"][position:position + old] = diff_ids
     now = timestamp(epoch)

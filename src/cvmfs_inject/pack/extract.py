@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import shutil
 import stat
 from array import array
 from collections.abc import Callable
@@ -58,7 +57,7 @@ def _show(name: bytes) -> str:
     return repr(os.fsdecode(name))
 
 
-def _relative(name: bytes, prefix: bytes, member: bytes) -> bytes:
+def relative(name: bytes, prefix: bytes, member: bytes) -> bytes:
     """The member's path below the mount point, normalised; refused if it leaves it."""
     rel = name[len(prefix):]
     if (rel.startswith((b"/", b"./", b"../")) or b"//" in rel or b"/./" in rel
@@ -90,6 +89,7 @@ class _Directories:
         self._parents = array("q")
         self._modes = array("H")
         self._times = array("d")
+        self._removed: list[tuple[bytes, int]] = []  # (directory, rows before it went)
 
     def parent_of(self, rel: bytes, member: bytes) -> None:
         """Make sure the parent of `rel` is a real directory inside the target, making the
@@ -146,6 +146,16 @@ class _Directories:
         assert path is not None
         return path
 
+    def removed(self, path: bytes) -> None:
+        """A whiteout removed the directory `path`: the rows recorded so far for it and
+        below it are void (their paths may now lead through a symlink made later)."""
+        self._removed.append((path, len(self._modes)))
+        self.known = {b"": -1}
+
+    def _void(self, row: int, path: bytes) -> bool:
+        return any(row < before and (path == gone or path.startswith(gone + b"/"))
+                   for gone, before in self._removed)
+
     def apply(self) -> None:
         modes, times, root = self._modes, self._times, self.root
         paths: dict[int, bytes] = {}
@@ -154,7 +164,10 @@ class _Directories:
                 continue
             if len(paths) > _KNOWN_DIRECTORIES:
                 paths = {}
-            rel = self._path(i, paths) or b"."
+            path = self._path(i, paths)
+            if self._removed and self._void(i, path):
+                continue
+            rel = path or b"."
             if modes[i] != MADE_WITH_MODE:
                 os.chmod(rel, modes[i], dir_fd=root)
             os.utime(rel, (times[i], times[i]), dir_fd=root)
@@ -209,7 +222,7 @@ class _Extraction:
                 continue
             if not name.startswith(prefix):
                 continue
-            rel = _relative(name, prefix, member.name)
+            rel = relative(name, prefix, member.name)
             if rel.count(b"/") >= MAX_DEPTH:
                 raise InputError(f"layer member {_show(member.name)} is more than {MAX_DEPTH} "
                                  "directories deep")
@@ -242,7 +255,8 @@ class _Extraction:
         hidden = name[len(WHITEOUT):]
         if hidden in (b"", b".", b".."):
             raise InputError(f"layer member {_show(member)} is not a valid whiteout")
-        self.directories.parent_of(rel, member)
+        if not self._real_directory(parent, member):
+            return  # nothing there to hide
         if hidden == OPAQUE[len(WHITEOUT):]:
             fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                          dir_fd=self.root)
@@ -259,11 +273,29 @@ class _Extraction:
             except FileNotFoundError:
                 continue
             if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(path, dir_fd=self.root)
-                self.directories.known = {b"": -1}
+                _remove_tree(path, self.root, 0)
+                self.directories.removed(path)
+                self.regular.clear()  # names below it were made: a link must check again
             else:
                 os.unlink(path, dir_fd=self.root)
-            self.regular.discard(hash(path))
+                self.regular.discard(hash(path))
+
+    def _real_directory(self, path: bytes, member: bytes) -> bool:
+        """Whether `path` is a directory (False: missing); every component is checked
+        with lstat, so a whiteout never acts through a symlink."""
+        if not path:
+            return True
+        walked = b""
+        for part in path.split(b"/"):
+            walked = walked + b"/" + part if walked else part
+            try:
+                st = os.lstat(walked, dir_fd=self.root)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISDIR(st.st_mode):
+                raise InputError(f"layer member {_show(member)} would act through a symlink "
+                                 "or non-directory")
+        return True
 
     def file(self, rel: bytes, member: Member) -> None:
         root, mode = self.root, member.mode & PERMISSIONS
@@ -314,7 +346,7 @@ class _Extraction:
             raise InputError(f"hard link {_show(member.name)} points outside "
                              f"{os.fsdecode(self.prefix.rstrip(b'/'))}: "
                              f"{_show(member.linkname)}")
-        source = _relative(link, self.prefix, member.name)
+        source = relative(link, self.prefix, member.name)
         root = self.root
         if hash(source) not in self.regular:  # not a file this extraction made: say why
             try:
@@ -334,6 +366,26 @@ class _Extraction:
                                      follow_symlinks=False), rel, root, member.name)
 
 
+def _remove_tree(name: bytes, parent: int, depth: int) -> None:
+    """Remove a directory and all in it, never following a symlink, as an unprivileged
+    user too: each directory is opened without following, made writable through its
+    descriptor, emptied and removed."""
+    if depth > MAX_DEPTH:
+        raise InputError(f"cannot remove {_show(name)}: more than {MAX_DEPTH} levels deep")
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=parent)
+    try:
+        os.chmod(fd, 0o700)
+        for child in os.listdir(fd):
+            if stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
+                _remove_tree(os.fsencode(child), fd, depth + 1)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
+
+
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
             warn: Callable[[str], None] | None = None, *, whiteouts: bool = False
             ) -> ExtractResult:
@@ -346,13 +398,19 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
     try:
         stream = TarStream(fileobj.read, READ_CHUNK)
         extraction = _Extraction(stream, root, prefix, umask, warn, whiteouts)
+        lower = os.fstat(root) if whiteouts else None
         try:
+            if lower is not None:  # a lower layer's mode for the mount point may be 0555
+                os.chmod(root, 0o700)
             extraction.run()
             # Read past the end-of-archive marker to the end of the stream: only there are
             # the gzip CRC and length, the zstd checksum and the blob's digest checked.
             # Content in stored (incompressible) blocks can be corrupt in a valid tar.
             stream.drain()
             extraction.directories.apply()
+            if lower is not None and not extraction.result.has_root:
+                os.chmod(root, stat.S_IMODE(lower.st_mode))
+                os.utime(root, ns=(lower.st_atime_ns, lower.st_mtime_ns))
         except OSError as exc:
             raise InputError(f"cannot extract layer: {exc}") from None
         return extraction.result

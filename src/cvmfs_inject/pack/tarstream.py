@@ -43,6 +43,14 @@ class Member:
     mtime: float
     size: int  # bytes of data that follow the header (regular files only)
     linkname: bytes
+    owner_fields: bytes = b""  # the header's uid and gid fields, parsed only when asked
+    ids: tuple[int, int] | None = None  # uid and gid from PAX records
+
+    def owner(self) -> tuple[int, int]:
+        """(uid, gid): extraction ignores owners, so they are parsed only on request."""
+        if self.ids is not None:
+            return self.ids
+        return _number(self.owner_fields[:8]), _number(self.owner_fields[8:])
 
 
 def _text(field: bytes) -> bytes:
@@ -181,7 +189,7 @@ class TarStream:
             first = False
             if not _checksum_ok(block):
                 raise InputError("layer is not a valid tar stream: bad checksum in a header")
-            (name, mode, _, _, size, mtime, _, kind, linkname, magic, _, _, _, _,
+            (name, mode, uid, gid, size, mtime, _, kind, linkname, magic, _, _, _, _,
              prefix) = _HEADER.unpack(block)
             name, size = _text(name), _number(size)
             if size < 0:  # it would move the reader backwards, over and over
@@ -203,7 +211,7 @@ class TarStream:
             if prefix and magic[:6] == b"ustar\0":
                 name = prefix + b"/" + name
             member = Member(name, kind, _number(mode), _number(mtime), size,
-                            _text(linkname) if kind in _LINKS else b"")
+                            _text(linkname) if kind in _LINKS else b"", uid + gid)
             pax = {**global_pax, **local} if global_pax else local
             if pax:
                 _apply(member, pax)
@@ -239,5 +247,8 @@ def _apply(member: Member, pax: dict[bytes, bytes]) -> None:
                 raise ValueError(member.size)
         if b"mtime" in pax:
             member.mtime = float(pax[b"mtime"])
+        if b"uid" in pax or b"gid" in pax:
+            uid, gid = member.owner()
+            member.ids = (int(pax.get(b"uid", uid)), int(pax.get(b"gid", gid)))
     except ValueError:
         raise InputError("layer is not a valid tar stream: invalid PAX value") from None

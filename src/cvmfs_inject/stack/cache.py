@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
 
-FORMAT = "cvmfs-inject tree index 2"
+FORMAT = "cvmfs-inject tree index 3"
 # Columns, not a row per entry: one JSON string per text column (names joined by NUL, which
 # no name holds) and one list per number column load about four times faster.
 _NAMES = ("paths", "targets", "groups")  # bytes, through the filesystem encoding
@@ -47,7 +47,7 @@ class IndexCache:
         try:
             with gzip.open(self._path(diff_id), "rb") as f:
                 doc = json.loads(f.read())
-        except (OSError, EOFError, ValueError, zlib.error):
+        except (OSError, EOFError, ValueError, zlib.error, RecursionError):
             return None
         if not (isinstance(doc, dict) and doc.get("format") == FORMAT
                 and doc.get("diff_id") == diff_id and doc.get("mount_point") == mount_point):
@@ -92,7 +92,7 @@ def _document(index: LayerIndex) -> dict[str, object]:
     nodes = list(index.nodes.values())
     doc: dict[str, object] = {
         "format": FORMAT, "diff_id": index.diff_id, "mount_point": index.mount_point,
-        "count": len(nodes), "opaque": _joined(sorted(index.opaque)),
+        "count": len(nodes), "opaque": [os.fsdecode(path) for path in sorted(index.opaque)],
         "paths": _joined(list(index.nodes)), "kinds": "".join(n.kind for n in nodes),
         "targets": _joined([n.target for n in nodes]),
         "groups": _joined([n.group for n in nodes]),
@@ -125,7 +125,8 @@ def _loaded(doc: dict[str, object]) -> LayerIndex:
     rows = zip(kinds, modes, uids, gids, sizes, mtimes, targets, groups, digest_list,
                mtimes_ns, strict=True)
     opaque = doc["opaque"]
-    index = LayerIndex(str(doc["diff_id"]), str(doc["mount_point"]),
-                       dict(zip(paths, map(tuple.__new__, repeat(Node), rows), strict=True)),
-                       set(_split(opaque, opaque.count("\0") + 1 if opaque else 0)))  # type: ignore[union-attr,arg-type]
-    return index
+    if not (isinstance(opaque, list) and all(isinstance(path, str) for path in opaque)):
+        raise ValueError("opaque")
+    return LayerIndex(str(doc["diff_id"]), str(doc["mount_point"]),
+                      dict(zip(paths, map(tuple.__new__, repeat(Node), rows), strict=True)),
+                      {os.fsencode(path) for path in opaque})

@@ -153,8 +153,11 @@ def _same(before: Node, node: Node, path: bytes, new: Scan, checksum: bool,
         return False
     if node.kind != FILE:
         return True
-    if checksum or (not before.mtime_ns and epoch is not None and before.mtime >= epoch):
-        # compare contents: asked to, or the packed time was clamped and cannot tell
+    if checksum or (not before.mtime_ns and (
+            (epoch is not None and before.mtime >= epoch) or node.mtime_ns % 1_000_000_000)):
+        # compare contents: asked to, or the index (rebuilt from the layer: whole seconds)
+        # cannot tell, because the time was clamped or the file's has a fraction of a
+        # second that the layer does not keep
         if not before.digest:
             return False
         digest = file_digest(new.path(path))

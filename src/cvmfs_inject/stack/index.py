@@ -21,12 +21,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, NamedTuple
 
-from cvmfs_inject.errors import InputError
+from cvmfs_inject.errors import InputError, IntegrityError
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.pack.extract import OPAQUE as OPAQUE_NAME
-from cvmfs_inject.pack.extract import PERMISSIONS
 from cvmfs_inject.pack.extract import WHITEOUT as WHITEOUT_PREFIX
-from cvmfs_inject.pack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TarStream
+from cvmfs_inject.pack.extract import relative as _relative
+from cvmfs_inject.pack.tarstream import (
+    DIRECTORY,
+    HARDLINK,
+    REGULAR,
+    SYMLINK,
+    Member,
+    TarStream,
+)
 
 FILE, DIR, LINK, WHITEOUT = "f", "d", "l", "w"
 
@@ -119,60 +126,81 @@ def _remove(tree: dict[bytes, Node], gone: list[bytes], emptied: list[bytes]) ->
 
 def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIndex:
     """Read a layer's tar stream (already decompressed) into its index: every member below
-    the mount point, whiteouts included, each file's content hashed on the way."""
+    the mount point, whiteouts included, each file's content hashed on the way. The
+    stream must hash to `diff_id` (an image whose layer is not what its config says must
+    not put a wrong index into the cache); names are held to extraction's rules."""
     prefix = os.fsencode(mount_point.strip("/")) + b"/"
     top = prefix.rstrip(b"/")
-    tar = TarStream(stream.read, READ_CHUNK)
+    whole = hashlib.sha256()
+
+    def read(size: int) -> bytes:
+        data = stream.read(size)
+        whole.update(data)
+        return data
+
+    tar = TarStream(read, READ_CHUNK)
     index = LayerIndex(diff_id, mount_point)
-    nodes = index.nodes
-    group_firsts: set[bytes] = set()
     for member in tar.members():
         name = member.name
         while name.startswith(b"./"):
             name = name[2:]
         name = name.rstrip(b"/")
         if name == top:
-            rel = b""
+            _add(index, b"", member, tar, prefix)
         elif name.startswith(prefix):
-            rel = name[len(prefix):]
-        else:
-            continue
-        mode, mtime = member.mode & PERMISSIONS, int(member.mtime)
-        base = rel.rpartition(b"/")[2]
-        parent = rel.rpartition(b"/")[0]
-        if base == OPAQUE_NAME:
-            index.opaque.add(parent)
-        elif base.startswith(WHITEOUT_PREFIX):
-            hidden = (parent + b"/" if parent else b"") + base[len(WHITEOUT_PREFIX):]
-            earlier = nodes.get(hidden)
-            if earlier is None:
-                nodes[hidden] = Node(WHITEOUT, 0, 0, 0, 0, 0)
-            elif earlier.kind == DIR:  # an entry of the same layer is not hidden by it
-                index.opaque.add(hidden)
-        elif member.type in REGULAR:
-            sha = hashlib.sha256()
-            for piece in tar.data():
-                sha.update(piece)
-            nodes[rel] = Node(FILE, mode, 0, 0, member.size, mtime, digest=sha.hexdigest())
-        elif member.type == DIRECTORY:
-            earlier = nodes.get(rel)
-            if earlier is not None and earlier.kind == WHITEOUT:
-                index.opaque.add(rel)
-            nodes[rel] = Node(DIR, mode, 0, 0, 0, mtime)
-        elif member.type == SYMLINK:
-            nodes[rel] = Node(LINK, mode, 0, 0, 0, mtime, target=member.linkname)
-        elif member.type == HARDLINK:
-            link = member.linkname
-            while link.startswith(b"./"):
-                link = link[2:]
-            first = link[len(prefix):] if link.startswith(prefix) else link
-            source = nodes.get(first)
-            if source is None or source.kind != FILE:
-                raise InputError(f"layer {diff_id}: hard link {os.fsdecode(name)!r} points "
-                                 "at a file that is not in the layer before it")
-            group_firsts.add(first)
-            nodes[rel] = source._replace(mode=mode, mtime=mtime, group=first)
+            _add(index, _relative(name, prefix, member.name), member, tar, prefix)
     tar.drain()
-    for first in group_firsts:
-        nodes[first] = nodes[first]._replace(group=first)
+    while read(READ_CHUNK):
+        pass
+    if "sha256:" + whole.hexdigest() != diff_id:
+        raise IntegrityError(f"layer {diff_id}: its content hashes to sha256:"
+                             f"{whole.hexdigest()}, not to the diff_id the config gives it")
+    for path, node in list(index.nodes.items()):
+        if node.group == path:
+            continue
+        if node.group:  # the first name of a group is in it too
+            first = index.nodes[node.group]
+            index.nodes[node.group] = first._replace(group=node.group)
     return index
+
+
+def _add(index: LayerIndex, rel: bytes, member: Member, tar: TarStream, prefix: bytes) -> None:
+    nodes = index.nodes
+    mode, mtime = member.mode & 0o7777, int(member.mtime)
+    uid, gid = member.owner()
+    parent, _, base = rel.rpartition(b"/")
+    if base == OPAQUE_NAME:
+        index.opaque.add(parent)
+    elif base.startswith(WHITEOUT_PREFIX):
+        name = base[len(WHITEOUT_PREFIX):]
+        if name in (b"", b".", b".."):
+            raise InputError(f"layer member {os.fsdecode(member.name)!r} is not a valid "
+                             "whiteout")
+        hidden = (parent + b"/" if parent else b"") + name
+        earlier = nodes.get(hidden)
+        if earlier is None:
+            nodes[hidden] = Node(WHITEOUT, 0, 0, 0, 0, 0)
+        elif earlier.kind == DIR:  # an entry of the same layer is not hidden by it
+            index.opaque.add(hidden)
+    elif member.type in REGULAR:
+        sha = hashlib.sha256()
+        for piece in tar.data():
+            sha.update(piece)
+        nodes[rel] = Node(FILE, mode, uid, gid, member.size, mtime, digest=sha.hexdigest())
+    elif member.type == DIRECTORY:
+        earlier = nodes.get(rel)
+        if earlier is not None and earlier.kind == WHITEOUT:
+            index.opaque.add(rel)
+        nodes[rel] = Node(DIR, mode, uid, gid, 0, mtime)
+    elif member.type == SYMLINK:
+        nodes[rel] = Node(LINK, mode, uid, gid, 0, mtime, target=member.linkname)
+    elif member.type == HARDLINK:
+        link = member.linkname
+        while link.startswith(b"./"):
+            link = link[2:]
+        first = _relative(link, prefix, member.name) if link.startswith(prefix) else link
+        source = nodes.get(first)
+        if source is None or source.kind != FILE:
+            raise InputError(f"hard link {os.fsdecode(member.name)!r} points at a file that "
+                             "is not in the layer before it")
+        nodes[rel] = source._replace(mode=mode, uid=uid, gid=gid, mtime=mtime, group=first)

@@ -122,7 +122,8 @@ class StackUpdater:
                              options.compression, options.mount_point)
             writer.commit()
         packed.entries, packed.hardlinks = plan.entries + 1, plan.hardlinks
-        self.cache.put(plan.index(packed.diff_id, digests))
+        if self.stack_options.max_layers > 1:  # a single layer needs no index later
+            self.cache.put(plan.index(packed.diff_id, digests))
         update.layers.append(layer)
         update.packed = packed
         counts = f"+{update.added} ~{update.changed} -{update.removed}"
