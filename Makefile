@@ -12,7 +12,7 @@ APT_PROGRAMS := skopeo:skopeo docker-registry:docker-registry umoci:umoci pigz:p
                 openssl:openssl apache2-utils:htpasswd ca-certificates:update-ca-certificates \
                 podman:podman
 
-.PHONY: all setup system-packages demo test lint bench bench-direct bench-stack clean
+.PHONY: all setup system-packages demo test lint bench bench-direct bench-stack bench-batch clean
 
 all: test
 
@@ -56,6 +56,9 @@ bench-direct: setup
 
 bench-stack: setup
 	$(PY) bench/stack.py
+
+bench-batch: setup
+	$(PY) bench/batch.py
 
 clean:
 	rm -rf $(VENV) demo-out bench/cache .pytest_cache .ruff_cache build dist src/*.egg-info

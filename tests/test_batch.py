@@ -87,6 +87,8 @@ def test_a_plan_packs_once_and_uploads_each_blob_once_per_registry(cli, registry
                            f"docker://{registry.host}/{area}-out/{area}/oci:v1-cvmfs").out)
     layer_digest = layer["images"][0]["layers"][-1]["digest"]
     assert uploaded.count(layer_digest) == 1, uploaded
+    sent = [image["uploaded"] for image in report["images"][:3]]  # registry-direct ones
+    assert sum(sent) > layer["images"][0]["layers"][-1]["size"] > max(sorted(sent)[:2])
     assert mounted.count(layer_digest) == 2  # the Docker image and the index
     for repo, count in (("oci", 1), ("docker", 1), ("multi", 2)):
         out = tmp_path / f"back-{repo}"

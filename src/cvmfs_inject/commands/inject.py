@@ -31,6 +31,7 @@ from cvmfs_inject.image.edit import (
 )
 from cvmfs_inject.image.sink import ImageSink, publish
 from cvmfs_inject.image.source import Image, ImageSource, Resolved, resolve
+from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
@@ -166,7 +167,8 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
         "prepared" if init_only else "injected", reference, new_top.digest,
         LayerReport(layer.diff_id, layer.digest, layer.size, layer.compression),
         [_image_report(image, edits, replaced) for image in resolved.images],
-        _stats(packed, started), packed.warnings), sink)
+        _stats(packed, started), packed.warnings,
+        written=_written(sink, [layer], resolved, edits, replaced, new_top)), sink)
 
 
 def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: PackOptions,
@@ -211,12 +213,8 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
     new_top, replaced = commit(sink.store, resolved, edits)
     publish(sink, source, new_top)
     layer = update.layers[-1] if update.layers else None
-    new_layers = {layer.digest: layer.size for u in updates.values() for layer in u.layers}
-    written = sum(new_layers.values()) + sum(
-        desc.size + edit.manifest["config"]["size"] for digest, desc in replaced.items()
-        if (edit := edits[digest]) is not None)
-    if resolved.index is not None:
-        written += new_top.size
+    written = _written(sink, [new for u in updates.values() for new in u.layers], resolved,
+                       edits, replaced, new_top)
     images = [_image_report(image, edits, replaced) for image in resolved.images]
     for image, image_report in zip(resolved.images, images, strict=True):
         image_report.stack = updates[image.descriptor.digest]
@@ -225,8 +223,22 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
         None if layer is None else LayerReport(layer.diff_id, layer.digest, layer.size,
                                                layer.compression),
         images, None if update.packed is None else _stats(update.packed, started), notes,
-        stack=update, written=getattr(sink, "uploaded", written))
+        stack=update, written=written)
     return _published(report, sink)
+
+
+def _written(sink: ImageSink, layers: list[NewLayer], resolved: Resolved,
+             edits: dict[str, EditResult | None], replaced: dict[str, Descriptor],
+             new_top: Descriptor) -> int:
+    """Bytes the sink took: what a registry sink counted as sent, else the new layers
+    and documents written into the layout."""
+    uploaded = getattr(sink, "uploaded", None)
+    if uploaded is not None:
+        return int(uploaded)
+    written = sum({layer.digest: layer.size for layer in layers}.values()) + sum(
+        desc.size + edit.manifest["config"]["size"] for digest, desc in replaced.items()
+        if (edit := edits[digest]) is not None)
+    return written + (new_top.size if resolved.index is not None else 0)
 
 
 def _prepared(image: Image) -> bool:
