@@ -40,7 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, make_tree, start_registry  # noqa: E402
+from common import make_tree, start_registry, write_results  # noqa: E402
 from direct import ACCESS  # noqa: E402
 from stack import BLOBS, VERDICT, Registry  # noqa: E402
 
@@ -316,11 +316,7 @@ def main() -> int:
              f"TMPDIR {tempfile.gettempdir()}, local docker-registry over plain http.")
     text = report(times, first, per, rerun, rerun_wall, writes, knobs,
                   (layer["digest"], layer["size"]))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-{os.cpu_count()}cores-batch.md"
-    path.write_text(text)
-    print(text)
-    print(f"written to {path}")
+    write_results(text, "batch")
     return 0
 
 

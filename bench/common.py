@@ -107,3 +107,17 @@ def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
         except OSError:
             time.sleep(0.05)
     return process, f"127.0.0.1:{port}", log
+
+
+def write_results(text: str, kind: str = "") -> Path:
+    """Print a results page and keep it as bench/results/DATE-Ncores[-KIND].md."""
+    import datetime
+    import os
+
+    RESULTS.mkdir(exist_ok=True)
+    day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    path = RESULTS / f"{day}-{os.cpu_count()}cores{'-' + kind if kind else ''}.md"
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}")
+    return path

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from common import (
     CACHE,
-    RESULTS,
     TREES,
     VENV_BIN,
     Result,
@@ -35,6 +34,7 @@ from common import (
     make_tree,
     shell,
     timed,
+    write_results,
 )
 from unpack import bench_unpack, unpack_table
 
@@ -178,11 +178,7 @@ def main() -> int:
         results = bench_tree(name, 1, only_ours=True)
         sections += [table(name, results, make_tree(name)), ""]
     report = "\n".join(sections)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{now:%Y-%m-%d}-{os.cpu_count()}cores.md"
-    path.write_text(report)
-    print(report)
-    print(f"written to {path}")
+    write_results(report)
     return 0
 
 

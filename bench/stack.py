@@ -51,7 +51,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, make_base_layout, make_tree, start_registry  # noqa: E402
+from common import make_base_layout, make_tree, start_registry, write_results  # noqa: E402
 from direct import ACCESS  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "cvmfs-inject")
@@ -358,11 +358,7 @@ def main() -> int:
              f"scratch {'/dev/shm' if str(scratch).startswith('/dev/shm') else scratch.parent}, "
              "local docker-registry over plain http.")
     text = report(steps, fresh, archives, limit, knobs, notes)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{datetime.now(UTC):%Y-%m-%d}-{os.cpu_count()}cores-stack.md"
-    path.write_text(text)
-    print(text)
-    print(f"written to {path}")
+    write_results(text, "stack")
     return 0
 
 
