@@ -48,8 +48,11 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 
+# the packer and unpack against their peers, then stacked updates and a batch plan
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/stack.py
+	$(PY) bench/batch.py
 
 bench-direct: setup
 	$(PY) bench/direct.py
