@@ -145,8 +145,9 @@ images:
 
 BAD_PLANS = {
     "yaml": ("tree: t\nimages:\n\t- from: docker://r.example/a:1\n", 3, "not valid YAML"),
-    "unknown key": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n    to: "
-                    "docker://r.example/b:1\n    colour: blue\n", 3, "images[0]"),
+    "unknown key": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n    too: "
+                    "docker://r.example/b:1\n", 4, "images[0].too: unknown key 'too'; did "
+                    "you mean 'to'?"),
     "platform": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n    to: "
                  "docker://r.example/b:1\n    platforms: [linux]\n", 5,
                  "images[0].platforms[0]"),
@@ -159,6 +160,8 @@ BAD_PLANS = {
     "bad reference": ("tree: t\nimages:\n  - from: docker://r.example/A:1\n"
                       "    to: docker://r.example/b:1\n", 3, "images[0].from"),
     "no images": ("tree: t\nimages: []\n", 2, "images"),
+    "level": ("tree: t\nlevel: 9\nimages:\n  - from: docker://r.example/a:1\n"
+              "    to: docker://r.example/b:1\n", 2, "level: --level 9 is out of range"),
     "not a mapping": ("- just a list\n", 1, "(the plan)"),
 }
 
@@ -255,3 +258,30 @@ def test_images_with_max_layers_get_a_delta_on_the_next_run(cli, registry, tmp_p
     done = cli("--no-tls-verify", "unpack", dest, tmp_path / "out")
     assert done.code == 0, done.err
     assert_same_tree(tree, tmp_path / "out")
+
+
+def test_a_platform_the_index_lacks_fails_that_image(cli, registry, tmp_path):
+    area = f"batch-{uuid.uuid4().hex[:8]}"
+    index = _push(cli, tmp_path, registry, f"{area}/multi", platforms=("amd64", "arm64"))
+    make_nasty_tree(tmp_path / "tree")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"tree: tree\nimages:\n  - from: {index}\n"
+                    f"    to: docker://{registry.host}/{area}/out:cvmfs\n"
+                    "    platforms: [linux/amd64, linux/ppc64le]\n")
+    result = cli("--json", "--no-tls-verify", "batch", plan)
+    assert result.code == 9, result.err
+    image = json.loads(result.out)["images"][0]
+    assert image["status"] == "failed" and "linux/ppc64le" in image["error"]
+
+
+def test_a_format_conversion_needs_no_layout_option(cli, registry, tmp_path):
+    area = f"batch-{uuid.uuid4().hex[:8]}"
+    source = _push(cli, tmp_path, registry, f"{area}/src", docker=True)
+    make_nasty_tree(tmp_path / "tree")
+    plan = tmp_path / "plan.yaml"
+    dest = f"docker://{registry.host}/{area}/out:oci"
+    plan.write_text(f"tree: tree\nformat: oci\nimages:\n  - from: {source}\n    to: {dest}\n")
+    result = cli("--json", "--no-tls-verify", "batch", plan)
+    assert result.code == 0, result.err
+    top = json.loads(cli("--json", "--no-tls-verify", "inspect", dest).out)
+    assert top["mediaType"] == "application/vnd.oci.image.manifest.v1+json"

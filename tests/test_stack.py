@@ -498,3 +498,34 @@ def test_a_layer_that_is_not_its_diff_id_is_refused_not_indexed(cli, tmp_path):
     assert error.startswith("cvmfs-inject: error:") and "diff_id" in error
     assert dir_bytes(layout) == before
     assert not list((tmp_path / "state").rglob("*.json.gz"))
+
+
+def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, registry,
+                                                                      tmp_path):
+    """The nightly Makefile rule: `run BASE DIR DEST --max-layers N` adds a delta to DEST
+    while BASE is the base DEST was made from; a new BASE starts a new stack."""
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    area = unique_repo("stack", "run")
+    base, dest = f"docker://{registry.host}/{area}/base:v1", \
+        f"docker://{registry.host}/{area}/dest:cvmfs"
+    assert cli("push", "--no-tls-verify", f"{layout}:v1", base).code == 0
+    tree, state = build_tree(tmp_path / "tree"), tmp_path / "state"
+
+    def run() -> dict:
+        result = cli("--json", "--no-tls-verify", "run", base, tree, dest, "--max-layers",
+                     "3", "--state", state)
+        assert result.code == 0, result.err
+        return json.loads(result.out)
+
+    actions = [run()["stack"]["action"]]
+    for change in ("add", "remove"):
+        _change(tree, change)
+        actions.append(run()["stack"]["action"])
+    again = run()
+    assert actions == ["base", "delta", "delta"] and again["status"] == "unchanged"
+    assert cli("--no-tls-verify", "unpack", dest, tmp_path / "out").code == 0
+    assert_same_tree(tree, tmp_path / "out")
+    build_sample_image(tmp_path / "new-base", "v1", layers=3)  # the base moved on
+    assert cli("push", "--no-tls-verify", f"{tmp_path / 'new-base'}:v1", base).code == 0
+    assert run()["stack"]["action"] == "base"

@@ -9,7 +9,9 @@ its file, so a plan means the same from wherever `make` runs it.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ MAX_PLAN_BYTES = 4 << 20  # a plan is a few kilobytes; a larger file is not one
 # settings an image takes from the top of the plan unless it has its own
 INHERITED = ("tree", "path", "compress", "level", "exclude", "keep_owner", "max_layers",
              "format")
+TOP_KEYS = (*INHERITED, "output", "images")
+IMAGE_KEYS = ("from", "to", "platforms", *INHERITED)
+_UNEXPECTED = re.compile(r"\('([^']*)' was unexpected\)")
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ def load_plan(path: Path, *, state_dir: Path | None = None) -> Plan:
     doc, lines = _read_yaml(text, path)
     problems = schema_errors(SCHEMA, doc)
     if problems:
-        where, message = problems[0]
+        where, message = _pointed(*problems[0])
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(f"{path}:{_line(lines, where)}: {_key(where)}: {message}{more}")
     base = path.resolve().parent
@@ -123,6 +128,18 @@ def _read_yaml(text: bytes, path: Path) -> tuple[Any, dict[tuple[Any, ...], int]
     return doc, lines
 
 
+def _pointed(where: list[Any], message: str) -> tuple[list[Any], str]:
+    """An unknown key is reported at its own line, with the key it may be a typo of."""
+    match = _UNEXPECTED.search(message)
+    if match is None:
+        return where, message
+    key = match.group(1)
+    known = IMAGE_KEYS if where and where[0] == "images" else TOP_KEYS
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; the keys are {', '.join(known)}"
+    return [*where, key], f"unknown key {key!r}{hint}"
+
+
 def _line(lines: dict[tuple[Any, ...], int], where: list[Any] | tuple[Any, ...]) -> int:
     """The line of the deepest part of `where` that is in the file."""
     parts = tuple(where)
@@ -145,7 +162,7 @@ def _job(doc: dict[str, Any], i: int, image: dict[str, Any],
     line = _line(lines, where)
 
     def bad(key: str, message: str) -> InputError:
-        at = (*where, key) if key in image else where
+        at = (*where, key) if key in image else (key,) if key in doc else where
         return InputError(f"{plan}:{_line(lines, at)}: {_key(at)}: {message}")
 
     settings = {key: image.get(key, doc.get(key)) for key in INHERITED}

@@ -234,8 +234,9 @@ def batch(args: argparse.Namespace, out: Reporter) -> Any:
     if report.failed:
         if args.json:
             out.emit(report.to_json())
-        raise BatchFailed(f"{len(report.failed)} of {len(report.images)} images failed "
-                          "(the others are done)")
+        failed, total = len(report.failed), len(report.images)
+        raise BatchFailed(f"{failed} of {total} images failed (the others are done)"
+                          if failed < total else f"every image of the plan failed ({total})")
     return report.to_json()
 
 

@@ -155,8 +155,8 @@ def _do(job: Job, prepacked: Prepacked | None, access: Access, cache: str | None
     try:
         report = run_ref(job.src, job.tree, job.dest, access, options,
                          cache=None if direct else cache, platform=job.platform,
-                         manifest_format=job.manifest_format, stack_options=job.stack,
-                         prepacked=prepacked, warn=warn)
+                         manifest_format=job.manifest_format, via_layout=not direct,
+                         stack_options=job.stack, prepacked=prepacked, warn=warn)
     except CvmfsInjectError as exc:
         return _result(job, "failed", error=str(exc), exit_code=exc.exit_code)
     except Exception as exc:  # a bug of ours must not take the other images down

@@ -35,6 +35,7 @@ from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
+from cvmfs_inject.stack.continuation import continue_at
 from cvmfs_inject.stack.diff import scan
 from cvmfs_inject.stack.options import StackOptions
 from cvmfs_inject.stack.update import StackUpdate, StackUpdater
@@ -124,6 +125,11 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
     options, packed already (`batch` packs a tree once for all its images)."""
     resolved = resolve(source, platform)
     reference = str(sink.ref)
+    stack_options = stack_options or StackOptions()
+    if tree is not None and stack_options.max_layers > 1 and sink.ref != source.ref:
+        continued = continue_at(sink, resolved, platform)
+        if continued is not None:  # DEST is this base with a stack: the stack goes on there
+            source, resolved = continued
     stacks: dict[str, Stack] = {}
     for image in resolved.images:  # refuse before any work: bad labels, zstd into Docker
         where = f"{reference} ({image.platform})"
@@ -134,7 +140,6 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
     if init_only and all(_prepared(image) for image in resolved.images):
         return _unchanged(source, sink, resolved, InjectReport(
             "already-prepared", reference, resolved.top.digest))
-    stack_options = stack_options or StackOptions()
     if tree is not None and not init_only and (
             stack_options.max_layers > 1 or any(len(s.diff_ids) > 1 for s in stacks.values())):
         return _inject_stack(source, sink, tree, options, resolved, stacks, stack_options,

@@ -83,6 +83,11 @@ class LayoutSink:
         if not self.layout.has_blob(desc.digest):
             self.layout.put_bytes(raw, desc.media_type)
 
+    def current(self) -> LayoutSource | None:
+        if self.tag not in self.layout.tags():
+            return None
+        return LayoutSource(self.layout, self.ref)
+
     def holds(self, desc: Descriptor) -> bool:
         return any(d.ref_name == self.tag and d.digest == desc.digest
                    for d in self.layout.read_index().manifests)

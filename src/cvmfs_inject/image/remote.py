@@ -183,6 +183,14 @@ class RegistrySink:
         self.client.put_manifest(self.ref.repository, desc.digest, raw, desc.media_type)
         self.uploaded += len(raw)
 
+    def current(self) -> RemoteSource | None:
+        source = RemoteSource(self.client, self.ref)
+        try:
+            source.top()
+        except NotFoundError:
+            return None
+        return source
+
     def holds(self, desc: Descriptor) -> bool:
         try:
             _, _, digest = self.client.get_manifest(self.ref.repository, self.ref.tag or "latest")

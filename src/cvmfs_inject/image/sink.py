@@ -59,6 +59,10 @@ class ImageSink(Protocol):
         """Whether the reference's tag names `desc` already (then there is nothing to do)."""
         ...
 
+    def current(self) -> ImageSource | None:
+        """A source of the image the reference's tag names now; None when there is none."""
+        ...
+
 
 def publish(sink: ImageSink, source: ImageSource, top: Descriptor) -> None:
     """Make `sink` hold the image `top`: blobs first, then child manifests, then the tag.

@@ -124,10 +124,14 @@ def resolve(source: ImageSource, platform: str | None = None) -> Resolved:
     index = read_index(source, top)
     if any(MediaType.is_index(desc.media_type) for desc in index.manifests):
         raise UsageError(f"{top.digest}: nested indexes are not supported")
-    images = [read_image(source, desc) for desc in index.manifests if is_image_entry(desc)
-              and (not platform or platform_matches(desc.platform, platform))]
+    entries = [desc for desc in index.manifests if is_image_entry(desc)]
+    for wanted in (platform or "").split(",") if platform else ():
+        if not any(platform_matches(desc.platform, wanted) for desc in entries):
+            available = ", ".join(platform_string(d.platform) for d in index.manifests)
+            raise NotFoundError(f"no image for platform {wanted} in the index "
+                                f"(it has: {available or 'none'})")
+    images = [read_image(source, desc) for desc in entries
+              if not platform or platform_matches(desc.platform, platform)]
     if not images:
-        available = ", ".join(platform_string(d.platform) for d in index.manifests)
-        raise NotFoundError(f"no image for platform {platform} in the index "
-                            f"(it has: {available or 'none'})")
+        raise NotFoundError("the index has no image (only attestations or other artifacts)")
     return Resolved(top, index, images)

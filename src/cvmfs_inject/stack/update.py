@@ -138,7 +138,7 @@ class StackUpdater:
             return index
         desc = image.manifest.layers[stack.position + i]
         if self.warn:
-            self.warn(f"rebuilding the index of layer {diff_id} (not in the cache): "
+            self.warn(f"rebuilding the index of layer {diff_id} (none usable in the cache): "
                       f"reading {desc.size} bytes")
         with self.source.open_blob(desc) as blob:
             stream = decompressed(cast(IO[bytes], blob), desc.media_type)
