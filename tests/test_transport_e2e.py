@@ -567,3 +567,20 @@ def test_zstd_image_pushed_back_as_v2s2_is_refused_up_front(cli, registry, tmp_p
     result = cli("push", "--no-tls-verify", f"{back}:d", registry.url(f"{name}:2"))
     assert result.code == 2
     assert "--format oci" in result.err and result.err.count("\n") == 1
+
+
+def test_an_oci_archive_of_a_docker_origin_image_is_oci_and_found_by_its_tag(cli, tmp_path):
+    from cvmfs_inject.demo.sample import build_sample_image
+
+    build_sample_image(tmp_path / "docker", "v1", docker=True)
+    assert cli("push", f"{tmp_path / 'docker'}:v1",
+               f"docker-archive:{tmp_path}/d.tar:hep/el9:v1").code == 0
+    assert cli("pull", f"docker-archive:{tmp_path}/d.tar", f"{tmp_path / 'work'}:a1").code == 0
+    result = cli("push", f"{tmp_path / 'work'}:a1", f"oci-archive:{tmp_path}/a1.tar:a1")
+    assert result.code == 0, result.err
+    result = cli("pull", f"oci-archive:{tmp_path}/a1.tar:a1", f"{tmp_path / 'site'}:a1")
+    assert result.code == 0, result.err
+    refused = cli("push", "--format", "v2s2", f"{tmp_path / 'work'}:a1",
+                  f"oci-archive:{tmp_path}/v2.tar:a1")
+    assert refused.code == 2 and "docker-archive" in refused.err
+    assert not (tmp_path / "v2.tar").exists()

@@ -29,9 +29,22 @@ from cvmfs_inject.oci.walk import reading, walk
 FORMATS = ("oci", "v2s2", "keep")
 
 
-def _skopeo_format(fmt: str, desc: Descriptor) -> str | None:
+def check_format(fmt: str, dest: ImageRef) -> None:
+    """Refuse a format the destination cannot hold, before any work."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use oci, v2s2 or keep")
+    if dest.transport == "oci-archive" and fmt == "v2s2":
+        raise UsageError(f"--format v2s2 into {dest}: an oci-archive holds OCI manifests "
+                         "(skopeo cannot find a Docker one in it by its tag); use "
+                         "docker-archive: for a Docker image")
+
+
+def _skopeo_format(fmt: str, desc: Descriptor, dest: ImageRef) -> str | None:
+    """skopeo's --format for `fmt`. An oci-archive holds OCI manifests: skopeo finds an
+    image in one by its tag only when the manifest is OCI, so `keep` writes OCI there."""
+    check_format(fmt, dest)
+    if dest.transport == "oci-archive":
+        return None
     if fmt == "keep":
         kept = desc.annotations.get(SOURCE_FORMAT)
         return "v2s2" if kept == "v2s2" else None
@@ -55,7 +68,7 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
     with layout.lock(exclusive=False), tempfile.TemporaryDirectory() as scratch:
         digestfile = Path(scratch) / "digest"
         desc = layout.resolve(src.tag)
-        fmt = _skopeo_format(manifest_format, desc)
+        fmt = _skopeo_format(manifest_format, desc, dest)
         is_index = MediaType.is_index(desc.media_type)
         if is_index and dest.transport == "docker-archive":
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref
 from cvmfs_inject.commands.pull import default_tag, pull, source_format
-from cvmfs_inject.commands.push import push
+from cvmfs_inject.commands.push import check_format, push
 from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
@@ -75,9 +75,11 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         note = delta_note(Path(src.path))
         if note is not None:  # completed from the working layout: a temporary one is empty
             raise UsageError(f"{note}: give --layout CACHE, a layout that holds that image")
+    check_format(manifest_format, dest)
     fmt = source_format(src, access.skopeo(src))
-    pushed_as_docker = (dest.transport == "docker-archive" or manifest_format == "v2s2"
-                        or (manifest_format == "keep" and fmt == "v2s2"))
+    pushed_as_docker = dest.transport == "docker-archive" or (
+        dest.transport != "oci-archive"
+        and (manifest_format == "v2s2" or (manifest_format == "keep" and fmt == "v2s2")))
     if pushed_as_docker and options.compression != "gzip":
         raise UsageError(f"--compress {options.compression} cannot go into a Docker v2s2 image "
                          f"(Docker layers are gzip only) and {dest} will be Docker v2s2: use "
