@@ -163,6 +163,7 @@ BAD_PLANS = {
     "level": ("tree: t\nlevel: 9\nimages:\n  - from: docker://r.example/a:1\n"
               "    to: docker://r.example/b:1\n", 2, "level: --level 9 is out of range"),
     "not a mapping": ("- just a list\n", 1, "(the plan)"),
+    "aliases": ("a: &a [x, x, x]\nb: [*a, *a, *a]\nimages: []\n", 2, "aliases"),
 }
 
 

@@ -103,6 +103,11 @@ def _read_yaml(text: bytes, path: Path) -> tuple[Any, dict[tuple[Any, ...], int]
     import yaml
 
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):  # `*name` can grow a plan exponentially
+                raise InputError(f"{path}:{event.start_mark.line + 1}: YAML aliases (*name) "
+                                 "are not read in a plan; write the value, or set it once "
+                                 "at the top for every image")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
