@@ -651,3 +651,13 @@ def test_locked_layout(cli, sample, tmp_path):
     assert dir_bytes(layout) == before
     # the lock is gone with the holder
     assert cli("gc", layout).code == 0
+
+
+def test_a_port_with_401_in_it_is_not_an_authentication_failure():
+    from cvmfs_inject.skopeo.errors import classify
+
+    error = classify('pinging container registry 127.0.0.1:40177: Get "https://127.0.0.1:'
+                     '40177/v2/": x509: certificate signed by unknown authority', [], 1, "")
+    assert "TLS verification failed" in str(error)
+    assert "authentication failed" in str(classify("received unexpected HTTP status: 401 "
+                                                   "Unauthorized", [], 1, ""))

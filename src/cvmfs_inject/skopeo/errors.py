@@ -24,6 +24,10 @@ def key_error_line(stderr: str) -> str:
     return lines[-1] if lines else "no error output"
 
 
+# 401 as a status, not inside a port or an address (127.0.0.1:40177 is no 401)
+_STATUS_401 = re.compile(r"(?<![\d.:])401(?![\d.:])")
+
+
 def classify(message: str, argv: list[str], returncode: int, stderr: str) -> Exception:
     """Turn skopeo's message into our error types: not-found vs auth vs network vs other."""
     lower = message.lower()
@@ -37,7 +41,8 @@ def classify(message: str, argv: list[str], returncode: int, stderr: str) -> Exc
                                 "no such file or directory", "no descriptor found",
                                 "does not exist")):
         return NotFoundError(f"skopeo: {message}")
-    if "unauthorized" in lower or "authentication required" in lower or "401" in lower:
+    if ("unauthorized" in lower or "authentication required" in lower
+            or _STATUS_401.search(lower)):
         return ToolError(f"skopeo: authentication failed: {message} (check --authfile or "
                          "the registry credentials)", argv, returncode, stderr)
     if "connection refused" in lower or "no such host" in lower or "i/o timeout" in lower:
