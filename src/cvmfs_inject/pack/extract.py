@@ -29,6 +29,7 @@ from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarStream
+from cvmfs_inject.pack.whiteouts import hidden_paths, remove
 
 # rwx for owner, group and others: setuid, setgid and sticky bits are dropped. CernVM-FS is
 # mounted nosuid, and a root-owned setuid file unpacked into a work directory would be a
@@ -40,7 +41,6 @@ MADE_WITH_MODE = 0xFFFF  # a directory made with its final mode: only its time i
 # Deeper trees are refused: nothing real is, and removing one (a failed unpack cleans up)
 # would exceed Python's recursion limit in shutil.rmtree.
 MAX_DEPTH = 512
-WHITEOUT, OPAQUE = b".wh.", b".wh..wh..opq"
 _SUPERSEDED = 0xFFFE  # a later member of the same directory gives its mode and time (tar's rule)
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
@@ -249,53 +249,15 @@ class _Extraction:
             self.result.entries += 1
 
     def whiteout(self, rel: bytes, member: bytes) -> None:
-        """Remove what a lower layer put at the whited-out path (`.wh.NAME`), or in the
-        directory (`.wh..wh..opq`), never following a symlink."""
-        parent, _, name = rel.rpartition(b"/")
-        hidden = name[len(WHITEOUT):]
-        if hidden in (b"", b".", b".."):
-            raise InputError(f"layer member {_show(member)} is not a valid whiteout")
-        if not self._real_directory(parent, member):
-            return  # nothing there to hide
-        if hidden == OPAQUE[len(WHITEOUT):]:
-            fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                         dir_fd=self.root)
-            try:
-                names = [os.fsencode(name) for name in os.listdir(fd)]
-            finally:
-                os.close(fd)
-            paths = [parent + b"/" + child if parent else child for child in names]
-        else:
-            paths = [parent + b"/" + hidden if parent else hidden]
-        for path in paths:
-            try:
-                st = os.lstat(path, dir_fd=self.root)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                _remove_tree(path, self.root, 0)
+        """Remove what a lower layer put where the whiteout says (`pack.whiteouts`); what
+        this extraction recorded below a removed directory is void from then on."""
+        for path in hidden_paths(rel, member, self.root):
+            removed = remove(path, self.root, MAX_DEPTH)
+            if removed == "directory":
                 self.directories.removed(path)
                 self.regular.clear()  # names below it were made: a link must check again
-            else:
-                os.unlink(path, dir_fd=self.root)
+            elif removed:
                 self.regular.discard(hash(path))
-
-    def _real_directory(self, path: bytes, member: bytes) -> bool:
-        """Whether `path` is a directory (False: missing); every component is checked
-        with lstat, so a whiteout never acts through a symlink."""
-        if not path:
-            return True
-        walked = b""
-        for part in path.split(b"/"):
-            walked = walked + b"/" + part if walked else part
-            try:
-                st = os.lstat(walked, dir_fd=self.root)
-            except FileNotFoundError:
-                return False
-            if not stat.S_ISDIR(st.st_mode):
-                raise InputError(f"layer member {_show(member)} would act through a symlink "
-                                 "or non-directory")
-        return True
 
     def file(self, rel: bytes, member: Member) -> None:
         root, mode = self.root, member.mode & PERMISSIONS
@@ -364,26 +326,6 @@ class _Extraction:
         except FileExistsError:
             _replace(lambda: os.link(source, rel, src_dir_fd=root, dst_dir_fd=root,
                                      follow_symlinks=False), rel, root, member.name)
-
-
-def _remove_tree(name: bytes, parent: int, depth: int) -> None:
-    """Remove a directory and all in it, never following a symlink, as an unprivileged
-    user too: each directory is opened without following, made writable through its
-    descriptor, emptied and removed."""
-    if depth > MAX_DEPTH:
-        raise InputError(f"cannot remove {_show(name)}: more than {MAX_DEPTH} levels deep")
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 dir_fd=parent)
-    try:
-        os.chmod(fd, 0o700)
-        for child in os.listdir(fd):
-            if stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
-                _remove_tree(os.fsencode(child), fd, depth + 1)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent)
 
 
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,

@@ -23,8 +23,6 @@ from typing import IO, NamedTuple
 
 from cvmfs_inject.errors import InputError, IntegrityError
 from cvmfs_inject.layout.blobs import READ_CHUNK
-from cvmfs_inject.pack.extract import OPAQUE as OPAQUE_NAME
-from cvmfs_inject.pack.extract import WHITEOUT as WHITEOUT_PREFIX
 from cvmfs_inject.pack.extract import relative as _relative
 from cvmfs_inject.pack.tarstream import (
     DIRECTORY,
@@ -34,6 +32,8 @@ from cvmfs_inject.pack.tarstream import (
     Member,
     TarStream,
 )
+from cvmfs_inject.pack.whiteouts import OPAQUE as OPAQUE_NAME
+from cvmfs_inject.pack.whiteouts import WHITEOUT as WHITEOUT_PREFIX
 
 FILE, DIR, LINK, WHITEOUT = "f", "d", "l", "w"
 

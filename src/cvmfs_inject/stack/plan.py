@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from cvmfs_inject.pack.extract import WHITEOUT as WHITEOUT_PREFIX
 from cvmfs_inject.pack.headers import TYPE_DIR, TYPE_FILE, TYPE_HARDLINK, TYPE_SYMLINK, TarHeaders
 from cvmfs_inject.pack.walker import Entry
+from cvmfs_inject.pack.whiteouts import WHITEOUT as WHITEOUT_PREFIX
 from cvmfs_inject.stack.diff import Delta, Scan
 from cvmfs_inject.stack.index import DIR, FILE, WHITEOUT, LayerIndex, Node
 

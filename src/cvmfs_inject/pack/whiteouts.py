@@ -1,0 +1,88 @@
+"""Whiteouts of a layer applied to what the layers below it extracted: `.wh.NAME` removes
+NAME, `.wh..wh..opq` empties its directory (the OCI image spec's changeset rules).
+
+Nothing is done through a symlink: every component of the whiteout's directory is checked
+with lstat, and a removed tree is opened one directory at a time without following. It
+works for an unprivileged user too: each directory is made writable through its own
+descriptor before it is emptied.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from cvmfs_inject.errors import InputError
+
+WHITEOUT, OPAQUE = b".wh.", b".wh..wh..opq"
+
+
+def _show(name: bytes) -> str:
+    return repr(os.fsdecode(name))
+
+
+def hidden_paths(rel: bytes, member: bytes, root: int) -> list[bytes]:
+    """The paths below `root` that the whiteout `rel` hides (none when its directory is
+    missing); an invalid whiteout, or one whose directory is a symlink, is refused."""
+    parent, _, name = rel.rpartition(b"/")
+    hidden = name[len(WHITEOUT):]
+    if hidden in (b"", b".", b".."):
+        raise InputError(f"layer member {_show(member)} is not a valid whiteout")
+    if not _real_directory(parent, member, root):
+        return []
+    if hidden != OPAQUE[len(WHITEOUT):]:
+        return [parent + b"/" + hidden if parent else hidden]
+    fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+    try:
+        names = [os.fsencode(child) for child in os.listdir(fd)]
+    finally:
+        os.close(fd)
+    return [parent + b"/" + child if parent else child for child in names]
+
+
+def remove(path: bytes, root: int, max_depth: int) -> str | None:
+    """Remove `path` below `root`: "directory" or "file" for what went, None if nothing
+    was there."""
+    try:
+        st = os.lstat(path, dir_fd=root)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        _remove_tree(path, root, 0, max_depth)
+        return "directory"
+    os.unlink(path, dir_fd=root)
+    return "file"
+
+
+def _real_directory(path: bytes, member: bytes, root: int) -> bool:
+    """Whether `path` is a directory (False: missing), checked a component at a time."""
+    if not path:
+        return True
+    walked = b""
+    for part in path.split(b"/"):
+        walked = walked + b"/" + part if walked else part
+        try:
+            st = os.lstat(walked, dir_fd=root)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            raise InputError(f"layer member {_show(member)} would act through a symlink "
+                             "or non-directory")
+    return True
+
+
+def _remove_tree(name: bytes, parent: int, depth: int, max_depth: int) -> None:
+    if depth > max_depth:
+        raise InputError(f"cannot remove {_show(name)}: more than {max_depth} levels deep")
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=parent)
+    try:
+        os.chmod(fd, 0o700)
+        for child in os.listdir(fd):
+            if stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
+                _remove_tree(os.fsencode(child), fd, depth + 1, max_depth)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
