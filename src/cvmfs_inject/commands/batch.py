@@ -86,7 +86,7 @@ def batch(plan: Plan, jobs: list[Job], access: Access, *, workers: int,
     with _scratch(cache) as scratch:
         packs, failures = _pack_all(jobs, Layout.create(scratch / "packs"), packing, warn)
         report.packed = [prepacked.layer.diff_id for prepacked in packs.values()]
-        results = {number: result for number, result in failures.items()}
+        results = dict(failures)
         for result in results.values():
             if on_result:
                 on_result(result)

@@ -22,7 +22,7 @@ from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
 from cvmfs_inject.stack.cache import IndexCache, default_state_dir
 from cvmfs_inject.stack.diff import Delta, Scan, diff
-from cvmfs_inject.stack.index import LayerIndex, index_of_layer, union
+from cvmfs_inject.stack.index import DIR, LayerIndex, index_of_layer, union
 from cvmfs_inject.stack.options import StackOptions
 from cvmfs_inject.stack.plan import Plan
 
@@ -75,7 +75,7 @@ class StackUpdater:
         ratio, limit = self.stack_options.compact_ratio, self.stack_options.max_layers
         labelled = image.config.labels.get(LABEL_MOUNT)
         if not stack.diff_ids or limit == 1 or labelled not in (None, self.options.mount_point):
-            return self._rebase("base" if not stack.diff_ids else "rebased", stack)
+            return self._rebase("base" if not stack.diff_ids else "rebased")
         update = StackUpdate("unchanged")
         indexes = [self._index(image, stack, i, update) for i in range(len(stack.diff_ids))]
         delta = self._diff(union(indexes), update)
@@ -91,7 +91,7 @@ class StackUpdater:
             return update
         merged = self._diff(union(indexes[:1]), update)
         if merged.tar_bytes > ratio * base_bytes:
-            rebased = self._rebase("rebased", stack)
+            rebased = self._rebase("rebased")
             rebased.downloaded = update.downloaded
             return rebased
         update.action, update.keep = "merged", 1
@@ -105,9 +105,9 @@ class StackUpdater:
         update.added, update.changed, update.removed = delta.added, delta.changed, delta.removed
         return delta
 
-    def _rebase(self, action: str, stack: Stack) -> StackUpdate:
+    def _rebase(self, action: str) -> StackUpdate:
         update = StackUpdate(action)
-        update.added = sum(node.kind != "d" for node in self.scan.nodes.values())
+        update.added = sum(node.kind != DIR for node in self.scan.nodes.values())
         self._pack(None, update, "base")
         return update
 
