@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -493,6 +494,26 @@ def test_secure_registry_creds_stdin(cli, secure_registry, tmp_path, tree, no_de
     res = ok(cli("inject", "--json", "--cert-dir", reg.cert_dir, "--creds-stdin", url, tree))
     assert password not in res.out + res.err
     assert json.loads(res.out)["digest"] == top_digest(reg, f"{repo}:v1") != before
+
+
+def test_creds_stdin_reach_skopeo_without_a_file(cli, secure_registry, tmp_path,
+                                                  no_default_auth, monkeypatch):
+    """skopeo (pull) gets stdin credentials from an in-memory file: nothing holding the
+    password is ever created in the temp directory, so a killed command leaves none behind."""
+    reg = secure_registry
+    assert reg.auth is not None
+    user, password = reg.auth
+    repo = unique("stdinpull")
+    push_sample(cli, tmp_path, reg, repo, "oci", *secure_flags(reg))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{user}:{password}\n"))
+    res = ok(cli("--creds-stdin", "pull", "--cert-dir", reg.cert_dir,
+                 f"docker://{reg.host}/{repo}:v1", f"{tmp_path}/pulled:v1"))
+    assert password not in res.out + res.err
+    assert list(scratch.iterdir()) == []
+    assert Layout(tmp_path / "pulled").resolve("v1")
 
 
 def test_secure_registry_auth_file_from_env(cli, secure_registry, tmp_path, tree,

@@ -11,7 +11,6 @@ waits on stdin.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +38,7 @@ class Access:
         self.layout_wait = layout_wait or LockWait()
         self._read_credentials = read_credentials
         self._credentials: Credentials | None = None
-        self._authfiles: dict[tuple[str, ...], Path] = {}
+        self._authfiles: dict[tuple[str, ...], int] = {}
         # where this command's uploads went: a blob goes up once per registry (`batch`)
         self.ledger = BlobLedger()
 
@@ -69,5 +68,5 @@ class Access:
         if credentials is not None:
             if hosts not in self._authfiles:
                 self._authfiles[hosts] = credentials_authfile(credentials, list(hosts))
-            options = replace(options, authfile=self._authfiles[hosts])
+            options = RegistryOptions.with_authfile_fd(options, self._authfiles[hosts])
         return Skopeo(options, show_progress=self.show_progress)

@@ -1,28 +1,25 @@
-"""Credentials for skopeo without a command line: a private auth file."""
+"""Credentials for skopeo without a command line: a private auth file held in memory."""
 
 from __future__ import annotations
 
-import atexit
 import base64
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cvmfs_inject.registry.credentials import Credentials
 
 
-def credentials_authfile(credentials: Credentials, hosts: list[str]) -> Path:
+def credentials_authfile(credentials: Credentials, hosts: list[str]) -> int:
     """A private auth file for `--creds-stdin`, so skopeo gets the secret from a file, never
-    from its argv. It lives in a 0700 temp directory removed when the process exits."""
-    directory = Path(tempfile.mkdtemp(prefix="cvmfs-inject-auth-"))
-    atexit.register(shutil.rmtree, directory, True)
+    from its argv: an anonymous memory file (memfd) that skopeo inherits and opens as
+    /dev/fd/N. It has no name on any file system, so a killed command leaves no password on
+    disk. Returns its descriptor (close-on-exec apart from the skopeo runs that pass it)."""
     token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    path = directory / "auth.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"auths": {host: {"auth": token} for host in hosts}}, handle)
-    return path
+    document = json.dumps({"auths": {host: {"auth": token} for host in hosts}}).encode()
+    fd = os.memfd_create("cvmfs-inject-auth", os.MFD_CLOEXEC)
+    view = memoryview(document)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd

@@ -11,14 +11,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cvmfs_inject.errors import MissingDependencyError, UsageError
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.skopeo.errors import classify, key_error_line
 
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[bytes]"]
+Runner = Callable[[Sequence[str], Sequence[int]], "subprocess.CompletedProcess[bytes]"]
 
 _POLICY_FILES = (Path.home() / ".config/containers/policy.json",
                  Path("/etc/containers/policy.json"))
@@ -32,6 +32,18 @@ class RegistryOptions:
     cert_dir: Path | None = None
     authfile: Path | None = None
     debug: bool = False
+    # a descriptor skopeo inherits: the in-memory auth file of `--creds-stdin` (/dev/fd/N)
+    authfile_fd: int | None = None
+
+    @classmethod
+    def with_authfile_fd(cls, options: RegistryOptions, fd: int) -> RegistryOptions:
+        """`options` with skopeo reading its auth file from descriptor `fd`."""
+        return replace(options, authfile=Path(f"/dev/fd/{fd}"), authfile_fd=fd)
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """The descriptors skopeo must inherit."""
+        return () if self.authfile_fd is None else (self.authfile_fd,)
 
     def flags(self, side: str, ref: ImageRef) -> list[str]:
         """skopeo flags for one side of a copy (`src`/`dest`) or for inspect (`''`)."""
@@ -46,16 +58,18 @@ class RegistryOptions:
         return flags
 
 
-def _default_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+def _default_runner(argv: Sequence[str],
+                    pass_fds: Sequence[int]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                          check=False)
+                          pass_fds=pass_fds, check=False)
 
 
-def _progress_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+def _progress_runner(argv: Sequence[str],
+                     pass_fds: Sequence[int]) -> subprocess.CompletedProcess[bytes]:
     """skopeo draws its progress bars on stdout: send them to our stderr (the terminal), so
     stdout stays for results and --json; stderr is still captured for error messages."""
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                          stderr=subprocess.PIPE, check=False)
+                          stderr=subprocess.PIPE, pass_fds=pass_fds, check=False)
 
 
 class Skopeo:
@@ -83,7 +97,7 @@ class Skopeo:
     def run(self, args: list[str], global_flags: list[str] | None = None,
             runner: Runner | None = None) -> bytes:
         argv = [*self._base(), *(global_flags or []), *args]
-        done = (runner or self._runner)(argv)
+        done = (runner or self._runner)(argv, self.options.pass_fds)
         stderr = done.stderr.decode(errors="replace")
         if done.returncode != 0:
             raise classify(key_error_line(stderr), argv, done.returncode, stderr)
