@@ -6,6 +6,7 @@ the new layer's digest is PUT once; the other repositories get it by a mount.
 
 from __future__ import annotations
 
+import errno
 import json
 import uuid
 from pathlib import Path
@@ -14,7 +15,9 @@ from urllib.parse import parse_qs
 import pytest
 from helpers import assert_same_tree, dir_bytes, make_nasty_tree
 
-from cvmfs_inject.batch.plan import Job, shard
+from cvmfs_inject.batch.packs import pack_once
+from cvmfs_inject.batch.plan import Job, load_plan, shard
+from cvmfs_inject.commands import batch as batch_command
 from cvmfs_inject.demo.sample import build_sample_image
 
 
@@ -164,6 +167,20 @@ BAD_PLANS = {
               "    to: docker://r.example/b:1\n", 2, "level: --level 9 is out of range"),
     "not a mapping": ("- just a list\n", 1, "(the plan)"),
     "aliases": ("a: &a [x, x, x]\nb: [*a, *a, *a]\nimages: []\n", 2, "aliases"),
+    "output format spec": ("tree: t\noutput: docker://r.example/{repository:>999999999}:x\n"
+                           "images:\n  - from: docker://r.example/a:1\n", 4,
+                           "only {repository} and {tag}"),
+    "output attribute": ("tree: t\noutput: docker://r.example/{repository.upper}:x\n"
+                         "images:\n  - from: docker://r.example/a:1\n", 4,
+                         "only {repository} and {tag}"),
+    "output stray brace": ("tree: t\noutput: docker://r.example/{repository}}:x\n"
+                           "images:\n  - from: docker://r.example/a:1\n", 4,
+                           "only {repository} and {tag}"),
+    "one destination twice": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n"
+                              "    to: docker://r.example/b\n  - from: docker://r.example/c:1\n"
+                              "    to: docker://r.example/b:latest\n", 5,
+                              "images[1].to: docker://r.example/b:latest is also the "
+                              "destination of images[0] (line 3)"),
 }
 
 
@@ -178,6 +195,78 @@ def test_a_malformed_plan_is_one_line_naming_line_and_key(cli, tmp_path, name):
     assert result.err.count("\n") == 1, result.err
     assert f"{plan}:{line}:" in result.err and key in result.err, result.err
     assert dir_bytes(tmp_path) == before
+
+
+def test_a_whole_number_written_as_a_float_is_that_number(tmp_path):
+    """JSON Schema counts 1.0 as an integer; the packer then gets the integer."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("tree: t\nlevel: 1.0\nmax_layers: 2.0\nimages:\n"
+                    "  - from: docker://r.example/a:1\n    to: docker://r.example/b:1\n")
+    (job,) = load_plan(plan).jobs
+    assert (job.options.level, job.stack.max_layers) == (1, 2)
+    assert type(job.options.level) is int and type(job.stack.max_layers) is int
+
+
+def test_an_archive_destination_that_is_no_archive_file_fails_that_image(cli, tmp_path):
+    """A directory, or a file of the working layout, is refused before anything is written;
+    the other images go on."""
+    layout = tmp_path / "sample"
+    build_sample_image(layout, "v1")
+    assert cli("push", f"{layout}:v1", f"docker-archive:{tmp_path}/in.tar:hep/el8:v1").code == 0
+    make_nasty_tree(tmp_path / "tree")
+    (tmp_path / "outdir").mkdir()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("tree: tree\nimages:\n"
+                    "  - from: docker-archive:in.tar\n    to: docker-archive:outdir\n"
+                    "  - from: docker-archive:in.tar\n    to: docker-archive:cache/index.json\n"
+                    "  - from: docker-archive:in.tar\n    to: docker-archive:good.tar:a/b:c\n")
+    assert cli("batch", plan, "--layout", tmp_path / "cache").code == 9  # makes the cache
+    index = (tmp_path / "cache" / "index.json").read_bytes()
+    result = cli("--json", "batch", plan, "--layout", tmp_path / "cache")
+    assert result.code == 9, result.err
+    first, second, third = json.loads(result.out)["images"]
+    assert "is a directory" in first["error"] and first["exit_code"] == 2
+    assert "inside the OCI layout" in second["error"] and second["exit_code"] == 2
+    assert third["status"] == "unchanged"
+    assert list((tmp_path / "outdir").iterdir()) == []
+    assert json.loads((tmp_path / "cache" / "index.json").read_bytes()) == json.loads(index)
+
+
+def test_a_tree_the_file_system_refuses_fails_its_images_naming_the_file(cli, tmp_path,
+                                                                        monkeypatch):
+    """An OSError while packing (EIO, a vanished file) is that tree's images' failure,
+    with the path; the batch goes on and the layout cache holds the packing scratch."""
+    layout = tmp_path / "sample"
+    build_sample_image(layout, "v1")
+    assert cli("push", f"{layout}:v1", f"docker-archive:{tmp_path}/in.tar:hep/el8:v1").code == 0
+    make_nasty_tree(tmp_path / "bad")
+    good = make_nasty_tree(tmp_path / "good")
+    stores = []
+
+    def refuse_bad(tree, options, store, progress=None, warn=None):
+        stores.append(store.root)
+        if tree.name == "bad":
+            raise OSError(errno.EIO, "Input/output error", str(tree / "f"))
+        return pack_once(tree, options, store, progress, warn)
+
+    monkeypatch.setattr(batch_command, "pack_once", refuse_bad)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("images:\n"
+                    "  - from: docker-archive:in.tar\n    to: docker-archive:bad.tar:a/b:c\n"
+                    "    tree: bad\n"
+                    "  - from: docker-archive:in.tar\n    to: docker-archive:good.tar:a/b:c\n"
+                    "    tree: good\n")
+    result = cli("--json", "batch", plan, "--layout", tmp_path / "cache")
+    assert result.code == 9, result.err
+    bad, done = json.loads(result.out)["images"]
+    assert bad["error"] == f"{tmp_path / 'bad' / 'f'}: Input/output error"
+    assert bad["exit_code"] == 3 and done["status"] == "updated"
+    assert all(store.is_relative_to(tmp_path / "cache") for store in stores), stores
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad", "cache", "good", "good.tar", "in.tar", "plan.yaml", "sample"]
+    out = tmp_path / "out"
+    assert cli("unpack", f"docker-archive:{tmp_path}/good.tar", out).code == 0
+    assert_same_tree(good, out)
 
 
 def test_dry_run_says_what_it_would_do_and_does_nothing(cli, tmp_path):

@@ -83,7 +83,24 @@ def load_plan(path: Path, *, state_dir: Path | None = None) -> Plan:
     base = path.resolve().parent
     jobs = [_job(doc, i, image, lines, base, path, state_dir)
             for i, image in enumerate(doc["images"])]
+    _refuse_shared_destinations(jobs, path)
     return Plan(path, jobs)
+
+
+def _refuse_shared_destinations(jobs: list[Job], plan: Path) -> None:
+    """Two images written to one place would race, and the last one would win each run:
+    a tag names one image, an archive file holds one."""
+    seen: dict[tuple[str, ...], Job] = {}
+    for job in jobs:
+        dest = job.dest
+        key = ((dest.registry, dest.repository, dest.tag or "latest") if dest.is_registry
+               else (os.path.realpath(dest.path),))
+        if key in seen:
+            first = seen[key]
+            raise InputError(f"{plan}:{job.line}: images[{job.number - 1}].to: {dest} is also "
+                             f"the destination of images[{first.number - 1}] (line "
+                             f"{first.line}); give each image a destination of its own")
+        seen[key] = job
 
 
 def shard(jobs: list[Job], spec: str) -> list[Job]:
@@ -170,7 +187,7 @@ def _job(doc: dict[str, Any], i: int, image: dict[str, Any],
         at = (*where, key) if key in image else (key,) if key in doc else where
         return InputError(f"{plan}:{_line(lines, at)}: {_key(at)}: {message}")
 
-    settings = {key: image.get(key, doc.get(key)) for key in INHERITED}
+    settings = {key: _whole(image.get(key, doc.get(key))) for key in INHERITED}
     if settings["tree"] is None:
         raise bad("tree", "no tree: give `tree` at the top of the plan or for this image")
     try:
@@ -205,6 +222,11 @@ def _job(doc: dict[str, Any], i: int, image: dict[str, Any],
                settings["format"] or "keep")
 
 
+def _whole(value: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer: the plan's `level: 1.0` is the number 1."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _local(ref: ImageRef, base: Path) -> ImageRef:
     """Archives and layouts named relative to the plan's directory."""
     if ref.is_registry or os.path.isabs(ref.path):
@@ -212,14 +234,18 @@ def _local(ref: ImageRef, base: Path) -> ImageRef:
     return ImageRef(ref.transport, str(base / ref.path), ref.tag, ref.digest)
 
 
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
 def _expand(template: str, src: ImageRef, bad: Any) -> str:
-    """`output` for one image: {repository} and {tag} of its `from`."""
+    """`output` for one image: {repository} and {tag} of its `from`, substituted as text
+    (never `str.format`, whose specs and attribute lookups a plan must not reach)."""
     if not src.is_registry:
         raise bad("to", f"`output` needs the repository of a registry image; {src} is an "
                         "archive: give this image `to`")
-    try:
-        return template.format(repository=src.repository, tag=src.tag or "latest")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise bad("to", f"`output` {template!r}: only {{repository}} and {{tag}} may be "
-                        f"used ({exc})") from None
-
+    values = {"repository": src.repository, "tag": src.tag or "latest"}
+    unknown = [name for name in _PLACEHOLDER.findall(template) if name not in values]
+    stray = set("{}") & set(_PLACEHOLDER.sub("", template))
+    if unknown or stray:
+        raise bad("to", f"`output` {template!r}: only {{repository}} and {{tag}} may be used")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

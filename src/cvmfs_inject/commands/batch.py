@@ -23,7 +23,7 @@ from cvmfs_inject.batch.packs import Prepacked, pack_once
 from cvmfs_inject.batch.plan import Job, Plan
 from cvmfs_inject.commands.inject import InjectReport
 from cvmfs_inject.commands.run import run_ref
-from cvmfs_inject.errors import INTERNAL_ERROR, CvmfsInjectError
+from cvmfs_inject.errors import INTERNAL_ERROR, CvmfsInjectError, InputError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.options import Progress, Warn
@@ -83,7 +83,7 @@ def batch(plan: Plan, jobs: list[Job], access: Access, *, workers: int,
         return report
     if any(job.src.is_registry or job.dest.is_registry for job in jobs):
         access.credentials()  # read stdin now, once, before the images run in threads
-    with _scratch(cache) as scratch:
+    with _scratch(cache, access) as scratch:
         packs, failures = _pack_all(jobs, Layout.create(scratch / "packs"), packing, warn)
         report.packed = [prepacked.layer.diff_id for prepacked in packs.values()]
         results = dict(failures)
@@ -109,17 +109,21 @@ def batch(plan: Plan, jobs: list[Job], access: Access, *, workers: int,
 
 
 @contextlib.contextmanager
-def _scratch(cache: str | None) -> Iterator[Path]:
-    """Where the packed layers wait: beside the layout cache when there is one, so they
-    are hard-linked into it, not copied."""
-    parent = None
-    if cache is not None:
-        parent = os.path.dirname(os.path.abspath(cache)) or None
-    directory = tempfile.mkdtemp(prefix="cvmfs-inject-batch-", dir=parent)
-    try:
-        yield Path(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def _scratch(cache: str | None, access: Access) -> Iterator[Path]:
+    """Where the packed layers wait: inside the layout cache's temp area when there is one
+    (so they are hard-linked into it, not copied, and nothing lands beside it), held under
+    the cache's use lock so no other command clears that area meanwhile; else in $TMPDIR."""
+    with contextlib.ExitStack() as stack:
+        parent = None
+        if cache is not None:
+            layout = stack.enter_context(Layout.create(cache, access.layout_wait).writing())
+            layout.tmp_dir.mkdir(exist_ok=True)
+            parent = layout.tmp_dir
+        directory = tempfile.mkdtemp(prefix="cvmfs-inject-batch-", dir=parent)
+        try:
+            yield Path(directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _pack_all(jobs: list[Job], store: Layout, packing: Packing | None, warn: Warn | None
@@ -135,11 +139,10 @@ def _pack_all(jobs: list[Job], store: Layout, packing: Packing | None, warn: War
         try:
             with packing(job.tree) if packing else contextlib.nullcontext() as progress:
                 packs[key] = pack_once(job.tree, job.options, store, progress, warn)
-        except CvmfsInjectError as exc:
+        except Exception as exc:  # every failure becomes its images' result
             for other in jobs:
                 if other.pack_key == key and other.stack.max_layers == 1:
-                    failures[other.number] = _result(other, "failed", error=str(exc),
-                                                     exit_code=exc.exit_code)
+                    failures[other.number] = _failed(other, exc)
     return packs, failures
 
 
@@ -157,12 +160,22 @@ def _do(job: Job, prepacked: Prepacked | None, access: Access, cache: str | None
                          cache=None if direct else cache, platform=job.platform,
                          manifest_format=job.manifest_format, via_layout=not direct,
                          stack_options=job.stack, prepacked=prepacked, warn=warn)
-    except CvmfsInjectError as exc:
-        return _result(job, "failed", error=str(exc), exit_code=exc.exit_code)
-    except Exception as exc:  # a bug of ours must not take the other images down
-        return _result(job, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
-                       exit_code=INTERNAL_ERROR)
+    except Exception as exc:  # one image's failure must not stop the others
+        return _failed(job, exc)
     return _done(job, report, direct)
+
+
+def _failed(job: Job, exc: Exception) -> ImageResult:
+    """`job`'s result for a failure, as the CLI would report it for one image: our errors
+    as they are, the file system's with the path it refused, anything else as a bug."""
+    if isinstance(exc, CvmfsInjectError):
+        return _result(job, "failed", error=str(exc), exit_code=exc.exit_code)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else f"{job.tree}: "
+        return _result(job, "failed", error=f"{where}{exc.strerror or exc}",
+                       exit_code=InputError.exit_code)
+    return _result(job, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
+                   exit_code=INTERNAL_ERROR)
 
 
 def _done(job: Job, report: InjectReport, direct: bool) -> ImageResult:

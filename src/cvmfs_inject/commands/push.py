@@ -150,14 +150,29 @@ def _skopeo_view(layout: Layout, src: ImageRef, desc: Descriptor) -> Iterator[Im
         yield ImageRef("oci", view, None)
 
 
-@contextlib.contextmanager
-def _archive_target(dest: ImageRef) -> Iterator[ImageRef]:
-    """A temp file beside the archive, renamed over it only when skopeo succeeded."""
+def archive_path(dest: ImageRef) -> Path:
+    """The file an archive destination names, refused (UsageError) when writing it would
+    not be writing an archive: a directory, a missing directory, or a place inside an OCI
+    layout (`docker-archive:LAYOUT/index.json` would replace the layout's index)."""
     target = Path(dest.path).resolve()
     if target.is_dir():
         raise UsageError(f"{dest.path}: is a directory; name the archive file to write")
     if not target.parent.is_dir():
         raise UsageError(f"{target.parent}: no such directory for the archive")
+    if target.exists() and not target.is_file():
+        raise UsageError(f"{dest.path}: exists and is not a regular file; name the archive "
+                         "file to write")
+    for directory in target.parents:
+        if (directory / "oci-layout").is_file():
+            raise UsageError(f"{dest.path}: is inside the OCI layout {directory}; write "
+                             "archives outside of layouts")
+    return target
+
+
+@contextlib.contextmanager
+def _archive_target(dest: ImageRef) -> Iterator[ImageRef]:
+    """A temp file beside the archive, renamed over it only when skopeo succeeded."""
+    target = archive_path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     os.unlink(tmp)  # skopeo creates the file itself

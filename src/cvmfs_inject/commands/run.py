@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref
 from cvmfs_inject.commands.pull import default_tag, pull, source_format
-from cvmfs_inject.commands.push import check_format, push
+from cvmfs_inject.commands.push import archive_path, check_format, push
 from cvmfs_inject.commands.validate import validate_ref
 from cvmfs_inject.errors import UsageError, ValidationFailed
 from cvmfs_inject.image import backends
@@ -76,6 +76,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         if note is not None:  # completed from the working layout: a temporary one is empty
             raise UsageError(f"{note}: give --layout CACHE, a layout that holds that image")
     check_format(manifest_format, dest)
+    if not dest.is_registry:
+        archive_path(dest)  # refused before any work: a directory, a layout's file
     fmt = source_format(src, access.skopeo(src))
     pushed_as_docker = dest.transport == "docker-archive" or (
         dest.transport != "oci-archive"
@@ -120,7 +122,7 @@ def _push_archive_if_changed(working: ImageRef, dest: ImageRef, access: Access,
                              manifest_format: str, report: InjectReport) -> bool:
     """Write the archive beside the existing one; keep the old file (and say so: True)
     when it holds the same image, so an unchanged image leaves the file as it was."""
-    directory, name = os.path.split(os.path.abspath(dest.path))
+    directory, name = os.path.split(archive_path(dest))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".new", dir=directory)
     os.close(fd)
     try:
