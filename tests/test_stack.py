@@ -9,6 +9,7 @@ mtimes are the tree's own.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -272,6 +273,34 @@ def test_a_missing_or_corrupt_cache_is_rebuilt_from_the_layers(cli, tmp_path, st
     assert len(indexes) == 3
     indexes[0].write_bytes(indexes[0].read_bytes()[:-20])  # truncated
     indexes[1].unlink()
+    report = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s4")
+    assert report["stack"]["downloaded"] > 0
+    assert report["layer"] == expected["layer"]
+
+
+def _gzip_bomb(path: Path, inflated: int) -> None:
+    """A small gzip file of `inflated` zero bytes (about 1000:1)."""
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        zeros = bytes(1 << 20)
+        for _ in range(inflated >> 20):
+            f.write(zeros)
+
+
+def test_hostile_cache_files_are_treated_as_absent(cli, tmp_path, stacked):
+    """A FIFO (would block a reader), a gzip bomb (would fill memory) and a symlink in place
+    of cache files: each is ignored and its index rebuilt from the layer."""
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    _change(tree, "remove")
+    expected = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s3")
+    fifo, bomb, link = sorted((state / "index").iterdir())
+    os.replace(link, tmp_path / "elsewhere.json.gz")
+    link.symlink_to(tmp_path / "elsewhere.json.gz")
+    fifo.unlink()
+    os.mkfifo(fifo)
+    _gzip_bomb(bomb, 512 << 20)
+    assert bomb.stat().st_size < 1 << 20
     report = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s4")
     assert report["stack"]["downloaded"] > 0
     assert report["layer"] == expected["layer"]

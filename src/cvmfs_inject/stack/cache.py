@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import json
 import os
+import stat
 import tempfile
 import zlib
 from itertools import repeat
@@ -27,6 +28,8 @@ _NAMES = ("paths", "targets", "groups")  # bytes, through the filesystem encodin
 _INTS = ("modes", "uids", "gids", "sizes", "mtimes", "mtimes_ns")
 _KINDS = frozenset((FILE, DIR, LINK, WHITEOUT))
 STATE_ENV = "XDG_CACHE_HOME"
+# what a cache file may inflate to: its size times a ratio real indexes stay well under
+_INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
 
 
 def default_state_dir() -> Path:
@@ -45,8 +48,7 @@ class IndexCache:
     def get(self, diff_id: str, mount_point: str) -> LayerIndex | None:
         """The cached index of a layer, or None when there is no good one."""
         try:
-            with gzip.open(self._path(diff_id), "rb") as f:
-                doc = json.loads(f.read())
+            doc = json.loads(_read_gzip(self._path(diff_id)))
         except (OSError, EOFError, ValueError, zlib.error, RecursionError):
             return None
         if not (isinstance(doc, dict) and doc.get("format") == FORMAT
@@ -75,6 +77,23 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+
+
+def _read_gzip(path: Path) -> bytes:
+    """A cache file's content; ValueError for anything but a regular file (a FIFO would
+    block, a symlink leads elsewhere) or one that inflates past what an index can be (a
+    gzip bomb: an index compresses about 10:1, gzip can reach 1000:1)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as raw:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        limit = _INFLATE_FLOOR + _INFLATE_RATIO * info.st_size
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError("inflates too far")
+    return data
 
 
 def _joined(names: list[bytes]) -> str:
