@@ -11,6 +11,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import sys
 import tarfile
 import uuid
@@ -661,3 +662,14 @@ def test_a_port_with_401_in_it_is_not_an_authentication_failure():
     assert "TLS verification failed" in str(error)
     assert "authentication failed" in str(classify("received unexpected HTTP status: 401 "
                                                    "Unauthorized", [], 1, ""))
+
+
+@pytest.mark.parametrize("args", [("inject", "--max-layers", "101", "a:b", "t"),
+                                  ("batch", "--jobs", "0", "plan.yaml"),
+                                  ("frobnicate",), ("inject", "only-one-argument")])
+def test_a_usage_error_is_one_line_pointing_at_help(args):
+    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", *args], capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("cvmfs-inject") and "--help'" in done.stderr

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cvmfs_inject import PROG, __version__
+from cvmfs_inject.batch import MAX_JOBS
 from cvmfs_inject.commands.push import FORMATS
 from cvmfs_inject.oci.schema import KINDS
 from cvmfs_inject.pack.options import COMPRESSIONS
-from cvmfs_inject.stack.options import DEFAULT_COMPACT_RATIO
+from cvmfs_inject.stack.options import DEFAULT_COMPACT_RATIO, MAX_LAYERS
 
 
 def _bool(text: str) -> bool:
@@ -82,7 +84,7 @@ def _pack_options(parser: argparse.ArgumentParser) -> None:
                         help="registry images: pull, edit a local layout, push (instead of "
                              "registry-direct)")
     group = parser.add_argument_group("stack of layers (incremental updates; see README)")
-    group.add_argument("--max-layers", type=_positive, default=1, metavar="N",
+    group.add_argument("--max-layers", type=_at_most(MAX_LAYERS), default=1, metavar="N",
                        help="keep the mount point as a stack of at most N layers: an update "
                             "adds a layer of what changed (default 1: one layer)")
     group.add_argument("--compact-ratio", type=float, default=DEFAULT_COMPACT_RATIO,
@@ -95,19 +97,32 @@ def _pack_options(parser: argparse.ArgumentParser) -> None:
                        help="find changed files by content, not by size and time")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
-    return value
+def _at_most(limit: int) -> Callable[[str], int]:
+    """A whole number from 1 to `limit` (more layers or threads than that is a typo)."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{text!r}: from 1 to {limit}")
+        return value
+
+    return whole
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, like every other error (skopeo and git point at --help
+    too), instead of argparse's usage block: scripts and logs get the line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(suppress=True)
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=PROG, parents=[_common(suppress=False)],
         description="Put a CernVM-FS shrinkwrap tree into container images as a /cvmfs layer.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -182,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("batch", "one tree into many images, as a YAML plan says (see README)")
     p.add_argument("plan", type=Path, metavar="PLAN.yaml", help="the plan")
-    p.add_argument("--jobs", type=_positive, metavar="N",
+    p.add_argument("--jobs", type=_at_most(MAX_JOBS), metavar="N",
                    help="images at once (default: twice the cores, at most 8)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be done")
     p.add_argument("--shard", metavar="K/N",

@@ -8,6 +8,7 @@ from pathlib import Path
 from cvmfs_inject.errors import UsageError
 
 DEFAULT_COMPACT_RATIO = 0.5
+MAX_LAYERS = 100  # schemas/batch-plan.json says the same; a runtime's overlay stops near 128
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class StackOptions:
     checksum: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_layers < 1:
-            raise UsageError(f"--max-layers {self.max_layers}: the stack has at least one layer")
+        if not 1 <= self.max_layers <= MAX_LAYERS:
+            raise UsageError(f"--max-layers {self.max_layers}: from 1 to {MAX_LAYERS} layers")
         if not self.compact_ratio > 0:
             raise UsageError(f"--compact-ratio {self.compact_ratio} must be above 0")
