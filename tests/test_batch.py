@@ -176,6 +176,9 @@ BAD_PLANS = {
     "output stray brace": ("tree: t\noutput: docker://r.example/{repository}}:x\n"
                            "images:\n  - from: docker://r.example/a:1\n", 4,
                            "only {repository} and {tag}"),
+    "a key twice": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n"
+                    "    to: docker://r.example/b:1\n    to: docker://r.example/c:1\n", 5,
+                    "images[0].to: given twice"),
     "one destination twice": ("tree: t\nimages:\n  - from: docker://r.example/a:1\n"
                               "    to: docker://r.example/b\n  - from: docker://r.example/c:1\n"
                               "    to: docker://r.example/b:latest\n", 5,

@@ -139,7 +139,12 @@ def _read_yaml(text: bytes, path: Path) -> tuple[Any, dict[tuple[Any, ...], int]
     def visit(current: Any, where: tuple[Any, ...]) -> None:
         lines[where] = current.start_mark.line + 1
         if isinstance(current, yaml.MappingNode):
+            seen: set[Any] = set()
             for key, value in current.value:
+                if key.value in seen:  # YAML forbids it; PyYAML would keep the last one
+                    raise InputError(f"{path}:{key.start_mark.line + 1}: "
+                                     f"{_key((*where, key.value))}: given twice")
+                seen.add(key.value)
                 visit(value, (*where, key.value))
         elif isinstance(current, yaml.SequenceNode):
             for i, value in enumerate(current.value):
