@@ -619,14 +619,13 @@ def test_hostile_whiteouts_remove_nothing_outside(scene: Scene, name: str) -> No
 @pytest.mark.parametrize("link", ["outside", "outside/victim"])
 def test_a_whiteout_then_a_symlink_cannot_redirect_what_came_before(scene: Scene,
                                                                     link: str) -> None:
-    """A directory made, whited out and replaced by a symlink out of the target in one
-    layer: its recorded mode and time, and a hard link to a file that was in it, must not
-    reach through the symlink."""
-    run(scene, build([E("cvmfs/", "dir")]))
+    """A lower layer's directory, filled, whited out and replaced by a symlink out of the
+    target in one layer: a hard link to a file that was in it must not reach through the
+    symlink."""
+    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/a/", "dir", mode=0o666)]))
     (scene.outside / "victim").chmod(0o600)
     before = scene.outside_state(), os.stat(scene.outside / "victim").st_mode
-    layer = [E("cvmfs/", "dir"), E("cvmfs/a/", "dir", mode=0o666),
-             E("cvmfs/a/victim", data=b"x"), E("cvmfs/.wh.a"),
+    layer = [E("cvmfs/", "dir"), E("cvmfs/a/victim", data=b"x"), E("cvmfs/.wh.a"),
              E("cvmfs/a", "symlink", link=str(scene.base / link))]
     upper(scene, layer)  # so far harmless: a symlink in the target
     assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
@@ -634,6 +633,25 @@ def test_a_whiteout_then_a_symlink_cannot_redirect_what_came_before(scene: Scene
         upper(scene, [*layer, E("cvmfs/stolen", "hardlink", link="cvmfs/a/victim")])
     assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
     assert os.stat(scene.outside / "victim").st_nlink == 1
+
+
+def test_a_whiteout_keeps_what_its_own_layer_made(scene: Scene) -> None:
+    """Whiteouts hide only the layers below (OCI changeset rules): a file or directory
+    this layer made earlier in its stream stays, for plain and opaque whiteouts alike;
+    its directory made and then replaced by a symlink is refused, not followed."""
+    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/-old", data=b"o"),
+                      E("cvmfs/d/x", data=b"lower"), E("cvmfs/a/", "dir")]))
+    upper(scene, [E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/-new", data=b"n"),
+                  E("cvmfs/d/.wh..wh..opq"), E("cvmfs/d/x", data=b"upper"),
+                  E("cvmfs/d/.wh.x"), E("cvmfs/b/", "dir"), E("cvmfs/.wh.b")])
+    snap = tree_snapshot(scene.target)
+    assert sorted(snap) == ["a", "b", "d", "d/-new", "d/x"]
+    assert (scene.target / "d" / "x").read_bytes() == b"upper"
+    before = scene.outside_state()
+    with pytest.raises(InputError, match="replace a directory"):
+        upper(scene, [E("cvmfs/", "dir"), E("cvmfs/c/", "dir"), E("cvmfs/.wh.c"),
+                      E("cvmfs/c", "symlink", link=str(scene.outside))])
+    assert scene.outside_state() == before
 
 
 def test_a_whiteout_in_a_missing_directory_makes_nothing(scene: Scene) -> None:

@@ -195,6 +195,10 @@ class _Extraction:
         # hashes of the names of the regular files made so far (Python's bytes hash is
         # keyed per process): a hard link to one of them needs no lstat to be safe
         self.regular: set[int] = set()
+        # with whiteouts: hashes of every name this layer made. A whiteout hides only what
+        # the layers below put there (the OCI changeset rules, as containerd applies them),
+        # never what its own layer made before it in the stream.
+        self.made: set[int] = set()
         self.result = ExtractResult()
         self.warn = warn
 
@@ -246,12 +250,17 @@ class _Extraction:
                 self.symlink(rel, member)
             else:
                 self.hardlink(rel, member)
+            if self.whiteouts:
+                self.made.add(hash(rel))
             self.result.entries += 1
 
     def whiteout(self, rel: bytes, member: bytes) -> None:
-        """Remove what a lower layer put where the whiteout says (`pack.whiteouts`); what
-        this extraction recorded below a removed directory is void from then on."""
+        """Remove what a lower layer put where the whiteout says (`pack.whiteouts`), not
+        what this layer made; what this extraction recorded below a removed directory is
+        void from then on."""
         for path in hidden_paths(rel, member, self.root):
+            if hash(path) in self.made:
+                continue
             removed = remove(path, self.root, MAX_DEPTH)
             if removed == "directory":
                 self.directories.removed(path)
