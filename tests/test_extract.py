@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import signal
@@ -22,6 +23,7 @@ from cvmfs_inject.pack import extract as extract_module
 from cvmfs_inject.pack.extract import ExtractResult, decompressed, extract
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.pack.packer import pack
+from cvmfs_inject.stack.index import index_of_layer, union
 
 MEDIA = {"none": MediaType.OCI_LAYER, "gzip": MediaType.OCI_LAYER_GZIP,
          "zstd": MediaType.OCI_LAYER_ZSTD}
@@ -636,16 +638,26 @@ def test_a_whiteout_then_a_symlink_cannot_redirect_what_came_before(scene: Scene
 
 
 def test_a_whiteout_keeps_what_its_own_layer_made(scene: Scene) -> None:
-    """Whiteouts hide only the layers below (OCI changeset rules): a file or directory
-    this layer made earlier in its stream stays, for plain and opaque whiteouts alike;
-    its directory made and then replaced by a symlink is refused, not followed."""
-    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/-old", data=b"o"),
-                      E("cvmfs/d/x", data=b"lower"), E("cvmfs/a/", "dir")]))
-    upper(scene, [E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/-new", data=b"n"),
-                  E("cvmfs/d/.wh..wh..opq"), E("cvmfs/d/x", data=b"upper"),
-                  E("cvmfs/d/.wh.x"), E("cvmfs/b/", "dir"), E("cvmfs/.wh.b")])
-    snap = tree_snapshot(scene.target)
-    assert sorted(snap) == ["a", "b", "d", "d/-new", "d/x"]
+    """Whiteouts hide only the layers below (OCI changeset rules), wherever they come in
+    the stream: what this layer made earlier stays, and a directory it made loses only the
+    lower layers' content below it (as the stack index's union has it); a directory made
+    and then replaced by a symlink is refused, not followed."""
+    lower = build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/-old", data=b"o"),
+                   E("cvmfs/d/x", data=b"lower"), E("cvmfs/d/s/", "dir"),
+                   E("cvmfs/d/s/lower", data=b"l"), E("cvmfs/b/", "dir"),
+                   E("cvmfs/b/old", data=b"o"), E("cvmfs/keep", data=b"k")])
+    above = build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/-new", data=b"n"),
+                   E("cvmfs/d/s/", "dir"), E("cvmfs/d/s/upper", data=b"u"),
+                   E("cvmfs/d/.wh..wh..opq"), E("cvmfs/d/x", data=b"upper"),
+                   E("cvmfs/d/.wh.x"), E("cvmfs/b/", "dir"), E("cvmfs/b/new", data=b"n"),
+                   E("cvmfs/.wh.b")])
+    run(scene, lower)
+    extract(io.BytesIO(above), str(scene.target), "/cvmfs", whiteouts=True)
+    expected = ["b", "b/new", "d", "d/-new", "d/s", "d/s/upper", "d/x", "keep"]
+    assert sorted(tree_snapshot(scene.target)) == expected
+    indexes = [index_of_layer(io.BytesIO(raw), "/cvmfs", "sha256:" + hashlib.sha256(raw)
+                              .hexdigest()) for raw in (lower, above)]
+    assert sorted(os.fsdecode(path) for path in union(indexes) if path) == expected
     assert (scene.target / "d" / "x").read_bytes() == b"upper"
     before = scene.outside_state()
     with pytest.raises(InputError, match="replace a directory"):

@@ -17,6 +17,7 @@ stamped with `futimens` and closed.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
@@ -255,18 +256,39 @@ class _Extraction:
             self.result.entries += 1
 
     def whiteout(self, rel: bytes, member: bytes) -> None:
-        """Remove what a lower layer put where the whiteout says (`pack.whiteouts`), not
-        what this layer made; what this extraction recorded below a removed directory is
-        void from then on."""
+        """Hide what the layers below put where the whiteout says (`pack.whiteouts`)."""
         for path in hidden_paths(rel, member, self.root):
-            if hash(path) in self.made:
-                continue
+            self.hide(path, 0)
+
+    def hide(self, path: bytes, depth: int) -> None:
+        """Remove `path` unless this layer made it: a whiteout hides only lower layers'
+        entries (OCI changeset rules). A directory this layer made stays with what this
+        layer put in it, and loses what lower layers did, as the index's union has it.
+        What this extraction recorded below a removed directory is void from then on."""
+        if hash(path) not in self.made:
             removed = remove(path, self.root, MAX_DEPTH)
             if removed == "directory":
                 self.directories.removed(path)
                 self.regular.clear()  # names below it were made: a link must check again
             elif removed:
                 self.regular.discard(hash(path))
+            return
+        if depth > MAX_DEPTH:
+            raise InputError(f"cannot apply a whiteout to {_show(path)}: more than "
+                             f"{MAX_DEPTH} levels deep")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.root)
+        except OSError as exc:  # gone, a file, or a symlink this layer made: nothing below
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return
+            raise
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        for name in names:
+            self.hide(path + b"/" + os.fsencode(name), depth + 1)
 
     def file(self, rel: bytes, member: Member) -> None:
         root, mode = self.root, member.mode & PERMISSIONS
