@@ -197,7 +197,7 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
 
     steady_malloc()
     mount = options.mount_point.strip("/").encode()
-    walker = TreeWalker(options, TarHeaders(), options.clamp, note)
+    walker = TreeWalker(options, TarHeaders(), note)
     pipeline = Pipeline(sink, options)
     try:
         filler = _ChunkFiller(pipeline, walker, progress)

@@ -58,10 +58,9 @@ class TreeWalker:
     """Walks a tree once and yields its entries; counts what it emitted."""
 
     def __init__(self, options: PackOptions, headers: TarHeaders,
-                 clamp: Callable[[float], int], note: Callable[[str], None]) -> None:
+                 note: Callable[[str], None]) -> None:
         self.options = options
         self.headers = headers
-        self.clamp = clamp
         self.note = note
         self.entries = self.hardlinks = 0
         self.newest = 0  # the latest mtime packed (as clamped)
@@ -69,7 +68,7 @@ class TreeWalker:
     def entries_of(self, root: str, mount: bytes) -> Iterator[Entry]:
         """(header bytes, path of the content to copy or None, content size) in tar order."""
         keep_owner = self.options.keep_owner
-        headers, clamp = self.headers, self.clamp
+        headers, clamp = self.headers, self.options.clamp
         first_names = FirstNames()
         s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
         for path, name, fd, tar_name, st in self.stats_of(root, mount):

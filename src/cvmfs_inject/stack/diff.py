@@ -43,7 +43,7 @@ def scan(tree: Path, options: PackOptions, warn: Warn | None = None) -> Scan:
     keep_owner, clamp = options.keep_owner, options.clamp
     nodes: dict[bytes, Node] = {b"": Node(DIR, stat.S_IMODE(st.st_mode), 0, 0, 0,
                                           clamp(st.st_mtime))}
-    walker = TreeWalker(options, TarHeaders(), clamp, warn or (lambda _: None))
+    walker = TreeWalker(options, TarHeaders(), warn or (lambda _: None))
     firsts: dict[int, bytes] = {}
     s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
     new = tuple.__new__  # a Node per entry: skip NamedTuple's Python-level __new__
