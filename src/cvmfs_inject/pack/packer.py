@@ -112,7 +112,7 @@ class _ChunkFiller:
             mtime, mode = self.walker.options.source_date_epoch or 0, 0o755
         else:
             st = check_tree(tree)
-            mtime, mode = self.walker.clamp(st.st_mtime), stat.S_IMODE(st.st_mode)
+            mtime, mode = self.walker.options.clamp(st.st_mtime), stat.S_IMODE(st.st_mode)
             self.walker.newest = max(self.walker.newest, mtime)
         self.emit(self.walker.headers(mount + b"/", mode, 0, 0, 0, mtime, TYPE_DIR))
 
