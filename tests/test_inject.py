@@ -518,6 +518,14 @@ def test_platform_option_injects_only_that_platform(cli, tmp_path, tree):
     assert cli("validate", path).code == 0
 
 
+def test_every_platform_asked_of_a_single_image_must_be_its_own(cli, base, tree):
+    before = dir_bytes(base)
+    result = cli("inject", "--platform", "linux/amd64,linux/arm64", f"{base}:base", tree)
+    assert result.code == 4, result.err
+    assert "not linux/arm64" in result.err
+    assert dir_bytes(base) == before
+
+
 # -- tags and garbage ------------------------------------------------------------------------
 def test_new_tag_leaves_the_old_tag_alone(cli, base, tree):
     old_entry = index_entry(base, "base")

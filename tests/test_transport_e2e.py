@@ -155,6 +155,27 @@ def test_pull_one_platform_of_an_index(cli, registry, tmp_path):
 
 
 @pytest.mark.registry
+def test_pull_of_another_platform_than_a_single_image_has_is_refused(cli, registry, tmp_path):
+    """skopeo copies a single-platform image whatever --override-arch says: pull checks
+    the platform itself (exit 4), and the layout is left as it was."""
+    layout = tmp_path / "src"
+    build_sample_image(layout, "one")
+    name = repo("oneplatform")
+    ok(cli("push", "--no-tls-verify", f"{layout}:one", f"docker://{registry.host}/{name}:1"))
+    back = tmp_path / "back"
+    ok(cli("pull", "--no-tls-verify", f"docker://{registry.host}/{name}:1", f"{back}:amd"))
+    before = dir_bytes(back)
+    result = cli("pull", "--no-tls-verify", "--platform", "linux/arm64",
+                 f"docker://{registry.host}/{name}:1", f"{back}:arm")
+    assert result.code == 4, result.err
+    assert "the image is linux/amd64, not linux/arm64" in result.err
+    assert dir_bytes(back) == before
+    ok(cli("pull", "--no-tls-verify", "--platform", "linux/amd64",
+           f"docker://{registry.host}/{name}:1", f"{back}:amd2"))
+    assert entry(back, "amd2")["digest"] == entry(back, "amd")["digest"]
+
+
+@pytest.mark.registry
 def test_push_docker_typed_sample_as_v2s2(cli, registry, tmp_path):
     """A layout whose index.json entry is a Docker v2s2 manifest can be pushed by its tag."""
     layout = tmp_path / "docker"

@@ -16,6 +16,8 @@ from pathlib import Path
 from cvmfs_inject.commands import original
 from cvmfs_inject.errors import CvmfsInjectError, InputError, UsageError
 from cvmfs_inject.image.access import Access
+from cvmfs_inject.image.layout import LayoutSource
+from cvmfs_inject.image.source import check_platform, read_image
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT
 from cvmfs_inject.layout.archive import delta_base, import_delta
 from cvmfs_inject.layout.lock import LockWait
@@ -99,6 +101,8 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
         raise UsageError(f"pull writes a local layout; {dest} is not oci:DIR[:TAG]")
     if all_images and platform:
         raise UsageError("--all and --platform exclude each other")
+    if platform and "," in platform:
+        raise UsageError(f"--platform {platform}: pull takes one platform (or --all)")
     tag = dest.tag or default_tag(src)
     if not names.REF_NAME.match(tag):  # a registry tag (v1__amd64) that a layout cannot hold
         raise UsageError(f"{src}: its tag {tag!r} is not a valid layout tag (an OCI "
@@ -117,6 +121,10 @@ def pull(src: ImageRef, dest: ImageRef, access: Access, *, all_images: bool = Fa
                     platform=platform)
         staged = Layout.open(stage)
         desc = staged.resolve("pull")
+        if platform and MediaType.is_manifest(desc.media_type):
+            # skopeo copies a single-platform image whatever --override-arch says
+            staged_ref = ImageRef("oci", stage, "pull")
+            check_platform(read_image(LayoutSource(staged, staged_ref), desc), [platform], src)
         for algorithm_dir in (Path(stage) / "blobs").iterdir():
             for blob in algorithm_dir.iterdir():
                 layout.import_blob(blob, f"{algorithm_dir.name}:{blob.name}")

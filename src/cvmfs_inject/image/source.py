@@ -111,13 +111,22 @@ def is_image_entry(desc: Descriptor) -> bool:
     return MediaType.is_manifest(desc.media_type) and platform.get("os") != "unknown"
 
 
+def check_platform(image: Image, wanted_platforms: list[str], name: ImageRef) -> None:
+    """A single image asked for platforms: each one must be its own, as each must be in
+    an index (NotFoundError)."""
+    for wanted in wanted_platforms:
+        if not platform_matches(image.config_platform(), wanted):
+            raise NotFoundError(f"{name}: the image is {image.platform}, not {wanted} (it "
+                                "is not an index of platforms)")
+
+
 def resolve(source: ImageSource, platform: str | None = None) -> Resolved:
     """The top descriptor and its images, restricted to `platform` (OS/ARCH[/VARIANT])."""
     top = source.top()
+    wanted_platforms = platform.split(",") if platform else []
     if MediaType.is_manifest(top.media_type):
         image = read_image(source, top)
-        if platform and not platform_matches(image.config_platform(), platform):
-            raise NotFoundError(f"image is {image.platform}, not {platform}")
+        check_platform(image, wanted_platforms, source.ref)
         return Resolved(top, None, [image])
     if not MediaType.is_index(top.media_type):
         raise UsageError(f"{top.digest}: media type {top.media_type} is not an image or index")
@@ -125,10 +134,10 @@ def resolve(source: ImageSource, platform: str | None = None) -> Resolved:
     if any(MediaType.is_index(desc.media_type) for desc in index.manifests):
         raise UsageError(f"{top.digest}: nested indexes are not supported")
     entries = [desc for desc in index.manifests if is_image_entry(desc)]
-    for wanted in (platform or "").split(",") if platform else ():
+    for wanted in wanted_platforms:
         if not any(platform_matches(desc.platform, wanted) for desc in entries):
             available = ", ".join(platform_string(d.platform) for d in index.manifests)
-            raise NotFoundError(f"no image for platform {wanted} in the index "
+            raise NotFoundError(f"{source.ref}: no image for platform {wanted} in the index "
                                 f"(it has: {available or 'none'})")
     images = [read_image(source, desc) for desc in entries
               if not platform or platform_matches(desc.platform, platform)]
