@@ -196,6 +196,17 @@ def test_401_wrong_password(cli, secure_registry, tmp_path, no_default_auth):
 
 
 @pytest.mark.registry
+@pytest.mark.parametrize("command", ["inspect", "unpack"])
+def test_https_to_a_plain_http_registry_says_use_no_tls_verify(cli, registry, tmp_path,
+                                                               command):
+    """Registry-direct commands say what skopeo's path says: the registry speaks http."""
+    ref = f"docker://{registry.host}/{repo('plain')}:1"
+    args = [ref] if command == "inspect" else [ref, tmp_path / "out"]
+    one_error(cli(command, *args), TOOL, "speaks plain http", "--no-tls-verify")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.registry
 def test_tls_without_ca_is_a_tool_error(cli, secure_registry, tmp_path):
     reg = secure_registry
     one_error(cli("pull", "--authfile", reg.authfile, f"docker://{reg.host}/{repo('tls')}:1",

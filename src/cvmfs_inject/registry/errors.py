@@ -70,6 +70,10 @@ def registry_error(resp: requests.Response) -> str:
 
 
 def tls_error(registry: str, exc: BaseException) -> ToolError:
-    return ToolError(f"{registry}: TLS verification failed: {short_reason(exc)} "
+    reason = short_reason(exc)
+    if "wrong version number" in str(exc).lower():  # OpenSSL read an http answer
+        return ToolError(f"{registry}: the registry speaks plain http, not https "
+                         f"({reason}): use --no-tls-verify")
+    return ToolError(f"{registry}: TLS verification failed: {reason} "
                      "(pass --cert-dir with the registry's CA *.crt, or --no-tls-verify "
                      "for a plain-http registry)")
