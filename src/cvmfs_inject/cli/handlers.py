@@ -154,7 +154,8 @@ def init(args: argparse.Namespace, out: Reporter) -> Any:
                         dest=parse_ref(args.dest) if args.dest else None, new_tag=args.tag,
                         platform=args.platform, init_only=True, warn=out.warn)
     if report.status == "already-prepared":
-        out.line(f"{report.reference}: already prepared (has an injected layer); left alone")
+        out.line(f"{report.reference}: already prepared (has an injected layer); the image "
+                 "is unchanged" + (" and tagged" if args.tag or args.dest else ""))
     else:
         out.line(f"{report.reference}: prepared with an empty {args.path} layer "
                  f"({report.digest})")

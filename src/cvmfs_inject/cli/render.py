@@ -177,9 +177,12 @@ class Reporter:
         seconds = max(stats.seconds, 1e-6)
         ratio = layer.size / tar_size if tar_size else 0.0
         self.line(f"{report.reference}: injected {layer.diff_id}")
+        rate = tar_size / seconds / 1e6
+        files = f"{stats.files:,} file{'' if stats.files == 1 else 's'}"
         self.line(f"layer {layer.digest}: {layer.size:,} B {layer.compression} "
-                  f"({ratio:.1%} of {tar_size:,} B tar, {stats.files:,} files) in "
-                  f"{seconds:.2f} s, {tar_size / seconds / 1e6:.0f} MB/s; image {report.digest}")
+                  f"({ratio:.1%} of {tar_size:,} B tar, {files}) in "
+                  f"{seconds:.2f} s, {rate:.{0 if rate >= 10 else 1}f} MB/s; "
+                  f"image {report.digest}")
 
 
     def batch_line(self, result: ImageResult) -> None:
@@ -209,7 +212,8 @@ def format_inspect(report: InspectReport) -> str:
     """`inspect` for a person: one fact a line."""
     lines = [f"{report.reference}  {report.media_type}", f"  digest {report.digest}"]
     if report.tags is not None:
-        lines.append(f"  layout tags: {', '.join(report.tags) or '(none)'}")
+        tags = ", ".join(report.tags) or "(none)"
+        lines.append(f"  tags in the layout (all of them, as skopeo's RepoTags): {tags}")
     for info in report.images:
         image, config = info.image, info.image.config
         lines.append(f"  image {image.platform}  manifest {image.descriptor.digest}")
