@@ -516,6 +516,23 @@ def test_inspect_layout_index_platform(cli, tmp_path):
     assert [i["platform"] for i in report["images"]] == ["linux/arm64"]
 
 
+def test_inspect_reads_archives_as_validate_does(cli, tmp_path):
+    """An oci-archive keeps its digests and every platform; a docker-archive is shown as
+    the OCI image skopeo converts it to. The temporary copy's name and tags never show."""
+    layout = tmp_path / "src"
+    top = build_sample_image(layout, "multi", platforms=("amd64", "arm64"))
+    ok(cli("push", f"{layout}:multi", f"oci-archive:{tmp_path}/multi.tar"))
+    report = json.loads(ok(cli("inspect", "--json", f"oci-archive:{tmp_path}/multi.tar")).out)
+    assert report["reference"] == f"oci-archive:{tmp_path}/multi.tar"
+    assert report["digest"] == top.digest and "tags" not in report
+    assert sorted(i["platform"] for i in report["images"]) == ["linux/amd64", "linux/arm64"]
+    build_sample_image(tmp_path / "one", "v1")
+    ok(cli("push", f"{tmp_path}/one:v1", f"docker-archive:{tmp_path}/one.tar:a/b:c"))
+    result = ok(cli("inspect", f"docker-archive:{tmp_path}/one.tar"))
+    assert result.out.startswith(f"docker-archive:{tmp_path}/one.tar ")
+    assert "cvmfs-inject-copy" not in result.out and "tags" not in result.out
+
+
 def test_gc_dry_run_then_gc_after_retag(cli, tmp_path):
     layout = tmp_path / "src"
     old = build_sample_image(layout, "v1", platforms=("amd64",), layers=3)

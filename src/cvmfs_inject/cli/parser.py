@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
     p.add_argument("dir", type=Path, metavar="DIR", help="where the mount point's content goes")
     p.add_argument("--force", action="store_true", help="unpack into a non-empty DIR")
-    p.add_argument("--platform", metavar="OS/ARCH")
+    p.add_argument("--platform", metavar="OS/ARCH", help="the image of this platform of an index")
     p.add_argument("--path", metavar="MOUNT", help="mount point (default: from the image)")
     p.add_argument("--via-layout", action="store_true",
                    help="registry images: pull the whole image first")

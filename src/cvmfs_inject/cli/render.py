@@ -213,7 +213,7 @@ def format_inspect(report: InspectReport) -> str:
     lines = [f"{report.reference}  {report.media_type}", f"  digest {report.digest}"]
     if report.tags is not None:
         tags = ", ".join(report.tags) or "(none)"
-        lines.append(f"  tags in the layout (all of them, as skopeo's RepoTags): {tags}")
+        lines.append(f"  tags: {tags} (every tag of the layout, as skopeo's RepoTags)")
     for info in report.images:
         image, config = info.image, info.image.config
         lines.append(f"  image {image.platform}  manifest {image.descriptor.digest}")

@@ -3,10 +3,11 @@ read through the image model wherever the image lives. No layer is downloaded.""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from cvmfs_inject.errors import CvmfsInjectError, UsageError
+from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.image import backends
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.edit import LABEL_STACK, labelled_position, stack_of
@@ -121,8 +122,12 @@ def _stack(image: Image) -> list[StackLayer]:
 
 
 def inspect_ref(ref: ImageRef, access: Access, platform: str | None = None) -> InspectReport:
-    """A layout image, or a registry image (manifests and configs only)."""
-    if ref.transport not in ("oci", "docker"):
-        raise UsageError(f"{ref}: inspect reads a layout or a registry; pull an archive first")
-    with backends.reading(ref, access) as source:
-        return inspect(source, platform)
+    """A layout image, a registry image (manifests and configs only), or an archive (read
+    through skopeo's copy of it into a temporary layout, every platform, as `validate`
+    does: a docker-archive is seen as the OCI image it converts to)."""
+    archive = ref.transport not in ("oci", "docker")
+    with backends.reading(ref, access, all_platforms=archive) as source:
+        report = inspect(source, platform)
+    if archive:  # the temporary layout's name and tags are not the archive's
+        report = dataclasses.replace(report, reference=str(ref), tags=None)
+    return report
