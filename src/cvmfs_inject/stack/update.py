@@ -138,8 +138,9 @@ class StackUpdater:
             return index
         desc = image.manifest.layers[stack.position + i]
         if self.warn:
-            self.warn(f"rebuilding the index of layer {diff_id} (none usable in the cache): "
-                      f"reading {desc.size} bytes")
+            self.warn(f"no index of layer {diff_id} in {self.cache.directory} (a first run "
+                      f"here, or a cleared cache): reading the layer once to make it "
+                      f"({desc.size:,} B)")
         with self.source.open_blob(desc) as blob:
             stream = decompressed(cast(IO[bytes], blob), desc.media_type)
             try:
