@@ -369,6 +369,7 @@ def test_validate_unreadable_file(cli, tmp_path):
     missing = tmp_path / "nope.json"
     res = cli("validate", "--kind", "manifest", missing)
     one_error(res, INPUT, str(missing))
+    one_error(cli("validate", missing), INPUT, f"{missing}: no such file or layout directory")
 
 
 # -- missing and corrupted blobs ----------------------------------------------------------

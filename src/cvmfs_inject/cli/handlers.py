@@ -20,7 +20,7 @@ from cvmfs_inject.cli.render import Reporter, format_inspect
 from cvmfs_inject.errors import BatchFailed, InputError, UsageError, ValidationFailed
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.lock import DEFAULT_LOCK_TIMEOUT, LockWait
-from cvmfs_inject.oci.refs import ImageRef, parse_layout_ref, parse_ref
+from cvmfs_inject.oci.refs import ImageRef, parse_layout_ref, parse_ref, split_host
 from cvmfs_inject.pack.options import PackOptions, source_date_epoch
 from cvmfs_inject.skopeo.command import RegistryOptions
 from cvmfs_inject.stack.options import StackOptions
@@ -110,6 +110,9 @@ def validate(args: argparse.Namespace, out: Reporter) -> Any:
                 raise InputError(f"{target}: cannot read: {exc.strerror}") from None
         problems = validate_document(data, args.kind, where)
     else:
+        if (":" not in target and not split_host(target)[0]
+                and not os.path.lexists(target)):  # neither a document nor a layout
+            raise InputError(f"{target}: no such file or layout directory")
         problems = validate_ref(parse_ref(target), access(args, out))
     for problem in problems:
         out.error_line(str(problem))
