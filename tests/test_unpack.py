@@ -64,6 +64,48 @@ def test_a_corrupted_layer_leaves_an_existing_target_as_it_was(cli, tmp_path: Pa
     assert dir_bytes(target) == before  # no staging directory left behind either
 
 
+def claim_another_diff_id(layout: Path, tag: str) -> str:
+    """Give the injected layer another diff_id in the config (labels too), as a broken or
+    lying image would: the blob still matches its digest. Tags the result `lie`."""
+    from cvmfs_inject.oci.jsondoc import canonical_json
+    from cvmfs_inject.oci.model import ImageConfig, Manifest
+
+    store = Layout.open(layout)
+    top = store.resolve(tag)
+    manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
+    config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size),
+                               "c")
+    doc = config.edit()
+    fake = "sha256:" + "ab" * 32
+    doc["rootfs"]["diff_ids"][-1] = fake
+    for label in ("cvmfs_injection_tar", "io.cvmfs-inject.tree-digest"):
+        doc["config"]["Labels"][label] = fake
+    new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
+    mdoc = manifest.edit()
+    mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
+    store.set_tag("lie", store.put_bytes(canonical_json(mdoc), manifest.media_type))
+    return fake
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd", "none"])
+def test_a_layer_whose_content_is_not_its_diff_id_leaves_no_target(cli, tmp_path: Path,
+                                                                   compress: str) -> None:
+    """The blob matches its digest but not the diff_id the config (and label) give it:
+    exit 5, as umoci and containerd refuse it, and nothing is left behind."""
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    tree = tmp_path / "tree"
+    (tree / "repo").mkdir(parents=True)
+    (tree / "repo" / "f").write_bytes(os.urandom(1 << 20))
+    assert cli("inject", "--compress", compress, f"{layout}:v1", tree).code == 0
+    fake = claim_another_diff_id(layout, "v1")
+    result = cli("unpack", f"{layout}:lie", tmp_path / "out")
+    assert result.code == INTEGRITY, result.err
+    assert fake in result.err and result.err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert cli("unpack", f"{layout}:v1", tmp_path / "good").code == 0
+
+
 def test_a_corruption_that_breaks_the_stream_early_is_still_an_integrity_error(
         cli, tmp_path: Path) -> None:
     """A corrupted gzip header breaks the stream at its first bytes, long before the end

@@ -62,7 +62,8 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
     def fill(staging: str) -> ExtractResult:
         result = ExtractResult()
         for i, layer in enumerate(layers):  # applied in order, as a runtime does
-            done = _extract_layer(source, layer, staging, mount, i > 0, warn)
+            done = _extract_layer(source, layer, stack.diff_ids[i], staging, mount, i > 0,
+                                  warn)
             result.entries += done.entries
             result.skipped += done.skipped
             result.has_root = result.has_root or done.has_root
@@ -73,10 +74,12 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
                         result.skipped, len(layers))
 
 
-def _extract_layer(source: ImageSource, layer: Descriptor, staging: str, mount: str,
-                   whiteouts: bool, warn: Warn | None) -> ExtractResult:
+def _extract_layer(source: ImageSource, layer: Descriptor, diff_id: str, staging: str,
+                   mount: str, whiteouts: bool, warn: Warn | None) -> ExtractResult:
+    """One layer into `staging`; its blob checked against its digest, its tar stream
+    against its diff_id (both before the staging directory is moved into place)."""
     with source.open_blob(layer) as blob:
-        stream = decompressed(cast(IO[bytes], blob), layer.media_type)
+        stream = decompressed(cast(IO[bytes], blob), layer.media_type, diff_id, layer.digest)
         try:
             return extract(stream, staging, mount, warn, whiteouts=whiteouts)
         except InputError:

@@ -5,11 +5,15 @@ A worker thread reads the compressed blob (through its verifier, which hashes wh
 reads), inflates it (ISA-L for gzip, libzstd for zstd; both release the GIL) and queues
 the tar stream in chunks; the extracting thread reads them. Every gzip member's CRC and
 length and every zstd frame's checksum are checked; a stream that ends inside a member or
-frame is an error. A bounded queue keeps memory at a few chunks whatever the layer size.
+frame is an error. Given the layer's diff_id, the worker also hashes the tar stream and
+ends it with an IntegrityError when it is not that digest (what the config says the layer
+is: umoci and containerd check it too). A bounded queue keeps memory at a few chunks
+whatever the layer size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import queue
 import threading
@@ -18,7 +22,7 @@ from typing import IO, Any
 import zstandard
 from isal import igzip_lib, isal_zlib
 
-from cvmfs_inject.errors import InputError
+from cvmfs_inject.errors import InputError, IntegrityError
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.oci.media import MediaType
 
@@ -44,10 +48,12 @@ class InflatingReader(io.RawIOBase):
     consumer that reads large sizes gets the worker's chunks without a copy.
     """
 
-    def __init__(self, blob: IO[bytes], kind: str) -> None:
+    def __init__(self, blob: IO[bytes], kind: str, diff_id: str | None = None) -> None:
         super().__init__()
         self._blob = blob
         self._kind = kind
+        self._diff_id = diff_id
+        self._sha = hashlib.sha256() if diff_id is not None else None
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(QUEUE_DEPTH)
         self._chunk, self._offset = b"", 0
         self._done = False
@@ -84,7 +90,10 @@ class InflatingReader(io.RawIOBase):
         return len(data)
 
     def _put(self, item: bytes | BaseException) -> bool:
-        """Queue an item unless the consumer has gone; False when it has."""
+        """Queue an item unless the consumer has gone; False when it has. Tar data is
+        hashed here, in the worker (hashlib lets go of the GIL as the inflaters do)."""
+        if self._sha is not None and isinstance(item, bytes):
+            self._sha.update(item)
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -99,6 +108,11 @@ class InflatingReader(io.RawIOBase):
                 self._gunzip()
             else:
                 self._unzstd()
+            if self._sha is not None and not self._stop.is_set():
+                found = "sha256:" + self._sha.hexdigest()
+                if found != self._diff_id:
+                    raise IntegrityError(f"layer {self._diff_id}: its content hashes to "
+                                         f"{found}, not to the diff_id the config gives it")
             self._put(_END)
         except (igzip_lib.IsalError, zstandard.ZstdError, OSError, EOFError) as exc:
             self._put(InputError(f"cannot extract layer: {exc}"))
@@ -151,9 +165,14 @@ class InflatingReader(io.RawIOBase):
         super().close()
 
 
-def decompressed(reader: IO[bytes], media_type: str) -> IO[bytes]:
-    """The tar stream of a layer blob of `media_type`, read from `reader`."""
+def decompressed(reader: IO[bytes], media_type: str, diff_id: str | None = None,
+                 digest: str | None = None) -> IO[bytes]:
+    """The tar stream of a layer blob of `media_type`, read from `reader`; with `diff_id`,
+    checked to be that digest (an uncompressed layer's is its blob `digest`)."""
     kind = _kind(media_type)
     if kind is None:
+        if diff_id is not None and digest is not None and diff_id != digest:
+            raise IntegrityError(f"layer {digest} is uncompressed, so its diff_id must be "
+                                 f"its digest; the config gives {diff_id}")
         return reader
-    return InflatingReader(reader, kind)  # type: ignore[return-value]
+    return InflatingReader(reader, kind, diff_id)  # type: ignore[return-value]
