@@ -91,7 +91,8 @@ def claim_another_diff_id(layout: Path, tag: str) -> str:
 def test_a_layer_whose_content_is_not_its_diff_id_leaves_no_target(cli, tmp_path: Path,
                                                                    compress: str) -> None:
     """The blob matches its digest but not the diff_id the config (and label) give it:
-    exit 5, as umoci and containerd refuse it, and nothing is left behind."""
+    unpack fails with exit 5 (as umoci and containerd refuse it) and leaves nothing behind;
+    validate reports it."""
     layout = tmp_path / "layout"
     build_sample_image(layout, "v1")
     tree = tmp_path / "tree"
@@ -104,6 +105,10 @@ def test_a_layer_whose_content_is_not_its_diff_id_leaves_no_target(cli, tmp_path
     assert fake in result.err and result.err.count("\n") == 1
     assert not (tmp_path / "out").exists()
     assert cli("unpack", f"{layout}:v1", tmp_path / "good").code == 0
+    checked = cli("validate", f"{layout}:lie")
+    assert checked.code == 1, checked.err
+    assert f"not the diff_id {fake}" in checked.err and "rootfs.diff_ids[2]" in checked.err
+    assert cli("validate", f"{layout}:v1").code == 0
 
 
 def test_a_corruption_that_breaks_the_stream_early_is_still_an_integrity_error(

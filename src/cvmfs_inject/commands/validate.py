@@ -29,13 +29,14 @@ from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
 from cvmfs_inject.oci.walk import DescriptorPath, walk
+from cvmfs_inject.pack.inflate import is_tar_layer, tar_digest
 
 
 @dataclass(frozen=True)
 class _ManifestShape:
     where: str
     config: Descriptor | None
-    layers: int
+    layers: list[str | None]  # each layer's digest, as the manifest lists them
 
 
 class _Checker:
@@ -47,6 +48,8 @@ class _Checker:
         self.problems: list[Problem] = []
         self.configs: dict[str, dict[str, Any]] = {}  # sound configs by digest, read once
         self.manifests: list[_ManifestShape] = []
+        self.layer_digests: set[str] = set()  # blobs some manifest names as a layer
+        self.tar_digests: dict[str, str] = {}  # a layer's digest -> its tar stream's
 
     def __call__(self, path: DescriptorPath) -> list[Descriptor]:
         desc = path.descriptor
@@ -80,8 +83,11 @@ class _Checker:
             if MediaType.is_document(desc.media_type):
                 return self.source.document(desc)
             with self.source.open_blob(desc) as blob:
-                while blob.read(READ_CHUNK):
-                    pass
+                if desc.digest in self.layer_digests and is_tar_layer(desc.media_type):
+                    self.tar_digests[desc.digest] = tar_digest(blob, desc.media_type)
+                else:
+                    while blob.read(READ_CHUNK):
+                        pass
         except CvmfsInjectError as exc:
             self.problems.append(Problem(where, str(exc).removeprefix(f"{where}: ")))
         return None
@@ -110,19 +116,32 @@ class _Checker:
         already requires the Docker config type."""
         config = self.descriptor(doc["config"], f"{where} config")
         layers = self.descriptors(doc["layers"], f"{where} layers")
-        self.manifests.append(_ManifestShape(where, config, len(doc["layers"])))
+        self.layer_digests.update(layer.digest for layer in layers)
+        digests = [raw.get("digest") if isinstance(raw, dict) else None
+                   for raw in doc["layers"]]
+        self.manifests.append(_ManifestShape(where, config, digests))
         return [config, *layers] if config is not None else layers
 
     def diff_ids(self) -> None:
-        """After the walk: each manifest's layers and its config's diff_ids agree."""
+        """After the walk: each manifest's layers and its config's diff_ids agree, in
+        number and, for each layer read, in content (a diff_id is the digest of the
+        layer's tar stream)."""
         for shape in self.manifests:
             doc = self.configs.get(shape.config.digest) if shape.config else None
             if doc is None:
                 continue  # the config itself is broken: already reported
             diff_ids = doc["rootfs"]["diff_ids"]
-            if len(diff_ids) != shape.layers:
-                self.problems.append(Problem(shape.where, f"manifest has {shape.layers} layers "
-                                             f"but its config has {len(diff_ids)} diff_ids"))
+            if len(diff_ids) != len(shape.layers):
+                self.problems.append(Problem(shape.where, f"manifest has {len(shape.layers)} "
+                                             f"layers but its config has {len(diff_ids)} "
+                                             "diff_ids"))
+                continue
+            for i, (digest, diff_id) in enumerate(zip(shape.layers, diff_ids, strict=True)):
+                found = self.tar_digests.get(digest or "")
+                if found is not None and found != diff_id:
+                    self.problems.append(Problem(
+                        f"{shape.where} layers[{i}]", f"its tar stream is {found}, not the "
+                        f"diff_id {diff_id} that the config gives it (rootfs.diff_ids[{i}])"))
 
 
 def _walked(checker: _Checker, roots: list[Descriptor]) -> list[Problem]:

@@ -30,6 +30,31 @@ QUEUE_DEPTH = 8
 _END = b""
 
 
+def is_tar_layer(media_type: str) -> bool:
+    """A layer type we can read the tar stream of (plain, gzip or zstd)."""
+    try:
+        _kind(media_type)
+    except InputError:
+        return False
+    return True
+
+
+def tar_digest(reader: IO[bytes], media_type: str) -> str:
+    """The digest of a layer blob's tar stream (what its diff_id must be), reading the blob
+    to its end, so that its own digest is checked too."""
+    stream = decompressed(reader, media_type)
+    sha = hashlib.sha256()
+    try:
+        while chunk := stream.read(READ_CHUNK):
+            sha.update(chunk)
+    finally:
+        if stream is not reader:
+            stream.close()
+    while reader.read(READ_CHUNK):
+        pass
+    return "sha256:" + sha.hexdigest()
+
+
 def _kind(media_type: str) -> str | None:
     """gzip, zstd, or None for a tar as it is."""
     if media_type.endswith("+zstd") or media_type.endswith(".zstd"):
