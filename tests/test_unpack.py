@@ -226,3 +226,28 @@ def test_a_corrupted_layer_in_a_registry_leaves_no_target(cli, registry, tmp_pat
     result = cli("unpack", "--no-tls-verify", url, target)
     assert result.code == INTEGRITY, result.err
     assert not target.exists()
+
+
+@pytest.mark.parametrize("where", [".", "blobs/sha256/out", "sub"])
+def test_unpack_never_writes_into_a_layout(cli, tmp_path: Path, where: str) -> None:
+    """A layout (or a directory inside one) is not a place to unpack to, --force or not:
+    the layer's files would replace index.json or land among the blobs."""
+    layout = injected(cli, tmp_path, {"index.json": b'{"schemaVersion":2,"manifests":[]}'})
+    (layout / "sub").mkdir()
+    before = dir_bytes(layout)
+    for force in ((), ("--force",)):
+        result = cli("unpack", *force, f"{layout}:v1", layout / where)
+        assert result.code == INPUT, result.err
+        assert "is inside the OCI layout" in result.err
+    assert dir_bytes(layout) == before
+    assert cli("inspect", f"{layout}:v1").code == 0
+
+
+def test_a_tree_and_its_layout_may_not_overlap(cli, tmp_path: Path) -> None:
+    layout = injected(cli, tmp_path, {"f": b"f"})
+    before = dir_bytes(layout)
+    for tree in (layout, layout / "blobs", tmp_path):
+        result = cli("inject", f"{layout}:v1", tree, "--tag", "self")
+        assert result.code == INPUT, result.err
+        assert "overlap" in result.err
+    assert dir_bytes(layout) == before

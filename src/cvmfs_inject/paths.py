@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cvmfs_inject.errors import InputError
+
 
 def missing_directories(path: Path) -> list[Path]:
     """The directories from `path` up that do not exist yet, innermost first."""
@@ -57,3 +59,22 @@ def empty_directory(directory: Path) -> None:
     """Remove what is in `directory` (this command put it there), keeping the directory."""
     for child in list(directory.iterdir()):
         remove_tree(child)
+
+
+def enclosing_layout(path: Path) -> Path | None:
+    """The OCI layout that `path` is or lies inside (a directory holding `oci-layout`), where
+    it really is: writing there as if it were a plain file or directory would break it."""
+    real = path.resolve()
+    for directory in (real, *real.parents):
+        if (directory / "oci-layout").is_file():
+            return directory
+    return None
+
+
+def refuse_overlap(tree: Path, layout: Path) -> None:
+    """A tree injected into a layout may neither be it, lie inside it, nor hold it: the pack
+    would read the layout's blobs, and the blobs this command is writing."""
+    real_tree, real_layout = tree.resolve(), layout.resolve()
+    if real_tree.is_relative_to(real_layout) or real_layout.is_relative_to(real_tree):
+        raise InputError(f"{tree}: the tree and the layout {layout} overlap; keep the tree "
+                         "outside the layout and the layout outside the tree")

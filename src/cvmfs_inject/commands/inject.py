@@ -35,6 +35,7 @@ from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
+from cvmfs_inject.paths import refuse_overlap
 from cvmfs_inject.stack.continuation import continue_at
 from cvmfs_inject.stack.diff import scan
 from cvmfs_inject.stack.options import StackOptions
@@ -309,6 +310,8 @@ def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: A
         return run(ref, tree, target, access, options, platform=platform,
                    stack_options=stack_options, prepacked=prepacked, progress=progress,
                    warn=warn, init_only=init_only)
+    if ref.transport == "oci" and tree is not None:
+        refuse_overlap(tree, Path(ref.path))
     with backends.editing(ref, access, dest=dest, new_tag=new_tag,
                           upload_progress=upload_progress) as (source, sink):
         return inject(source, sink, tree, options, platform=platform, init_only=init_only,

@@ -25,6 +25,7 @@ from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.walk import reading, walk
+from cvmfs_inject.paths import enclosing_layout
 
 FORMATS = ("oci", "v2s2", "keep")
 
@@ -162,10 +163,10 @@ def archive_path(dest: ImageRef) -> Path:
     if target.exists() and not target.is_file():
         raise UsageError(f"{dest.path}: exists and is not a regular file; name the archive "
                          "file to write")
-    for directory in target.parents:
-        if (directory / "oci-layout").is_file():
-            raise UsageError(f"{dest.path}: is inside the OCI layout {directory}; write "
-                             "archives outside of layouts")
+    layout = enclosing_layout(target)
+    if layout is not None:
+        raise UsageError(f"{dest.path}: is inside the OCI layout {layout}; write archives "
+                         "outside of layouts")
     return target
 
 

@@ -23,6 +23,7 @@ from cvmfs_inject.oci import names
 from cvmfs_inject.oci.refs import ImageRef, check_tag
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import check_tree
+from cvmfs_inject.paths import refuse_overlap
 from cvmfs_inject.stack.options import StackOptions
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         check_tag(new_tag, registry=False)  # the working layout's tag
     if tree is not None:
         check_tree(tree)
+        if cache is not None:
+            refuse_overlap(tree, Path(cache))
     if src.transport == "oci-archive" and cache is None:
         note = delta_note(Path(src.path))
         if note is not None:  # completed from the working layout: a temporary one is empty

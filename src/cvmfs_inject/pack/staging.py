@@ -20,12 +20,21 @@ from pathlib import Path
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.pack.extract import ExtractResult
 from cvmfs_inject.pack.options import STAGING_PREFIX
-from cvmfs_inject.paths import missing_directories, remove_if_empty, remove_tree
+from cvmfs_inject.paths import (
+    enclosing_layout,
+    missing_directories,
+    remove_if_empty,
+    remove_tree,
+)
 
 
 def check_target(target: Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: exists and is not a directory")
+    layout = enclosing_layout(target)
+    if layout is not None:
+        raise InputError(f"{target}: is inside the OCI layout {layout}; unpack outside of "
+                         "layouts")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise InputError(f"{target}: directory is not empty; use --force to unpack into it")
 
