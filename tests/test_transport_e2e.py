@@ -516,6 +516,21 @@ def test_inspect_layout_index_platform(cli, tmp_path):
     assert [i["platform"] for i in report["images"]] == ["linux/arm64"]
 
 
+def test_pull_repairs_a_damaged_blob_the_layout_already_had(cli, tmp_path):
+    """The copy skopeo fetched (and we verified) replaces a damaged one already there, so
+    pulling again repairs a layout instead of tagging a broken image."""
+    source = tmp_path / "src"
+    top = build_sample_image(source, "v1")
+    back = tmp_path / "back"
+    ok(cli("pull", f"oci:{source}:v1", f"{back}:a"))
+    layer = doc(back, top.digest)["layers"][0]["digest"]
+    damaged = back / "blobs" / "sha256" / layer.split(":")[1]
+    damaged.write_bytes(b"garbage")
+    assert cli("validate", back).code == 1
+    ok(cli("pull", f"oci:{source}:v1", f"{back}:b"))
+    ok(cli("validate", back))
+
+
 def test_inspect_reads_archives_as_validate_does(cli, tmp_path):
     """An oci-archive keeps its digests and every platform; a docker-archive is shown as
     the OCI image skopeo converts it to. The temporary copy's name and tags never show."""

@@ -3,7 +3,9 @@ put into each image's store by a hard link (a copy across file systems)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +25,21 @@ class Prepacked:
     store: Layout
 
     def place(self, store: Layout) -> None:
-        """Make the layer's blob present in `store` (nothing to do when it is there)."""
+        """Make the layer's blob present in `store`: hard-linked under a temporary name and
+        renamed over any copy there (so a damaged one is repaired), as a blob write is."""
         digest = self.layer.digest
-        if store.has_blob(digest):
-            return
         source, target = self.store.blob_path(digest), store.blob_path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except FileExistsError:
+        if source == target or target.is_symlink():
             return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.tmp_dir.mkdir(exist_ok=True)
+        temporary = store.tmp_dir / f"place-{os.getpid()}-{threading.get_ident()}"
+        try:
+            os.link(source, temporary)
+            os.replace(temporary, target)
         except OSError:  # another file system: copy, hashed on the way like any write
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
             with source.open("rb") as blob, store.writer() as writer:
                 while chunk := blob.read(READ_CHUNK):
                     writer.write(chunk)

@@ -191,7 +191,9 @@ class Layout:
             return writer.commit().replace(media_type=media_type)
 
     def import_blob(self, source: Path, digest: str) -> None:
-        """Move a file from a staging area in the same layout, checking its digest on the way."""
+        """Move a file from a staging area in the same layout, checking its digest on the way.
+        It replaces a copy already there (a rename: a damaged copy is repaired, and a
+        reader of the old one keeps reading it); a blob that is a symlink stays."""
         path = self.blob_path(digest)
         with source.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -199,9 +201,10 @@ class Layout:
             while reader.read(READ_CHUNK):
                 pass
             reader.close()
-        if path.exists():
-            return
-        refuse_symlink(path)
+        if path.is_symlink():
+            if path.exists():  # a symlink blob is never replaced; a dangling one is refused
+                return
+            refuse_symlink(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
             os.fchmod(handle.fileno(), file_mode())  # skopeo writes its blobs 0600
