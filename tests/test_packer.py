@@ -699,6 +699,9 @@ def test_default_levels(compression: str, level: int) -> None:
     pytest.param("/a/../b", None, id="dotdot"),
     pytest.param("/a/./b", None, id="dot"),
     pytest.param("/..", None, id="only-dotdot"),
+    pytest.param("/.wh.etc", None, id="whiteout"),
+    pytest.param("/usr/.wh..wh..opq", None, id="opaque-whiteout"),
+    pytest.param("/a\nb", None, id="newline"),
 ])
 def test_mount_point_validation(given: str, expected: str | None) -> None:
     if expected is None:

@@ -54,9 +54,17 @@ class PackOptions:
 
 
 def normalise_mount_point(path: str) -> str:
+    """`/cvmfs` for `/cvmfs/`; refused: relative paths, `.`/`..`, a `.wh.` name (a layer
+    holding it would be a whiteout deleting the base image's directory) and control
+    characters (the label is printed on one line)."""
     parts = [p for p in path.split("/") if p]
     if not path.startswith("/") or not parts or any(p in (".", "..") for p in parts):
         raise UsageError(f"--path {path!r} must be an absolute directory below /, like /cvmfs")
+    if any(p.startswith(".wh.") for p in parts):
+        raise UsageError(f"--path {path!r}: a name starting with '.wh.' is a layer whiteout; "
+                         "it would delete that directory of the base image")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise UsageError(f"--path {path!r}: control characters are not allowed")
     return "/" + "/".join(parts)
 
 
