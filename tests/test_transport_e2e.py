@@ -10,6 +10,8 @@ import base64
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -637,3 +639,61 @@ def test_an_oci_archive_of_a_docker_origin_image_is_oci_and_found_by_its_tag(cli
                   f"oci-archive:{tmp_path}/v2.tar:a1")
     assert refused.code == 2 and "docker-archive" in refused.err
     assert not (tmp_path / "v2.tar").exists()
+
+
+def _children_named(pid: int, name: str) -> list[int]:
+    """Processes whose parent is `pid` and whose command is `name`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")]
+        ppid = int(stat_line[stat_line.rindex(")") + 2:].split()[1])
+        if ppid == pid and comm == name:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.registry
+def test_a_killed_push_takes_its_skopeo_with_it(registry, tmp_path):
+    """SIGKILL of `push` kills the skopeo it started (setpriv --pdeathsig): no orphan goes on
+    to upload and set the tag after the command is gone."""
+    layout = tmp_path / "big"
+    build_sample_image(layout, "v1")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "random").write_bytes(os.urandom(48 << 20))
+    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", "inject", "-q",
+                           "--compress", "none", f"{layout}:v1", str(tree)], check=False)
+    assert done.returncode == 0
+    name = repo("killed")
+    proc = subprocess.Popen([sys.executable, "-m", "cvmfs_inject", "push", "-q",
+                             "--no-tls-verify", f"{layout}:v1",
+                             f"docker://{registry.host}/{name}:x"], stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    children: list[int] = []
+    while not children and proc.poll() is None and time.monotonic() < deadline:
+        children = _children_named(proc.pid, "skopeo")
+    assert children, "skopeo never started"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in children)
+    time.sleep(1)
+    assert subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                           f"docker://{registry.host}/{name}:x"], capture_output=True,
+                          check=False).returncode != 0

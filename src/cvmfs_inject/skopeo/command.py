@@ -87,7 +87,10 @@ class Skopeo:
             raise MissingDependencyError(
                 "skopeo is not installed: install the Debian package with "
                 "'apt-get install skopeo' (or run 'make demo' / 'make test' as root)")
-        argv = [binary]
+        # util-linux's setpriv (Essential in Debian) makes the kernel kill skopeo when we
+        # die: a killed push must not go on in an orphan that still sets the tag
+        setpriv = shutil.which("setpriv")
+        argv = [setpriv, "--pdeathsig", "KILL", "--", binary] if setpriv else [binary]
         if self.options.debug:
             argv.append("--debug")
         if not any(p.is_file() for p in _POLICY_FILES):
