@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cvmfs_inject import scratch
 from cvmfs_inject.batch.packs import Prepacked, pack_once
 from cvmfs_inject.batch.plan import Job, Plan
 from cvmfs_inject.commands.inject import InjectReport
@@ -83,8 +83,8 @@ def batch(plan: Plan, jobs: list[Job], access: Access, *, workers: int,
         return report
     if any(job.src.is_registry or job.dest.is_registry for job in jobs):
         access.credentials()  # read stdin now, once, before the images run in threads
-    with _scratch(cache, access) as scratch:
-        packs, failures = _pack_all(jobs, Layout.create(scratch / "packs"), packing, warn)
+    with _packing_area(cache, access) as area:
+        packs, failures = _pack_all(jobs, Layout.create(area / "packs"), packing, warn)
         report.packed = [prepacked.layer.diff_id for prepacked in packs.values()]
         results = dict(failures)
         for result in results.values():
@@ -109,7 +109,7 @@ def batch(plan: Plan, jobs: list[Job], access: Access, *, workers: int,
 
 
 @contextlib.contextmanager
-def _scratch(cache: str | None, access: Access) -> Iterator[Path]:
+def _packing_area(cache: str | None, access: Access) -> Iterator[Path]:
     """Where the packed layers wait: inside the layout cache's temp area when there is one
     (so they are hard-linked into it, not copied, and nothing lands beside it), held under
     the cache's use lock so no other command clears that area meanwhile; else in $TMPDIR."""
@@ -119,7 +119,7 @@ def _scratch(cache: str | None, access: Access) -> Iterator[Path]:
             layout = stack.enter_context(Layout.create(cache, access.layout_wait).writing())
             layout.tmp_dir.mkdir(exist_ok=True)
             parent = layout.tmp_dir
-        directory = tempfile.mkdtemp(prefix="cvmfs-inject-batch-", dir=parent)
+        directory = scratch.make_directory("batch", parent)
         try:
             yield Path(directory)
         finally:

@@ -13,10 +13,10 @@ injected the annotations are dropped: a changed image is converted like any othe
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cvmfs_inject import scratch
 from cvmfs_inject.errors import CvmfsInjectError
 from cvmfs_inject.layout.annotations import (
     SOURCE_CONFIG,
@@ -60,7 +60,7 @@ def view(layout: Layout, desc: Descriptor) -> Iterator[ImageRef]:
     raw = layout.read_blob(manifest_digest, layout.blob_path(manifest_digest).stat().st_size)
     manifest = Manifest.parse(raw, manifest_digest, MediaType.DOCKER_MANIFEST)
     check_present(layout, Descriptor(MediaType.DOCKER_MANIFEST, manifest_digest, len(raw)))
-    with tempfile.TemporaryDirectory(prefix="cvmfs-inject-original-") as directory:
+    with scratch.temporary_directory("original") as directory:
         root = Path(directory)
         (root / "version").write_text("Directory Transport Version: 1.1\n")
         (root / "manifest.json").write_bytes(raw)

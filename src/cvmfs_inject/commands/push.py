@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cvmfs_inject import scratch
 from cvmfs_inject.commands import original
 from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.access import Access
@@ -66,8 +66,8 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
                          f"oci-archive: destination, not {dest}")
     layout = Layout.open(src.path, access.layout_wait)
     skopeo = access.skopeo(src, dest)
-    with layout.lock(exclusive=False), tempfile.TemporaryDirectory() as scratch:
-        digestfile = Path(scratch) / "digest"
+    with layout.lock(exclusive=False), scratch.temporary_directory("push") as directory:
+        digestfile = Path(directory) / "digest"
         desc = layout.resolve(src.tag)
         fmt = _skopeo_format(manifest_format, desc, dest)
         is_index = MediaType.is_index(desc.media_type)
@@ -140,7 +140,7 @@ def _skopeo_view(layout: Layout, src: ImageRef, desc: Descriptor) -> Iterator[Im
     if not MediaType.is_docker(desc.media_type):
         yield ImageRef("oci", src.path, src.tag or desc.ref_name)
         return
-    with tempfile.TemporaryDirectory(prefix="cvmfs-inject-view-") as view:
+    with scratch.temporary_directory("view") as view:
         root = Path(view)
         layout_file = {"imageLayoutVersion": OCI_LAYOUT_VERSION}
         (root / "oci-layout").write_bytes(canonical_json(layout_file))
@@ -174,7 +174,8 @@ def archive_path(dest: ImageRef) -> Path:
 def _archive_target(dest: ImageRef) -> Iterator[ImageRef]:
     """A temp file beside the archive, renamed over it only when skopeo succeeded."""
     target = archive_path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = scratch.make_file("archive", target.parent, before=f".{target.name}.",
+                                suffix=".tmp")
     os.close(fd)
     os.unlink(tmp)  # skopeo creates the file itself
     try:

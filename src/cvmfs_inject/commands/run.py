@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cvmfs_inject import scratch
 from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref
 from cvmfs_inject.commands.pull import default_tag, pull, source_format
 from cvmfs_inject.commands.push import archive_path, check_format, push
@@ -95,8 +95,8 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
         final = "latest"  # tag is this run's own business
     with contextlib.ExitStack() as stack:
         if cache is None:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="cvmfs-inject-run-"))
-            cache = os.path.join(scratch, "layout")
+            working_dir = stack.enter_context(scratch.temporary_directory("run"))
+            cache = os.path.join(working_dir, "layout")
         # A tag of its own in the cache: parallel runs (make -j) sharing the cache, even
         # with the same source, never see each other's images. The result takes the final
         # tag when it has been pushed.
@@ -126,7 +126,7 @@ def _push_archive_if_changed(working: ImageRef, dest: ImageRef, access: Access,
     """Write the archive beside the existing one; keep the old file (and say so: True)
     when it holds the same image, so an unchanged image leaves the file as it was."""
     directory, name = os.path.split(archive_path(dest))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".new", dir=directory)
+    fd, tmp = scratch.make_file("archive", directory, before=f".{name}.", suffix=".new")
     os.close(fd)
     try:
         fresh = ImageRef(dest.transport, tmp, dest.tag)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cvmfs_inject import scratch
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.layout import LayoutSink, LayoutSource
@@ -49,8 +49,8 @@ def reading(ref: ImageRef, access: Access, *, platform: str | None = None,
             raise InputError(f"{ref.path}: no such archive file")
         if ref.transport == "oci-archive":
             _refuse_delta(Path(ref.path))
-        with tempfile.TemporaryDirectory(prefix="cvmfs-inject-copy-") as scratch:
-            copy = ImageRef("oci", os.path.join(scratch, "layout"), "copy")
+        with scratch.temporary_directory("copy") as directory:
+            copy = ImageRef("oci", os.path.join(directory, "layout"), "copy")
             access.skopeo(ref).copy(ref, copy, all_images=all_platforms, platform=platform)
             yield LayoutSource(Layout.open(copy.path), copy)
 
@@ -108,9 +108,8 @@ def editing(ref: ImageRef, access: Access, *, dest: ImageRef | None = None,
             src_client = stack.enter_context(access.client(ref))
             dest_client = (src_client if target.registry == ref.registry
                            else stack.enter_context(access.client(target)))
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(
-                prefix="cvmfs-inject-direct-"))
-            store = Layout.create(Path(scratch) / "layout")
+            directory = stack.enter_context(scratch.temporary_directory("direct"))
+            store = Layout.create(Path(directory) / "layout")
             yield (RemoteSource(src_client, ref),
                    RegistrySink(dest_client, target, store, upload_progress or no_progress,
                                 access.ledger))

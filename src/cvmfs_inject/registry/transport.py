@@ -35,6 +35,7 @@ import oras.provider
 import requests
 import requests.utils
 
+from cvmfs_inject import scratch
 from cvmfs_inject.errors import CvmfsInjectError, InputError, NotFoundError, ToolError, UsageError
 from cvmfs_inject.oci import names
 from cvmfs_inject.oci.digest import check_digest
@@ -93,7 +94,7 @@ def _ca_bundle(cas: list[Path]) -> str:
             if path in cas:
                 raise InputError(f"cannot read CA certificate {path}: "
                                  f"{exc.strerror or exc}") from None
-    fd, name = tempfile.mkstemp(prefix="cvmfs-inject-ca-", suffix=".pem")
+    fd, name = scratch.make_file("ca", tempfile.gettempdir(), suffix=".pem")
     with os.fdopen(fd, "wb") as out:
         out.write(b"".join(parts))
     return name

@@ -7,18 +7,22 @@ its own default lookup), so `ps` never shows a password. Its failures are explai
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from cvmfs_inject import scratch
 from cvmfs_inject.errors import MissingDependencyError, UsageError
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.skopeo.errors import classify, key_error_line
 
-Runner = Callable[[Sequence[str], Sequence[int]], "subprocess.CompletedProcess[bytes]"]
+# runs argv with subprocess.run's keyword arguments (pass_fds, env)
+Runner = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 _POLICY_FILES = (Path.home() / ".config/containers/policy.json",
                  Path("/etc/containers/policy.json"))
@@ -58,18 +62,16 @@ class RegistryOptions:
         return flags
 
 
-def _default_runner(argv: Sequence[str],
-                    pass_fds: Sequence[int]) -> subprocess.CompletedProcess[bytes]:
+def _default_runner(argv: Sequence[str], **how: Any) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                          pass_fds=pass_fds, check=False)
+                          check=False, **how)
 
 
-def _progress_runner(argv: Sequence[str],
-                     pass_fds: Sequence[int]) -> subprocess.CompletedProcess[bytes]:
+def _progress_runner(argv: Sequence[str], **how: Any) -> subprocess.CompletedProcess[bytes]:
     """skopeo draws its progress bars on stdout: send them to our stderr (the terminal), so
     stdout stays for results and --json; stderr is still captured for error messages."""
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                          stderr=subprocess.PIPE, pass_fds=pass_fds, check=False)
+                          stderr=subprocess.PIPE, check=False, **how)
 
 
 class Skopeo:
@@ -99,8 +101,12 @@ class Skopeo:
 
     def run(self, args: list[str], global_flags: list[str] | None = None,
             runner: Runner | None = None) -> bytes:
-        argv = [*self._base(), *(global_flags or []), *args]
-        done = (runner or self._runner)(argv, self.options.pass_fds)
+        # skopeo's big temporary files (by default in /var/tmp, or $TMPDIR) go into a
+        # directory of ours (`--tmpdir`), which a later command removes if we are killed
+        parent = os.environ.get("TMPDIR") or "/var/tmp"
+        with scratch.temporary_directory("skopeo", parent) as directory:
+            argv = [*self._base(), "--tmpdir", directory, *(global_flags or []), *args]
+            done = (runner or self._runner)(argv, pass_fds=self.options.pass_fds)
         stderr = done.stderr.decode(errors="replace")
         if done.returncode != 0:
             raise classify(key_error_line(stderr), argv, done.returncode, stderr)
