@@ -1,15 +1,19 @@
-"""Answering a registry's authentication challenges (oras-py does the token requests).
+"""Answering a registry's authentication challenges.
 
-Basic challenges get the Basic header; Bearer challenges get a token from the realm, one
-per repository scope, kept for later requests. oras-py gap: its TokenAuth would answer a
-``Basic`` challenge by fetching a token from the realm string.
+Basic challenges get the Basic header; Bearer challenges get a token from the realm (the
+distribution token protocol: GET realm?service=&scope=, with the Basic header when there
+are credentials), one per repository scope, kept for later requests. The token request is
+ours, not oras-py's: it has timeouts, reads at most `MAX_TOKEN_ANSWER` bytes within
+`TOKEN_DEADLINE` seconds, and takes only a JSON object with a string token, so a hostile or
+broken token server costs one line and exit 6, never a hang or the machine's memory.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import json
+import time
 
-import oras.auth
 import oras.auth.utils
 import requests
 
@@ -17,21 +21,24 @@ from cvmfs_inject.errors import ToolError
 from cvmfs_inject.registry.credentials import Credentials
 from cvmfs_inject.registry.errors import short_reason, tls_error
 
+MAX_TOKEN_ANSWER = 1 << 20  # a token answer is a few kilobytes
+TOKEN_TIMEOUT = (30.0, 60.0)  # connect, and each read
+TOKEN_DEADLINE = 120.0  # the whole answer
+
 
 class Authenticator:
-    def __init__(self, registry: str, token_auth: Any, session: requests.Session,
-                 credentials: Credentials | None, tls_verify: bool, verify: bool | str) -> None:
+    def __init__(self, registry: str, session: requests.Session,
+                 credentials: Credentials | None, tls_verify: bool, verify: bool | str,
+                 cert: tuple[str, str] | None) -> None:
         self.registry = registry
-        self._token_auth = token_auth
+        self._session = session
         self._credentials = credentials
+        self._scheme = "https" if tls_verify else "http"
+        self._verify, self._cert = verify, cert
         self._basic_header: str | None = None
         if credentials is not None:
-            # TokenAuth sends these to the token server; BasicAuth builds the Basic header.
-            token_auth.set_basic_auth(credentials.username, credentials.password)
-            basic = oras.auth.get_auth_backend("basic", session, not tls_verify,
-                                               tls_verify=verify)
-            basic.set_basic_auth(credentials.username, credentials.password)
-            self._basic_header = basic.get_auth_header()["Authorization"]
+            pair = f"{credentials.username}:{credentials.password}".encode()
+            self._basic_header = "Basic " + base64.b64encode(pair).decode()
         self._use_basic = False
         self._tokens: dict[str, str] = {}
 
@@ -43,8 +50,8 @@ class Authenticator:
     def answer(self, resp: requests.Response, repo: str, sent: str | None) -> bool:
         """Answer a 401/403 challenge; True when there is a new header worth retrying with.
 
-        oras-py gap: its TokenAuth would answer a ``Basic`` challenge by fetching a token
-        from the realm string; we route Basic to the Basic header and only Bearer to oras.
+        A ``Basic`` challenge gets the Basic header (oras-py's TokenAuth would fetch a
+        token from the realm string); only ``Bearer`` asks a token server.
         """
         challenge = resp.headers.get("WWW-Authenticate", "")
         scheme = challenge.split(" ", 1)[0].lower()
@@ -55,16 +62,11 @@ class Authenticator:
             return True
         if scheme != "bearer":
             return False
-        # oras-py's token requests, called directly rather than through its
-        # authenticate_request, which logs an error to stderr on every refused token.
         parsed = oras.auth.utils.parse_auth_header(challenge)
         if not parsed.realm:
             return False
         try:
-            if self._credentials is None:
-                token = self._token_auth.request_anonymous_token(parsed)
-            else:
-                token = self._token_auth.request_token(parsed)
+            token = self._request_token(parsed.realm, parsed.service, parsed.scope)
         except requests.exceptions.SSLError as exc:
             raise tls_error(self.registry, exc) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -73,13 +75,44 @@ class Authenticator:
         except (ValueError, requests.RequestException):
             raise ToolError(f"{self.registry}: the token server gave an invalid answer for "
                             f"{repo}") from None
-        if not token or not isinstance(token, str):
+        if token is None:
             return False
         header = f"Bearer {token}"
         if header == sent:
             return False
         self._tokens[repo] = header
         return True
+
+    def _request_token(self, realm: str, service: str | None, scope: str | None) -> str | None:
+        """The token the realm gives (None when it refuses); ValueError for an answer that
+        is not a small JSON object with a string `token` or `access_token`."""
+        if not realm.startswith(("http://", "https://")):
+            realm = f"{self._scheme}://{realm}"
+        params = {key: value for key, value in (("service", service), ("scope", scope))
+                  if value}
+        headers = {"Accept": "application/json"}
+        if self._basic_header is not None:
+            headers["Authorization"] = self._basic_header
+        deadline = time.monotonic() + TOKEN_DEADLINE
+        with self._session.get(realm, params=params, headers=headers, stream=True,
+                               timeout=TOKEN_TIMEOUT, verify=self._verify,
+                               cert=self._cert) as resp:
+            if resp.status_code != 200:
+                return None
+            body = bytearray()
+            for chunk in resp.iter_content(64 << 10):
+                body += chunk
+                if len(body) > MAX_TOKEN_ANSWER or time.monotonic() > deadline:
+                    raise ValueError("token answer too large or too slow")
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise ValueError("token answer is not a JSON object")
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            return None
+        if not isinstance(token, str):
+            raise ValueError("token is not a string")
+        return token
 
     def failed(self, status: int, repo: str) -> ToolError:
         hint = "" if self._credentials else " (no credentials were found for this registry)"

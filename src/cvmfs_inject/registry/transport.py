@@ -4,9 +4,8 @@ the mapping of network trouble and error answers to our errors.
 
 Built on oras-py (`oras.provider.Registry`), which provides the `requests.Session` (cookies
 disabled: Harbor and friends treat cookies as a browser and start CSRF dances) and its TLS
-`verify` setting, the parsing of a ``WWW-Authenticate: Bearer realm=...`` challenge and the
-token requests (`oras.auth.TokenAuth`), and the ``Authorization: Basic`` header
-(`oras.auth.BasicAuth`).
+`verify` setting, and the parsing of a ``WWW-Authenticate: Bearer realm=...`` challenge;
+the token requests are ours (`registry.auth`: timeouts and a bounded answer).
 
 Our own request loop replaces `Registry.do_request` (oras-py gap): its retry decorator
 sleeps 3, 5, 11, 29, 83 s on *any* exception (also on a plain authentication failure) and
@@ -15,7 +14,7 @@ challenge by asking the *realm string* for a bearer token; it has no timeouts. O
 a challenge once, keeps one bearer token per repository scope, replays only bodies it can
 re-create, and leaves retrying whole uploads to the pusher.
 
-Secrets: passwords and tokens live only in request headers and in the oras auth objects.
+Secrets: passwords and tokens live only in request headers and in the Authenticator.
 They never appear in log records, exception messages or reprs.
 """
 
@@ -150,7 +149,7 @@ class Transport:
                 self._bundle = verify = _ca_bundle(cas)
                 self._cleanup = weakref.finalize(self, _unlink_quietly, self._bundle)
 
-        # oras-py provides the session (cookies off), TLS verify wiring and the token flow.
+        # oras-py provides the session (cookies off) and its TLS verify wiring.
         self._oras = oras.provider.Registry(hostname=api_host, insecure=not tls_verify,
                                             tls_verify=verify, auth_backend="token")
         self.session: requests.Session = self._oras.session
@@ -160,8 +159,8 @@ class Transport:
         self.session.verify = verify
         self.session.cert = cert
         self.session.headers["User-Agent"] = "cvmfs-inject"
-        self.auth = Authenticator(registry, self._oras.auth, self.session, credentials,
-                                  tls_verify, verify)
+        self.auth = Authenticator(registry, self.session, credentials, tls_verify, verify,
+                                  cert)
         self._timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
 
     def close(self) -> None:

@@ -1,0 +1,102 @@
+"""A registry whose token server is broken or hostile (the distribution token protocol:
+401 with `WWW-Authenticate: Bearer realm=...`). Whatever the token server does, a command
+ends with one line and exit 6 (a tool or registry failure): no hang, no unbounded memory,
+no traceback. A small HTTP server plays the hostile part; no real registry serves tokens
+this badly."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cvmfs_inject.registry import auth
+
+TOOL, NOT_FOUND = 6, 4
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/token"):
+            self.server.tokens(self)
+        elif self.headers.get("Authorization") == "Bearer good":
+            self._reply(404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]})
+        else:
+            host = f"127.0.0.1:{self.server.server_address[1]}"
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", f'Bearer realm="http://{host}/token",'
+                             'service="test",scope="repository:a/b:pull"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def _reply(self, status: int, doc: object) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    behaviour = "good"
+    stop = threading.Event()
+
+    def tokens(self, handler: _Handler) -> None:
+        if self.behaviour == "silent":
+            self.stop.wait(30)
+            return
+        if self.behaviour == "endless":
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.end_headers()
+            chunk = b" " * (64 << 10)
+            while not self.stop.is_set():
+                try:
+                    handler.wfile.write(chunk)
+                except OSError:
+                    return
+            return
+        doc = {"good": {"token": "good"}, "list": [], "string": "abc",
+               "number-token": {"token": 42}}[self.behaviour]
+        handler._reply(200, doc)
+
+
+@pytest.fixture
+def token_server() -> Iterator[_Server]:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "endless", "list", "string", "number-token"])
+def test_a_broken_token_server_is_one_line_and_exit_6(cli, token_server, monkeypatch,
+                                                       behaviour):
+    monkeypatch.setattr(auth, "TOKEN_TIMEOUT", (2.0, 1.0))
+    monkeypatch.setattr(auth, "TOKEN_DEADLINE", 3.0)
+    token_server.behaviour = behaviour
+    port = token_server.server_address[1]
+    result = cli("inspect", "--no-tls-verify", f"docker://127.0.0.1:{port}/a/b:1")
+    assert result.code == TOOL, result.err
+    assert result.err.count("\n") == 1 and "token server" in result.err, result.err
+
+
+def test_a_good_token_is_used(cli, token_server):
+    """The token the server gives reaches the registry (which then says: not found)."""
+    port = token_server.server_address[1]
+    result = cli("inspect", "--no-tls-verify", f"docker://127.0.0.1:{port}/a/b:1")
+    assert result.code == NOT_FOUND, result.err
