@@ -310,3 +310,27 @@ def test_an_archive_with_too_many_members_is_refused(cli, two_images: Path, tmp_
     result = cli("pull", f"oci-archive:{archive}:new", f"{remote}:new")
     assert result.code == INPUT and "members" in result.err, result.err
     assert _layout_state(remote) == before
+
+
+def test_looking_for_a_delta_reads_a_bounded_number_of_members(tmp_path, monkeypatch):
+    """Telling a delta archive from a full one reads at most MAX_MEMBERS members (a gzip of
+    millions of empty members must not fill memory): past that, it is not ours to judge."""
+    from cvmfs_inject.layout import archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 50)
+    index = canonical_json({"schemaVersion": 2, "manifests": [],
+                            "annotations": {archive_module.DELTA_SINCE: "sha256:" + "a" * 64,
+                                            archive_module.DELTA_SINCE_NAME: "old"}})
+
+    def archive(path: Path, padding: int) -> Path:
+        with tarfile.open(path, "w") as tar:
+            for i in range(padding):
+                tar.addfile(tarfile.TarInfo(f"pad{i}"), io.BytesIO(b""))
+            info = tarfile.TarInfo("index.json")
+            info.size = len(index)
+            tar.addfile(info, io.BytesIO(index))
+        return path
+
+    assert archive_module.delta_base(archive(tmp_path / "near.tar", 40)) == (
+        "sha256:" + "a" * 64, "old")
+    assert archive_module.delta_base(archive(tmp_path / "far.tar", 60)) is None

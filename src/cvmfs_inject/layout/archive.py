@@ -132,28 +132,32 @@ def same_archive(transport: str, new: str, old: str) -> bool:
 
 def _index_entries(archive: str) -> list[Any] | None:
     """The entries of an oci-archive's index.json, or None when it has none we can read."""
+    index = _archive_index(archive)
+    return None if index is None else list(index.doc["manifests"])
+
+
+def _archive_index(archive: str | Path) -> Index | None:
+    """An oci-archive's index.json, or None when it has none we can read: found in at most
+    MAX_MEMBERS members, none of them kept (tarfile would keep each one it read)."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
+            for count, member in enumerate(tar):
+                if count > MAX_MEMBERS:
+                    return None
+                tar.members.clear()
                 if _member_name(member) == "index.json" and member.isreg():
                     raw = _read_small(tar, member, f"{archive}: index.json")
-                    return list(Index.parse(raw, f"{archive}: index.json").doc["manifests"])
+                    return Index.parse(raw, f"{archive}: index.json")
     except (tarfile.TarError, OSError, EOFError, InputError):
         return None
     return None
 
 
 def delta_base(archive: Path) -> tuple[str, str] | None:
-    """(digest, tag) of the image a delta archive was cut against; None for a full one."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                if _member_name(member) == "index.json" and member.isreg():
-                    raw = _read_small(tar, member, f"{archive}: index.json")
-                    return _base_of(Index.parse(raw, f"{archive}: index.json"))
-    except (tarfile.TarError, OSError, EOFError, InputError):
-        return None  # not ours to judge: skopeo reads it, and says what is wrong
-    return None
+    """(digest, tag) of the image a delta archive was cut against; None for a full one
+    (or one we cannot read: not ours to judge, skopeo reads it and says what is wrong)."""
+    index = _archive_index(archive)
+    return None if index is None else _base_of(index)
 
 
 def delta_note(archive: Path) -> str | None:
