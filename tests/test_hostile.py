@@ -289,3 +289,24 @@ def test_an_index_json_over_the_document_limit_is_one_line(cli, tmp_path: Path) 
     index.write_bytes(index.read_bytes() + b" " * (64 << 20))
     result = cli("inspect", f"{layout}:v1")
     assert result.code == 3 and "too large" in result.err, result.err
+
+
+def test_an_unpaired_surrogate_in_a_document_is_refused_before_any_write(cli, tmp_path: Path
+                                                                        ) -> None:
+    """`"\\udcff"` in index.json parses in Python but is no text (it could not be written
+    back): validate reports it, writers refuse it (exit 3) with nothing written."""
+    layout = tmp_path / "odd"
+    build_sample_image(layout, "v1")
+    index = json.loads((layout / "index.json").read_bytes())
+    index["annotations"] = {"org.example.note": "SURROGATE"}
+    (layout / "index.json").write_bytes(json.dumps(index).replace("SURROGATE", "\\udcff")
+                                        .encode())
+    tree = tmp_path / "tree"
+    (tree / "repo").mkdir(parents=True)
+    checked = cli("validate", layout)
+    assert checked.code == 1 and "unpaired UTF-16 surrogate" in checked.err, checked.err
+    before = dir_bytes(layout)
+    result = cli("inject", f"{layout}:v1", tree, "--tag", "new")
+    assert result.code == 3, result.err
+    assert result.err.count("\n") == 1 and "surrogate" in result.err
+    assert dir_bytes(layout) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from cvmfs_inject.errors import InputError
@@ -25,7 +26,36 @@ def parse_json(data: bytes, where: str) -> dict[str, Any]:
         raise InputError(f"{where}: invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InputError(f"{where}: expected a JSON object, found {type(doc).__name__}")
+    problem = lone_surrogate(data, doc)
+    if problem is not None:
+        raise InputError(f"{where}: invalid JSON: {problem}")
     return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(data: bytes, doc: Any) -> str | None:
+    """What is wrong when a string of `doc` holds an unpaired UTF-16 surrogate escape
+    (`"\\udcff"`): Python reads it, but it is no text (RFC 8259 leaves it undefined, I-JSON
+    forbids it) and could not be written back as UTF-8. None when every string is text."""
+    if not _SURROGATE_ESCAPE.search(data):
+        return None
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (f"the string {shorten(repr(value), 60)} holds an unpaired UTF-16 "
+                        f"surrogate (\\u{ord(value[exc.start]):04x}), which is not text")
+    return None
 
 
 def json_type(value: Any) -> str:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.digest import digest_problem, verify_problem
 from cvmfs_inject.oci.formats import format_checker
-from cvmfs_inject.oci.jsondoc import json_type, shorten
+from cvmfs_inject.oci.jsondoc import json_type, lone_surrogate, shorten
 from cvmfs_inject.oci.media import MediaType
 
 if TYPE_CHECKING:
@@ -239,7 +239,9 @@ def _parse(data: bytes) -> tuple[Any, str | None]:
         return None, (f"invalid JSON: invalid UTF-8 byte 0x{data[e.start]:02x} "
                       f"(line {line} column {column})")
     try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object), None
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object)
+        problem = lone_surrogate(data, doc)
+        return (None, f"invalid JSON: {problem}") if problem else (doc, None)
     except json.JSONDecodeError as e:
         # Drop Python-isms: "Invalid control character at", "(decode using utf-8-sig)".
         message = e.msg.removesuffix(" at").removesuffix(" (decode using utf-8-sig)")
