@@ -1,8 +1,8 @@
-"""A registry whose token server is broken or hostile (the distribution token protocol:
-401 with `WWW-Authenticate: Bearer realm=...`). Whatever the token server does, a command
-ends with one line and exit 6 (a tool or registry failure): no hang, no unbounded memory,
-no traceback. A small HTTP server plays the hostile part; no real registry serves tokens
-this badly."""
+"""A registry whose token server (the distribution token protocol: 401 with
+`WWW-Authenticate: Bearer realm=...`) or error answers are broken or hostile. Whatever it
+does, a command ends with one line and exit 6 (a tool or registry failure): no hang, no
+unbounded memory, no traceback, no control characters reaching the terminal. A small HTTP
+server plays the hostile part; no real registry serves this badly."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/token"):
             self.server.tokens(self)
+        elif self.server.behaviour == "multi-line error":
+            self._reply(500, {"errors": [{"code": "UNKNOWN",
+                                          "message": "boom\nsecond line \x1b[31mred"}]})
         elif self.headers.get("Authorization") == "Bearer good":
             self._reply(404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]})
         else:
@@ -100,3 +103,13 @@ def test_a_good_token_is_used(cli, token_server):
     port = token_server.server_address[1]
     result = cli("inspect", "--no-tls-verify", f"docker://127.0.0.1:{port}/a/b:1")
     assert result.code == NOT_FOUND, result.err
+
+
+def test_a_registry_message_is_printed_on_one_line_without_control_characters(
+        cli, token_server):
+    token_server.behaviour = "multi-line error"
+    port = token_server.server_address[1]
+    result = cli("inspect", "--no-tls-verify", f"docker://127.0.0.1:{port}/a/b:1")
+    assert result.code == TOOL, result.err
+    assert result.err.count("\n") == 1 and "\x1b" not in result.err
+    assert "boom\\nsecond line \\x1b[31mred" in result.err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -80,6 +81,18 @@ def _to_stdout(text: str) -> None:
         raise StdoutClosed from None
 
 
+# control characters (C0, DEL, C1) as escapes: a message is one line, and a registry's
+# or a file name's bytes never drive the terminal
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(message: str) -> str:
+    """`message` as one line of printable text (`\\n`, `\\x1b` for what is not)."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"),
+                        message)
+
+
 class Reporter:
     def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet = quiet
@@ -97,17 +110,17 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         if not self.quiet:
-            print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+            print(f"{PROG}: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
     def note(self, message: str) -> None:
         """Something the user should know while the command goes on (on stderr)."""
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {one_line(message)}", file=sys.stderr, flush=True)
 
     def error_line(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        print(one_line(message), file=sys.stderr, flush=True)
 
     def fatal(self, message: str) -> None:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
     def emit(self, result: Any) -> None:
         _to_stdout(json.dumps(result, indent=2, ensure_ascii=False, default=str))
@@ -194,7 +207,7 @@ class Reporter:
     def batch_table(self, report: BatchReport) -> None:
         rows = [("#", "image", "platforms", "result", "digest", "uploaded")]
         for r in report.images:
-            outcome = r.status if r.error is None else f"failed: {r.error}"
+            outcome = r.status if r.error is None else f"failed: {one_line(r.error)}"
             uploaded = "-" if r.uploaded is None else f"{r.uploaded:,} B"
             rows.append((str(r.number), f"{r.source} -> {r.destination}", r.platforms,
                          outcome, (r.digest or "-")[:19], uploaded))
