@@ -98,3 +98,33 @@ def test_artifact_manifest_validates(layout: Path) -> None:
     }
     put_manifest(layout, "v1-sbom", artifact)
     assert validate_layout(Layout.open(layout)) == []
+
+
+def test_files_under_blobs_that_nothing_reaches_are_checked_too(cli, layout: Path) -> None:
+    """image-layout.md: the content of blobs/<alg>/<encoded> MUST match its digest, for
+    every blob, referenced or not; what is not a blob at all is a problem too. gc leaves
+    a directory where a blob should be (and removes the rest it does not reach)."""
+    blobs = layout / "blobs"
+    liar = hashlib.sha256(b"something else").hexdigest()
+    (blobs / "sha256" / liar).write_bytes(b"garbage")
+    (blobs / "sha256" / "NOTHEX").write_bytes(b"x")
+    (blobs / "sha256" / ("b" * 64)).mkdir()
+    (blobs / "md5").mkdir()
+    (blobs / "md5" / "x").write_bytes(b"x")
+    honest = hashlib.sha256(b"an unreferenced blob").hexdigest()
+    (blobs / "sha256" / honest).write_bytes(b"an unreferenced blob")
+    problems = sorted(str(p) for p in validate_layout(Layout.open(layout)))
+    assert problems == sorted([
+        f"{blobs}/md5/x: cannot verify md5:x: unsupported digest algorithm 'md5' (only sha256 "
+        "and sha512 can be verified)",
+        f"{blobs}/sha256/NOTHEX: invalid digest 'sha256:NOTHEX': sha256 needs 64 lowercase "
+        "hex characters",
+        f"{blobs}/sha256/{'b' * 64}: not a blob (not a regular file)",
+        f"{blobs}/sha256/{liar}: content does not match its name: its digest is "
+        f"sha256:{hashlib.sha256(b'garbage').hexdigest()}"])
+    assert cli("validate", layout).code == 1
+    assert cli("validate", f"{layout}:v1").code == 0  # one image: only what it reaches
+    assert cli("gc", layout).code == 0
+    assert sorted(p.name for p in (blobs / "sha256").iterdir()
+                  if p.is_dir()) == ["b" * 64]
+    assert not (blobs / "sha256" / honest).exists()

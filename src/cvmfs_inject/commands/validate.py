@@ -12,8 +12,10 @@ verify", since the claim that every blob matches its descriptor cannot be made f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cvmfs_inject.errors import CvmfsInjectError
@@ -50,6 +52,7 @@ class _Checker:
         self.manifests: list[_ManifestShape] = []
         self.layer_digests: set[str] = set()  # blobs some manifest names as a layer
         self.tar_digests: dict[str, str] = {}  # a layer's digest -> its tar stream's
+        self.reached: set[str] = set()  # every digest the walk came to
 
     def __call__(self, path: DescriptorPath) -> list[Descriptor]:
         desc = path.descriptor
@@ -75,6 +78,7 @@ class _Checker:
         """A document's bytes; a layer is read through (checked), giving None. Content named
         by a digest we cannot verify is not read: that is the one problem reported."""
         where = self.source.where(desc)
+        self.reached.add(desc.digest)
         unverifiable = verify_problem(desc.digest)
         if unverifiable is not None:
             self.problems.append(Problem(where, unverifiable))
@@ -156,7 +160,9 @@ def validate_image(source: ImageSource) -> list[Problem]:
 
 
 def validate_layout(layout: Layout) -> list[Problem]:
-    """Every problem of a whole layout: its two files, then everything index.json reaches."""
+    """Every problem of a whole layout: its two files, everything index.json reaches, then
+    the blobs nothing reaches (the layout spec: every file under blobs/ is named by the
+    digest of its content, referenced or not)."""
     problems: list[Problem] = []
     for name, kind in (("oci-layout", "layout"), ("index.json", "index")):
         path = layout.root / name
@@ -166,8 +172,43 @@ def validate_layout(layout: Layout) -> list[Problem]:
     source = LayoutSource(layout, ImageRef("oci", str(layout.root)))
     checker = _Checker(source)
     index = json.loads((layout.root / "index.json").read_bytes())
-    return _walked(checker, checker.descriptors(index["manifests"],
-                                                f"{layout.root}/index.json manifests"))
+    problems = _walked(checker, checker.descriptors(index["manifests"],
+                                                    f"{layout.root}/index.json manifests"))
+    return problems + _unreached_blobs(layout, checker.reached)
+
+
+def _unreached_blobs(layout: Layout, reached: set[str]) -> list[Problem]:
+    """What lies under blobs/ that the walk did not read: each must be a regular file whose
+    name is the digest of its content (an algorithm we cannot compute: "cannot verify")."""
+    problems: list[Problem] = []
+    for algorithm_dir in sorted((layout.root / "blobs").iterdir()):
+        where = str(algorithm_dir)
+        if not algorithm_dir.is_dir():
+            problems.append(Problem(where, "not a directory of blobs"))
+            continue
+        for blob in sorted(algorithm_dir.iterdir()):
+            digest = f"{algorithm_dir.name}:{blob.name}"
+            if digest in reached:
+                continue
+            problem = verify_problem(digest)
+            if problem is None and not blob.is_file():
+                problem = "not a blob (not a regular file)"
+            elif problem is None:
+                problem = _content_problem(blob, digest)
+            if problem is not None:
+                problems.append(Problem(str(blob), problem))
+    return problems
+
+
+def _content_problem(blob: Path, digest: str) -> str | None:
+    algorithm, _, encoded = digest.partition(":")
+    hasher = hashlib.new(algorithm)
+    with blob.open("rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            hasher.update(chunk)
+    if hasher.hexdigest() != encoded:
+        return f"content does not match its name: its digest is {algorithm}:{hasher.hexdigest()}"
+    return None
 
 
 def validate_ref(ref: ImageRef, access: Access) -> list[Problem]:

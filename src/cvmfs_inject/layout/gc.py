@@ -67,9 +67,9 @@ def collect(layout: Layout, dry_run: bool = False) -> GcResult:
             continue
         for blob in sorted(algorithm_dir.iterdir()):
             digest = f"{algorithm_dir.name}:{blob.name}"
-            if digest in keep:
-                continue
-            removed.append((digest, blob.stat().st_size))
+            if digest in keep or (blob.is_dir() and not blob.is_symlink()):
+                continue  # a directory is no blob: `validate` reports it, gc leaves it
+            removed.append((digest, blob.lstat().st_size))
             if not dry_run:
                 blob.unlink()
     temp_removed = []
