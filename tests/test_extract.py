@@ -666,6 +666,28 @@ def test_a_whiteout_keeps_what_its_own_layer_made(scene: Scene) -> None:
     assert scene.outside_state() == before
 
 
+def test_a_non_directory_above_replaces_a_lower_directory_whole(scene: Scene) -> None:
+    """Without a whiteout, a file or symlink in a layer above hides a lower directory and
+    all below it (as overlay shows it, and the stack index's union has it); within one
+    layer a directory is still never replaced."""
+    lower = build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/x", data=b"x"),
+                   E("cvmfs/e/", "dir", mode=0o555), E("cvmfs/e/y", data=b"y"),
+                   E("cvmfs/keep", data=b"k")])
+    above = build([E("cvmfs/", "dir"), E("cvmfs/d", data=b"now a file"),
+                   E("cvmfs/e", "symlink", link="keep")])
+    run(scene, lower)
+    extract(io.BytesIO(above), str(scene.target), "/cvmfs", whiteouts=True)
+    assert (scene.target / "d").read_bytes() == b"now a file"
+    assert os.readlink(scene.target / "e") == "keep"
+    expected = ["d", "e", "keep"]
+    assert sorted(tree_snapshot(scene.target)) == expected
+    indexes = [index_of_layer(io.BytesIO(raw), "/cvmfs", "sha256:" + hashlib.sha256(raw)
+                              .hexdigest()) for raw in (lower, above)]
+    assert sorted(os.fsdecode(path) for path in union(indexes) if path) == expected
+    with pytest.raises(InputError, match="replace a directory"):
+        upper(scene, [E("cvmfs/", "dir"), E("cvmfs/n/", "dir"), E("cvmfs/n", data=b"f")])
+
+
 def test_a_whiteout_in_a_missing_directory_makes_nothing(scene: Scene) -> None:
     run(scene, build([E("cvmfs/", "dir"), E("cvmfs/f", data=b"f")]))
     upper(scene, [E("cvmfs/", "dir"), E("cvmfs/nowhere/.wh.x")])

@@ -174,16 +174,19 @@ class _Directories:
             os.utime(rel, (times[i], times[i]), dir_fd=root)
 
 
-def _replace(make: Callable[[], object], rel: bytes, root: int, member: bytes) -> None:
+def _replace(make: Callable[[], object], rel: bytes, root: int, member: bytes,
+             drop_directory: Callable[[bytes], bool] | None = None) -> None:
     """Tar semantics: a later member replaces an earlier one, never following a symlink;
-    an existing directory is not replaced."""
+    an existing directory is not replaced, unless `drop_directory` removes it (True)."""
     try:
         make()
     except FileExistsError:
         if stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
-            raise InputError(f"cannot extract layer: layer member {_show(member)} would "
-                             "replace a directory") from None
-        os.unlink(rel, dir_fd=root)
+            if drop_directory is None or not drop_directory(rel):
+                raise InputError(f"cannot extract layer: layer member {_show(member)} would "
+                                 "replace a directory") from None
+        else:
+            os.unlink(rel, dir_fd=root)
         make()
 
 
@@ -290,6 +293,17 @@ class _Extraction:
         for name in names:
             self.hide(path + b"/" + os.fsencode(name), depth + 1)
 
+    def drop_lower_directory(self, path: bytes) -> bool:
+        """In a layer above others, a non-directory replaces a lower layer's directory
+        whole (as overlay shows it, and the stack index's union has it); never one this
+        layer made, and never in a single layer (tar keeps the directory: refused)."""
+        if not self.whiteouts or hash(path) in self.made:
+            return False
+        remove(path, self.root, MAX_DEPTH)
+        self.directories.removed(path)
+        self.regular.clear()
+        return True
+
     def file(self, rel: bytes, member: Member) -> None:
         root, mode = self.root, member.mode & PERMISSIONS
         try:
@@ -297,7 +311,7 @@ class _Extraction:
         except FileExistsError:
             fds: list[int] = []
             _replace(lambda: fds.append(os.open(rel, _CREATE, mode, dir_fd=root)), rel, root,
-                     member.name)
+                     member.name, self.drop_lower_directory)
             fd = fds[0]
         self.regular.add(hash(rel))
         try:
@@ -328,7 +342,8 @@ class _Extraction:
     def symlink(self, rel: bytes, member: Member) -> None:
         root = self.root
         self.regular.discard(hash(rel))
-        _replace(lambda: os.symlink(member.linkname, rel, dir_fd=root), rel, root, member.name)
+        _replace(lambda: os.symlink(member.linkname, rel, dir_fd=root), rel, root, member.name,
+                 self.drop_lower_directory)
         os.utime(rel, (member.mtime, member.mtime), dir_fd=root, follow_symlinks=False)
 
     def hardlink(self, rel: bytes, member: Member) -> None:
@@ -356,7 +371,8 @@ class _Extraction:
             os.link(source, rel, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
         except FileExistsError:
             _replace(lambda: os.link(source, rel, src_dir_fd=root, dst_dir_fd=root,
-                                     follow_symlinks=False), rel, root, member.name)
+                                     follow_symlinks=False), rel, root, member.name,
+                     self.drop_lower_directory)
 
 
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
