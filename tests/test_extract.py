@@ -19,7 +19,7 @@ from helpers import EPOCH, dir_bytes, make_nasty_tree, tree_snapshot
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.media import MediaType
-from cvmfs_inject.pack import extract as extract_module
+from cvmfs_inject.pack import directories as directories_module
 from cvmfs_inject.pack.extract import ExtractResult, decompressed, extract
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.pack.packer import pack
@@ -145,7 +145,7 @@ def test_directory_times_and_modes_hold_when_the_caches_forget(
         tmp_path: Path, scene: Scene, monkeypatch: pytest.MonkeyPatch, cache_size: int) -> None:
     """The known-directory cache and the table's path cache are bounded; with bounds this
     small they are cleared all the time, and every directory still gets its mode and time."""
-    monkeypatch.setattr(extract_module, "_KNOWN_DIRECTORIES", cache_size)
+    monkeypatch.setattr(directories_module, "_KNOWN_DIRECTORIES", cache_size)
     src = make_nasty_tree(tmp_path / "src")
     directories = sorted(p for p in src.rglob("*") if p.is_dir() and not p.is_symlink())
     for i, deep in enumerate(reversed(directories)):  # deepest first: 0o500 locks them
