@@ -8,14 +8,11 @@ import stat
 from array import array
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.tarstream import show_name
 
 _KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
 MADE_WITH_MODE = 0xFFFF  # a directory made with its final mode: only its time is left to set
 _SUPERSEDED = 0xFFFE  # a later member of the same directory gives its mode and time (tar's rule)
-
-
-def _show(name: bytes) -> str:
-    return repr(os.fsdecode(name))
 
 
 class DirectoryTable:
@@ -56,7 +53,7 @@ class DirectoryTable:
                 os.mkdir(path, self.implicit_mode, dir_fd=self.root)
             except FileExistsError:
                 if not stat.S_ISDIR(os.lstat(path, dir_fd=self.root).st_mode):
-                    raise InputError(f"layer member {_show(member)} would be written through a "
+                    raise InputError(f"layer member {show_name(member)} would be written through a "
                                      "symlink or non-directory") from None
             self.remember(path)
 

@@ -29,7 +29,15 @@ from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.pack.directories import MADE_WITH_MODE, DirectoryTable
 from cvmfs_inject.pack.inflate import decompressed
-from cvmfs_inject.pack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarStream
+from cvmfs_inject.pack.tarstream import (
+    DIRECTORY,
+    HARDLINK,
+    REGULAR,
+    SYMLINK,
+    Member,
+    TarStream,
+    show_name,
+)
 from cvmfs_inject.pack.whiteouts import hidden_paths, remove
 
 # rwx for owner, group and others: setuid, setgid and sticky bits are dropped. CernVM-FS is
@@ -51,10 +59,6 @@ class ExtractResult:
     has_root: bool = False  # the layer has an entry for the mount point itself
 
 
-def _show(name: bytes) -> str:
-    return repr(os.fsdecode(name))
-
-
 def relative(name: bytes, prefix: bytes, member: bytes) -> bytes:
     """The member's path below the mount point, normalised; refused if it leaves it."""
     rel = name[len(prefix):]
@@ -62,7 +66,7 @@ def relative(name: bytes, prefix: bytes, member: bytes) -> bytes:
             or b"/../" in rel or rel.endswith((b"/.", b"/..")) or rel in (b".", b"..")):
         rel = posixpath.normpath(rel)
         if rel.startswith((b"/", b"../")) or rel in (b"..", b"."):
-            raise InputError(f"layer member {_show(member)} escapes the target directory")
+            raise InputError(f"layer member {show_name(member)} escapes the target directory")
     return rel
 
 
@@ -75,7 +79,7 @@ def _replace(make: Callable[[], object], rel: bytes, root: int, member: bytes,
     except FileExistsError:
         if stat.S_ISDIR(os.lstat(rel, dir_fd=root).st_mode):
             if drop_directory is None or not drop_directory(rel):
-                raise InputError(f"cannot extract layer: layer member {_show(member)} would "
+                raise InputError(f"cannot extract layer: layer member {show_name(member)} would "
                                  "replace a directory") from None
         else:
             os.unlink(rel, dir_fd=root)
@@ -124,7 +128,7 @@ class _Extraction:
                 continue
             rel = relative(name, prefix, member.name)
             if rel.count(b"/") >= MAX_DEPTH:
-                raise InputError(f"layer member {_show(member.name)} is more than {MAX_DEPTH} "
+                raise InputError(f"layer member {show_name(member.name)} is more than {MAX_DEPTH} "
                                  "directories deep")
             if b".wh." in rel and posixpath.basename(rel).startswith(b".wh."):
                 if self.whiteouts:
@@ -169,7 +173,7 @@ class _Extraction:
                 self.regular.discard(hash(path))
             return
         if depth > MAX_DEPTH:
-            raise InputError(f"cannot apply a whiteout to {_show(path)}: more than "
+            raise InputError(f"cannot apply a whiteout to {show_name(path)}: more than "
                              f"{MAX_DEPTH} levels deep")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -243,9 +247,9 @@ class _Extraction:
         while link.startswith(b"./"):
             link = link[2:]
         if not link.startswith(self.prefix):
-            raise InputError(f"hard link {_show(member.name)} points outside "
+            raise InputError(f"hard link {show_name(member.name)} points outside "
                              f"{os.fsdecode(self.prefix.rstrip(b'/'))}: "
-                             f"{_show(member.linkname)}")
+                             f"{show_name(member.linkname)}")
         source = relative(link, self.prefix, member.name)
         root = self.root
         if hash(source) not in self.regular:  # not a file this extraction made: say why
@@ -253,11 +257,11 @@ class _Extraction:
                 self.directories.parent_of(source, member.name)
                 st = os.lstat(source, dir_fd=root)
             except FileNotFoundError:
-                raise InputError(f"hard link {_show(member.name)} points at "
-                                 f"{_show(member.linkname)}, which is not in the layer "
+                raise InputError(f"hard link {show_name(member.name)} points at "
+                                 f"{show_name(member.linkname)}, which is not in the layer "
                                  "before it") from None
             if not stat.S_ISREG(st.st_mode):
-                raise InputError(f"hard link {_show(member.name)} points at a non-regular "
+                raise InputError(f"hard link {show_name(member.name)} points at a non-regular "
                                  "file")
         try:
             os.link(source, rel, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)

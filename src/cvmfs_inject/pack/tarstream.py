@@ -12,6 +12,7 @@ written as regular files with a trailing slash.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -33,6 +34,11 @@ MAX_EXTENSION = 1 << 20
 _MAX_TIME = float(1 << 40)  # seconds either side of 1970: 35,000 years, within any time_t
 # tarfile's SUPPORTED_TYPES: members of other types are skipped with their data
 _KNOWN = frozenset((b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"L", b"K", b"S"))
+
+
+def show_name(name: bytes) -> str:
+    """A member name for messages: decoded as the file system would, quoted."""
+    return repr(os.fsdecode(name))
 
 
 @dataclass(slots=True)

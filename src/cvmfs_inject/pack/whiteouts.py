@@ -13,12 +13,9 @@ import os
 import stat
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.tarstream import show_name
 
 WHITEOUT, OPAQUE = b".wh.", b".wh..wh..opq"
-
-
-def _show(name: bytes) -> str:
-    return repr(os.fsdecode(name))
 
 
 def hidden_paths(rel: bytes, member: bytes, root: int) -> list[bytes]:
@@ -27,7 +24,7 @@ def hidden_paths(rel: bytes, member: bytes, root: int) -> list[bytes]:
     parent, _, name = rel.rpartition(b"/")
     hidden = name[len(WHITEOUT):]
     if hidden in (b"", b".", b".."):
-        raise InputError(f"layer member {_show(member)} is not a valid whiteout")
+        raise InputError(f"layer member {show_name(member)} is not a valid whiteout")
     if not _real_directory(parent, member, root):
         return []
     if hidden != OPAQUE[len(WHITEOUT):]:
@@ -66,14 +63,14 @@ def _real_directory(path: bytes, member: bytes, root: int) -> bool:
         except FileNotFoundError:
             return False
         if not stat.S_ISDIR(st.st_mode):
-            raise InputError(f"layer member {_show(member)} would act through a symlink "
+            raise InputError(f"layer member {show_name(member)} would act through a symlink "
                              "or non-directory")
     return True
 
 
 def _remove_tree(name: bytes, parent: int, depth: int, max_depth: int) -> None:
     if depth > max_depth:
-        raise InputError(f"cannot remove {_show(name)}: more than {max_depth} levels deep")
+        raise InputError(f"cannot remove {show_name(name)}: more than {max_depth} levels deep")
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  dir_fd=parent)
     try:
