@@ -378,3 +378,25 @@ def test_a_format_conversion_needs_no_layout_option(cli, registry, tmp_path):
     assert result.code == 0, result.err
     top = json.loads(cli("--json", "--no-tls-verify", "inspect", dest).out)
     assert top["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_a_packed_layer_is_placed_by_hard_link_however_often(tmp_path):
+    """Placing the layer into a store that has it already (the next image into a shared
+    --layout) keeps the one hard-linked file: no copy, nothing left in the temp area; a
+    damaged copy there is replaced by the packed one."""
+    from cvmfs_inject.layout.store import Layout
+    from cvmfs_inject.pack.options import PackOptions
+
+    tree = make_nasty_tree(tmp_path / "tree")
+    prepacked = pack_once(tree, PackOptions(), Layout.create(tmp_path / "packs"))
+    source = prepacked.store.blob_path(prepacked.layer.digest)
+    cache = Layout.create(tmp_path / "cache")
+    target = cache.blob_path(prepacked.layer.digest)
+    for _ in range(3):
+        prepacked.place(cache)
+        assert target.stat().st_ino == source.stat().st_ino
+        assert not cache.tmp_dir.exists() or list(cache.tmp_dir.iterdir()) == []
+    target.unlink()
+    target.write_bytes(b"damaged")
+    prepacked.place(cache)
+    assert target.stat().st_ino == source.stat().st_ino

@@ -4,6 +4,7 @@ put into each image's store by a hard link (a copy across file systems)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -26,25 +27,35 @@ class Prepacked:
 
     def place(self, store: Layout) -> None:
         """Make the layer's blob present in `store`: hard-linked under a temporary name and
-        renamed over any copy there (so a damaged one is repaired), as a blob write is."""
+        renamed over any copy there (so a damaged one is repaired), as a blob write is;
+        copied, hashed on the way, when `store` is on another file system."""
         digest = self.layer.digest
         source, target = self.store.blob_path(digest), store.blob_path(digest)
-        if source == target or target.is_symlink():
+        if target.is_symlink():
             return
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(source.stat(), target.stat()):
+                return  # this very file (a rename of one link over another does nothing)
         target.parent.mkdir(parents=True, exist_ok=True)
         store.tmp_dir.mkdir(exist_ok=True)
         temporary = store.tmp_dir / f"place-{os.getpid()}-{threading.get_ident()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # a killed command's, of the same pid
         try:
             os.link(source, temporary)
-            os.replace(temporary, target)
-        except OSError:  # another file system: copy, hashed on the way like any write
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
             with source.open("rb") as blob, store.writer() as writer:
                 while chunk := blob.read(READ_CHUNK):
                     writer.write(chunk)
                 writer.commit()
             return
+        try:
+            os.replace(temporary, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         fsync_dir(target.parent)
 
 
