@@ -177,6 +177,19 @@ def test_pull_of_another_platform_than_a_single_image_has_is_refused(cli, regist
     assert entry(back, "amd2")["digest"] == entry(back, "amd")["digest"]
 
 
+def test_a_config_without_a_variant_matches_any_variant_of_its_architecture(cli, tmp_path):
+    """Many arm64 configs name no variant where an index entry would say v8: pull and
+    inject of linux/arm64/v8 take such a single image; another architecture is refused."""
+    layout = tmp_path / "src"
+    build_sample_image(layout, "arm", platforms=("arm64",))
+    ok(cli("pull", "--platform", "linux/arm64/v8", f"oci:{layout}:arm", f"{tmp_path}/back:a"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    ok(cli("inject", "--platform", "linux/arm64/v8", f"{tmp_path}/back:a", tree))
+    assert cli("pull", "--platform", "linux/amd64", f"oci:{layout}:arm",
+               f"{tmp_path}/back:b").code == 4
+
+
 @pytest.mark.registry
 def test_push_docker_typed_sample_as_v2s2(cli, registry, tmp_path):
     """A layout whose index.json entry is a Docker v2s2 manifest can be pushed by its tag."""

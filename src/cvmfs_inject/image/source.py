@@ -113,9 +113,13 @@ def is_image_entry(desc: Descriptor) -> bool:
 
 def check_platform(image: Image, wanted_platforms: list[str], name: ImageRef) -> None:
     """A single image asked for platforms: each one must be its own, as each must be in
-    an index (NotFoundError)."""
+    an index (NotFoundError). A config without a variant matches any variant of its
+    architecture: many arm64 configs name none where their index entry says v8."""
+    own = image.config_platform()
     for wanted in wanted_platforms:
-        if not platform_matches(image.config_platform(), wanted):
+        if not own.get("variant"):
+            wanted = "/".join(wanted.split("/")[:2])
+        if not platform_matches(own, wanted):
             raise NotFoundError(f"{name}: the image is {image.platform}, not {wanted} (it "
                                 "is not an index of platforms)")
 
