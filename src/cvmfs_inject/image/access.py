@@ -10,6 +10,7 @@ waits on stdin.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ class Access:
         self._read_credentials = read_credentials
         self._credentials: Credentials | None = None
         self._authfiles: dict[tuple[str, ...], int] = {}
+        self._authfiles_lock = threading.Lock()  # `batch` asks from several threads
         # where this command's uploads went: a blob goes up once per registry (`batch`)
         self.ledger = BlobLedger()
 
@@ -66,7 +68,8 @@ class Access:
         hosts = tuple(sorted({ref.registry for ref in refs if ref.is_registry}))
         credentials = self.credentials() if hosts else None
         if credentials is not None:
-            if hosts not in self._authfiles:
-                self._authfiles[hosts] = credentials_authfile(credentials, list(hosts))
+            with self._authfiles_lock:
+                if hosts not in self._authfiles:
+                    self._authfiles[hosts] = credentials_authfile(credentials, list(hosts))
             options = RegistryOptions.with_authfile_fd(options, self._authfiles[hosts])
         return Skopeo(options, show_progress=self.show_progress)

@@ -7,6 +7,7 @@ its own default lookup), so `ps` never shows a password. Its failures are explai
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -74,6 +75,23 @@ def _progress_runner(argv: Sequence[str], **how: Any) -> subprocess.CompletedPro
                           stderr=subprocess.PIPE, check=False, **how)
 
 
+@functools.cache
+def _dies_with_us() -> tuple[str, ...]:
+    """What to run skopeo under so that the kernel kills it when we die (a killed push must
+    not go on in an orphan that still sets the tag): util-linux's setpriv (Essential in
+    Debian; `--pdeathsig` since util-linux 2.33, so it is tried once), else nothing."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    wrapper = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        done = subprocess.run([*wrapper, "true"], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return wrapper if done.returncode == 0 else ()
+
+
 class Skopeo:
     """Thin, typed front of the skopeo CLI. The runner is swappable for tests of error mapping."""
 
@@ -89,10 +107,7 @@ class Skopeo:
             raise MissingDependencyError(
                 "skopeo is not installed: install the Debian package with "
                 "'apt-get install skopeo' (or run 'make demo' / 'make test' as root)")
-        # util-linux's setpriv (Essential in Debian) makes the kernel kill skopeo when we
-        # die: a killed push must not go on in an orphan that still sets the tag
-        setpriv = shutil.which("setpriv")
-        argv = [setpriv, "--pdeathsig", "KILL", "--", binary] if setpriv else [binary]
+        argv = [*_dies_with_us(), binary]
         if self.options.debug:
             argv.append("--debug")
         if not any(p.is_file() for p in _POLICY_FILES):
