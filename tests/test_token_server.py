@@ -69,8 +69,19 @@ class _Server(ThreadingHTTPServer):
                 except OSError:
                     return
             return
+        if self.behaviour == "busy":
+            handler._reply(503, {"details": "try later"})
+            return
+        if self.behaviour == "deep":
+            body = b"[" * 100_000 + b"]" * 100_000
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
         doc = {"good": {"token": "good"}, "list": [], "string": "abc",
-               "number-token": {"token": 42}}[self.behaviour]
+               "number-token": {"token": 42},
+               "access-token-only": {"access_token": "good", "expires_in": 300}}[self.behaviour]
         handler._reply(200, doc)
 
 
@@ -86,7 +97,8 @@ def token_server() -> Iterator[_Server]:
     server.server_close()
 
 
-@pytest.mark.parametrize("behaviour", ["silent", "endless", "list", "string", "number-token"])
+@pytest.mark.parametrize("behaviour", ["silent", "endless", "list", "string", "number-token",
+                                       "busy", "deep"])
 def test_a_broken_token_server_is_one_line_and_exit_6(cli, token_server, monkeypatch,
                                                        behaviour):
     monkeypatch.setattr(auth, "TOKEN_TIMEOUT", (2.0, 1.0))
@@ -98,8 +110,11 @@ def test_a_broken_token_server_is_one_line_and_exit_6(cli, token_server, monkeyp
     assert result.err.count("\n") == 1 and "token server" in result.err, result.err
 
 
-def test_a_good_token_is_used(cli, token_server):
-    """The token the server gives reaches the registry (which then says: not found)."""
+@pytest.mark.parametrize("behaviour", ["good", "access-token-only"])
+def test_a_good_token_is_used(cli, token_server, behaviour):
+    """The token the server gives (as `token`, or only as OAuth2's `access_token`) reaches
+    the registry (which then says: not found)."""
+    token_server.behaviour = behaviour
     port = token_server.server_address[1]
     result = cli("inspect", "--no-tls-verify", f"docker://127.0.0.1:{port}/a/b:1")
     assert result.code == NOT_FOUND, result.err

@@ -93,18 +93,30 @@ class Authenticator:
         headers = {"Accept": "application/json"}
         if self._basic_header is not None:
             headers["Authorization"] = self._basic_header
+        if self._basic_header is not None and self._scheme == "https" \
+                and not realm.startswith("https://"):
+            raise ToolError(f"{self.registry}: its token server {realm} is plain http; "
+                            "credentials are not sent there")
         deadline = time.monotonic() + TOKEN_DEADLINE
         with self._session.get(realm, params=params, headers=headers, stream=True,
                                timeout=TOKEN_TIMEOUT, verify=self._verify,
                                cert=self._cert) as resp:
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise ToolError(f"{self.registry}: token server {realm} answered HTTP "
+                                f"{resp.status_code}; try again later")
             if resp.status_code != 200:
                 return None
             body = bytearray()
-            for chunk in resp.iter_content(64 << 10):
+            # read1: at most one receive each, so the deadline holds against a server
+            # that sends a byte now and then
+            while chunk := resp.raw.read1(64 << 10, decode_content=True):
                 body += chunk
                 if len(body) > MAX_TOKEN_ANSWER or time.monotonic() > deadline:
                     raise ValueError("token answer too large or too slow")
-        doc = json.loads(body)
+        try:
+            doc = json.loads(body)
+        except RecursionError:
+            raise ValueError("token answer nested too deeply") from None
         if not isinstance(doc, dict):
             raise ValueError("token answer is not a JSON object")
         token = doc.get("token") or doc.get("access_token")
