@@ -24,6 +24,7 @@ from isal import igzip_lib, isal_zlib
 
 from cvmfs_inject.errors import InputError, IntegrityError
 from cvmfs_inject.layout.blobs import READ_CHUNK
+from cvmfs_inject.oci.digest import verify_problem
 from cvmfs_inject.oci.media import MediaType
 
 QUEUE_DEPTH = 8
@@ -78,7 +79,9 @@ class InflatingReader(io.RawIOBase):
         self._blob = blob
         self._kind = kind
         self._diff_id = diff_id
-        self._sha = hashlib.sha256() if diff_id is not None else None
+        # a diff_id we cannot compute (not sha256 or sha512) is not checked here
+        self._sha = (hashlib.new(diff_id.partition(":")[0])
+                     if diff_id is not None and verify_problem(diff_id) is None else None)
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(QUEUE_DEPTH)
         self._chunk, self._offset = b"", 0
         self._done = False
@@ -134,7 +137,7 @@ class InflatingReader(io.RawIOBase):
             else:
                 self._unzstd()
             if self._sha is not None and not self._stop.is_set():
-                found = "sha256:" + self._sha.hexdigest()
+                found = f"{self._sha.name}:{self._sha.hexdigest()}"
                 if found != self._diff_id:
                     raise IntegrityError(f"layer {self._diff_id}: its content hashes to "
                                          f"{found}, not to the diff_id the config gives it")
@@ -193,10 +196,12 @@ class InflatingReader(io.RawIOBase):
 def decompressed(reader: IO[bytes], media_type: str, diff_id: str | None = None,
                  digest: str | None = None) -> IO[bytes]:
     """The tar stream of a layer blob of `media_type`, read from `reader`; with `diff_id`,
-    checked to be that digest (an uncompressed layer's is its blob `digest`)."""
+    checked to be that digest (an uncompressed layer's is its blob `digest`, when both use
+    one algorithm)."""
     kind = _kind(media_type)
     if kind is None:
-        if diff_id is not None and digest is not None and diff_id != digest:
+        if (diff_id is not None and digest is not None and diff_id != digest
+                and diff_id.partition(":")[0] == digest.partition(":")[0]):
             raise IntegrityError(f"layer {digest} is uncompressed, so its diff_id must be "
                                  f"its digest; the config gives {diff_id}")
         return reader
