@@ -621,20 +621,24 @@ def test_hostile_whiteouts_remove_nothing_outside(scene: Scene, name: str) -> No
 @pytest.mark.parametrize("link", ["outside", "outside/victim"])
 def test_a_whiteout_then_a_symlink_cannot_redirect_what_came_before(scene: Scene,
                                                                     link: str) -> None:
-    """A lower layer's directory, filled, whited out and replaced by a symlink out of the
-    target in one layer: a hard link to a file that was in it must not reach through the
-    symlink."""
-    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/a/", "dir", mode=0o666)]))
+    """A lower layer's directory and file, whited out and the directory replaced by a
+    symlink out of the target: a hard link to the file that was in it must not reach
+    through the symlink; and a layer that fills a directory and then makes a symlink of
+    it is refused."""
+    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/a/", "dir", mode=0o666),
+                      E("cvmfs/a/victim", data=b"x")]))
     (scene.outside / "victim").chmod(0o600)
     before = scene.outside_state(), os.stat(scene.outside / "victim").st_mode
-    layer = [E("cvmfs/", "dir"), E("cvmfs/a/victim", data=b"x"), E("cvmfs/.wh.a"),
+    layer = [E("cvmfs/", "dir"), E("cvmfs/.wh.a"),
              E("cvmfs/a", "symlink", link=str(scene.base / link))]
-    upper(scene, layer)  # so far harmless: a symlink in the target
-    assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
     with pytest.raises(InputError):
         upper(scene, [*layer, E("cvmfs/stolen", "hardlink", link="cvmfs/a/victim")])
     assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
     assert os.stat(scene.outside / "victim").st_nlink == 1
+    with pytest.raises(InputError, match="replace a directory"):
+        upper(scene, [E("cvmfs/", "dir"), E("cvmfs/b/victim", data=b"x"), E("cvmfs/.wh.b"),
+                      E("cvmfs/b", "symlink", link=str(scene.base / link))])
+    assert (scene.outside_state(), os.stat(scene.outside / "victim").st_mode) == before
 
 
 def test_a_whiteout_keeps_what_its_own_layer_made(scene: Scene) -> None:
@@ -664,6 +668,16 @@ def test_a_whiteout_keeps_what_its_own_layer_made(scene: Scene) -> None:
         upper(scene, [E("cvmfs/", "dir"), E("cvmfs/c/", "dir"), E("cvmfs/.wh.c"),
                       E("cvmfs/c", "symlink", link=str(scene.outside))])
     assert scene.outside_state() == before
+
+
+def test_a_whiteout_keeps_what_its_layer_put_below_a_directory_it_did_not_name(
+        scene: Scene) -> None:
+    """The directories a layer's members need are its own too: a whiteout of one later in
+    that layer removes what the lower layers put in it, not this layer's entries."""
+    run(scene, build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/old", data=b"o"),
+                      E("cvmfs/d/s/", "dir"), E("cvmfs/d/s/lower", data=b"l")]))
+    upper(scene, [E("cvmfs/", "dir"), E("cvmfs/d/s/new", data=b"n"), E("cvmfs/.wh.d")])
+    assert sorted(tree_snapshot(scene.target)) == ["d", "d/s", "d/s/new"]
 
 
 def test_a_non_directory_above_replaces_a_lower_directory_whole(scene: Scene) -> None:

@@ -151,7 +151,7 @@ class _Extraction:
             else:
                 self.hardlink(rel, member)
             if self.whiteouts:
-                self.made.add(hash(rel))
+                self.mark_made(rel)
             self.result.entries += 1
 
     def whiteout(self, rel: bytes, member: bytes) -> None:
@@ -188,6 +188,14 @@ class _Extraction:
             os.close(fd)
         for name in names:
             self.hide(path + b"/" + os.fsencode(name), depth + 1)
+
+    def mark_made(self, rel: bytes) -> None:
+        """`rel` and the directories on its way (made for it, or named by it) are this
+        layer's: a path in `made` has all its ancestors there too."""
+        made, path = self.made, rel
+        while path and hash(path) not in made:
+            made.add(hash(path))
+            path = path.rpartition(b"/")[0]
 
     def drop_lower_directory(self, path: bytes) -> bool:
         """In a layer above others, a non-directory replaces a lower layer's directory
