@@ -80,3 +80,9 @@ class ValidationFailed(CvmfsInjectError):
     """`validate` found problems; each was already reported, this only carries the exit code."""
 
     exit_code = 1
+
+
+def os_error_line(exc: OSError) -> str:
+    """What the file system refused, as one line: the path it names, and why."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

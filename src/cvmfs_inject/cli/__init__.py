@@ -24,6 +24,7 @@ from cvmfs_inject.errors import (
     InputError,
     Terminated,
     ValidationFailed,
+    os_error_line,
 )
 
 
@@ -76,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the file system said no: permissions, a full disk, ...
         if args.debug:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        out.fatal(f"{where}{exc.strerror or exc}")
+        out.fatal(os_error_line(exc))
         return InputError.exit_code
     except RecursionError:  # a document or tree nested deeper than any real one
         if args.debug:

@@ -23,7 +23,7 @@ from cvmfs_inject.batch.packs import Prepacked, pack_once
 from cvmfs_inject.batch.plan import Job, Plan
 from cvmfs_inject.commands.inject import InjectReport
 from cvmfs_inject.commands.run import run_ref
-from cvmfs_inject.errors import INTERNAL_ERROR, CvmfsInjectError, InputError
+from cvmfs_inject.errors import INTERNAL_ERROR, CvmfsInjectError, InputError, os_error_line
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.options import Progress, Warn
@@ -171,9 +171,7 @@ def _failed(job: Job, exc: Exception) -> ImageResult:
     if isinstance(exc, CvmfsInjectError):
         return _result(job, "failed", error=str(exc), exit_code=exc.exit_code)
     if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else f"{job.tree}: "
-        return _result(job, "failed", error=f"{where}{exc.strerror or exc}",
-                       exit_code=InputError.exit_code)
+        return _result(job, "failed", error=os_error_line(exc), exit_code=InputError.exit_code)
     return _result(job, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
                    exit_code=INTERNAL_ERROR)
 
