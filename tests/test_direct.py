@@ -496,6 +496,20 @@ def test_secure_registry_creds_stdin(cli, secure_registry, tmp_path, tree, no_de
     assert json.loads(res.out)["digest"] == top_digest(reg, f"{repo}:v1") != before
 
 
+def test_a_tree_holding_the_scratch_store_is_refused(cli, registry, tmp_path, monkeypatch):
+    """Registry-direct writes new blobs into a scratch store in $TMPDIR: a tree that holds
+    it would be packed with the blobs being written."""
+    repo = unique("overlap")
+    url = push_sample(cli, tmp_path, registry, repo)
+    tree = tmp_path / "tree"
+    (tree / "tmp").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tree / "tmp"))
+    before = top_digest(registry, f"{repo}:v1")
+    result = cli("inject", NO_TLS, url, tree)
+    assert result.code == 3 and "overlap" in result.err, result.err
+    assert top_digest(registry, f"{repo}:v1") == before
+
+
 def test_creds_stdin_reach_skopeo_without_a_file(cli, secure_registry, tmp_path,
                                                   no_default_auth, monkeypatch):
     """skopeo (pull) gets stdin credentials from an in-memory file: nothing holding the

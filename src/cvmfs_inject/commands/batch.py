@@ -27,6 +27,7 @@ from cvmfs_inject.errors import INTERNAL_ERROR, CvmfsInjectError, InputError, os
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.options import Progress, Warn
+from cvmfs_inject.paths import refuse_overlap
 
 # progress for packing a tree: a context giving the packer's callback (or None)
 Packing = Callable[[Path], AbstractContextManager[Progress | None]]
@@ -137,6 +138,7 @@ def _pack_all(jobs: list[Job], store: Layout, packing: Packing | None, warn: War
         if job.stack.max_layers > 1 or key in packs:
             continue
         try:
+            refuse_overlap(job.tree, store.root)
             with packing(job.tree) if packing else contextlib.nullcontext() as progress:
                 packs[key] = pack_once(job.tree, job.options, store, progress, warn)
         except Exception as exc:  # every failure becomes its images' result

@@ -124,6 +124,8 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
     """Pack `tree` (None: the empty mount point, what `init` adds) into the images of
     `source` and write the result to `sink`. `prepacked`: the layer of `tree` with these
     options, packed already (`batch` packs a tree once for all its images)."""
+    if tree is not None:  # the layout written, or a registry sink's scratch store
+        refuse_overlap(tree, sink.store.root)
     resolved = resolve(source, platform)
     reference = str(sink.ref)
     stack_options = stack_options or StackOptions()
@@ -310,8 +312,6 @@ def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: A
         return run(ref, tree, target, access, options, platform=platform,
                    stack_options=stack_options, prepacked=prepacked, progress=progress,
                    warn=warn, init_only=init_only)
-    if ref.transport == "oci" and tree is not None:
-        refuse_overlap(tree, Path(ref.path))
     with backends.editing(ref, access, dest=dest, new_tag=new_tag,
                           upload_progress=upload_progress) as (source, sink):
         return inject(source, sink, tree, options, platform=platform, init_only=init_only,
