@@ -79,13 +79,13 @@ class InflatingReader(io.RawIOBase):
         self._blob = blob
         self._kind = kind
         self._diff_id = diff_id
-        # a diff_id we cannot compute (not sha256 or sha512) is not checked here
-        self._sha = (hashlib.new(diff_id.partition(":")[0])
-                     if diff_id is not None and verify_problem(diff_id) is None else None)
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(QUEUE_DEPTH)
         self._chunk, self._offset = b"", 0
         self._done = False
         self._stop = threading.Event()
+        # a diff_id we cannot compute (not sha256 or sha512) is not checked here
+        self._sha = (_BackgroundHash(diff_id.partition(":")[0], self._stop)
+                     if diff_id is not None and verify_problem(diff_id) is None else None)
         self._thread = threading.Thread(target=self._work, name="cvmfs-inject-inflate",
                                         daemon=True)
         self._thread.start()
@@ -118,10 +118,10 @@ class InflatingReader(io.RawIOBase):
         return len(data)
 
     def _put(self, item: bytes | BaseException) -> bool:
-        """Queue an item unless the consumer has gone; False when it has. Tar data is
-        hashed here, in the worker (hashlib lets go of the GIL as the inflaters do)."""
-        if self._sha is not None and isinstance(item, bytes):
-            self._sha.update(item)
+        """Queue an item unless the consumer has gone; False when it has. Tar data goes
+        to the diff_id's hash too."""
+        if self._sha is not None and isinstance(item, bytes) and not self._sha.update(item):
+            return False
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -137,7 +137,7 @@ class InflatingReader(io.RawIOBase):
             else:
                 self._unzstd()
             if self._sha is not None and not self._stop.is_set():
-                found = f"{self._sha.name}:{self._sha.hexdigest()}"
+                found = self._sha.digest()
                 if found != self._diff_id:
                     raise IntegrityError(f"layer {self._diff_id}: its content hashes to "
                                          f"{found}, not to the diff_id the config gives it")
@@ -191,6 +191,46 @@ class InflatingReader(io.RawIOBase):
         self._stop.set()
         self._thread.join()
         super().close()
+
+
+class _BackgroundHash:
+    """A hash fed in a thread of its own: the inflating thread hands it each chunk (no
+    copy) and goes on. hashlib lets go of the GIL, and so do the inflaters: on big files
+    the inflating thread is what the extraction waits for."""
+
+    def __init__(self, algorithm: str, stop: threading.Event) -> None:
+        self._hash = hashlib.new(algorithm)
+        self._stop = stop
+        self._queue: queue.Queue[bytes] = queue.Queue(QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._work, name="cvmfs-inject-hash",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                chunk = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if not chunk:
+                return
+            self._hash.update(chunk)
+
+    def update(self, chunk: bytes) -> bool:
+        """Hand over a chunk; False when the consumer has gone."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(chunk, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def digest(self) -> str:
+        """ALGORITHM:HEX of all chunks, once the thread has hashed them."""
+        self.update(_END)
+        self._thread.join()
+        return f"{self._hash.name}:{self._hash.hexdigest()}"
 
 
 def decompressed(reader: IO[bytes], media_type: str, diff_id: str | None = None,
