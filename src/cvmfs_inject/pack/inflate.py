@@ -67,6 +67,18 @@ def _kind(media_type: str) -> str | None:
     raise InputError(f"unsupported layer media type {media_type}")
 
 
+def _hand_over(to: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Put `item` on a bounded queue, waiting while it is full; False once `stop` is set
+    (the consumer has gone and will never take it)."""
+    while not stop.is_set():
+        try:
+            to.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class InflatingReader(io.RawIOBase):
     """The tar stream of a compressed blob, inflated by a worker thread.
 
@@ -122,13 +134,7 @@ class InflatingReader(io.RawIOBase):
         to the diff_id's hash too."""
         if self._sha is not None and isinstance(item, bytes) and not self._sha.update(item):
             return False
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _hand_over(self._queue, item, self._stop)
 
     def _work(self) -> None:
         try:
@@ -218,13 +224,7 @@ class _BackgroundHash:
 
     def update(self, chunk: bytes) -> bool:
         """Hand over a chunk; False when the consumer has gone."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(chunk, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return _hand_over(self._queue, chunk, self._stop)
 
     def digest(self) -> str:
         """ALGORITHM:HEX of all chunks, once the thread has hashed them."""
