@@ -171,3 +171,33 @@ def test_run_zstd_into_a_docker_destination_is_refused_up_front(cli, tree, tmp_p
     assert len(lines) == 1 and lines[0].startswith("cvmfs-inject: error: ")
     assert "zstd" in lines[0]
     assert not dest_tar.exists()
+
+
+def test_run_does_not_push_an_image_whose_base_layer_lies_about_its_diff_id(cli, tmp_path):
+    """run validates before it pushes: its own new layer is not decompressed again (it was
+    hashed while packing), a base layer still is, and a false diff_id stops the push."""
+    from cvmfs_inject.layout.store import Layout
+    from cvmfs_inject.oci.jsondoc import canonical_json
+    from cvmfs_inject.oci.model import ImageConfig, Manifest
+
+    layout = tmp_path / "sample"
+    build_sample_image(layout, "base")
+    store = Layout.open(layout)
+    top = store.resolve("base")
+    manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
+    config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size),
+                               "c")
+    doc = config.edit()
+    doc["rootfs"]["diff_ids"][0] = "sha256:" + "cd" * 32
+    new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
+    mdoc = manifest.edit()
+    mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
+    with store.writing():
+        store.set_tag("lie", store.put_bytes(canonical_json(mdoc), manifest.media_type))
+    assert cli("push", f"{layout}:lie", f"oci-archive:{tmp_path}/in.tar").code == 0
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    result = cli("run", f"oci-archive:{tmp_path}/in.tar", tree, f"oci-archive:{tmp_path}/out.tar")
+    assert result.code == 1, result.err
+    assert "does not validate" in result.err and "diff_id" in result.err
+    assert not (tmp_path / "out.tar").exists()

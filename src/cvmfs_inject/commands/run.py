@@ -108,7 +108,9 @@ def run(src: ImageRef, tree: Path | None, dest: ImageRef, access: Access,
                             stack_options=stack_options, prepacked=prepacked,
                             progress=progress, warn=warn, init_only=init_only)
         report.reference = str(working.with_tag(final))
-        problems = validate_ref(working, access)
+        layer = report.layer
+        packed = {layer.digest: layer.diff_id} if layer is not None and layer.digest else {}
+        problems = validate_ref(working, access, packed=packed)
         if problems:
             raise ValidationFailed(f"{working}: the injected image does not validate: "
                                    f"{problems[0]} ({len(problems)} problem(s))")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,11 @@ class _Checker:
     """The walk's `expand` for validation: read and check one node, record what is wrong,
     and name as children only the descriptors that are sound enough to follow."""
 
-    def __init__(self, source: ImageSource) -> None:
+    def __init__(self, source: ImageSource, packed: Mapping[str, str] | None = None) -> None:
         self.source = source
+        # layers this command packed (digest -> diff_id, hashed while packing): their blob
+        # is still read and checked, their tar stream is not hashed again
+        self.packed = packed or {}
         self.problems: list[Problem] = []
         self.configs: dict[str, dict[str, Any]] = {}  # sound configs by digest, read once
         self.manifests: list[_ManifestShape] = []
@@ -87,9 +91,12 @@ class _Checker:
             if MediaType.is_document(desc.media_type):
                 return self.source.document(desc)
             with self.source.open_blob(desc) as blob:
-                if desc.digest in self.layer_digests and is_tar_layer(desc.media_type):
+                if (desc.digest in self.layer_digests and desc.digest not in self.packed
+                        and is_tar_layer(desc.media_type)):
                     self.tar_digests[desc.digest] = tar_digest(blob, desc.media_type)
                 else:
+                    if desc.digest in self.packed:
+                        self.tar_digests[desc.digest] = self.packed[desc.digest]
                     while blob.read(READ_CHUNK):
                         pass
         except CvmfsInjectError as exc:
@@ -155,11 +162,6 @@ def _walked(checker: _Checker, roots: list[Descriptor]) -> list[Problem]:
     return checker.problems
 
 
-def validate_image(source: ImageSource) -> list[Problem]:
-    """Every problem of what the source's reference names."""
-    return _walked(_Checker(source), [source.top()])
-
-
 def validate_layout(layout: Layout) -> list[Problem]:
     """Every problem of a whole layout: its two files, everything index.json reaches, then
     the blobs nothing reaches (the layout spec: every file under blobs/ is named by the
@@ -212,15 +214,17 @@ def _content_problem(blob: Path, digest: str) -> str | None:
     return None
 
 
-def validate_ref(ref: ImageRef, access: Access) -> list[Problem]:
+def validate_ref(ref: ImageRef, access: Access, *, packed: Mapping[str, str] | None = None
+                 ) -> list[Problem]:
     """A layout (every tag), or one image: a layout tag, a registry image (read over the
-    registry API, every blob downloaded and checked), or an archive."""
+    registry API, every blob downloaded and checked), or an archive. `packed`: the layers
+    the calling command packed itself (digest -> diff_id), not decompressed again."""
     if ref.transport == "oci" and ref.tag is None:
         layout = Layout.open(ref.path, access.layout_wait)
         with layout.lock(exclusive=False):
             return validate_layout(layout)
     with backends.reading(ref, access, all_platforms=True) as source:
-        return validate_image(source)
+        return _walked(_Checker(source, packed), [source.top()])
 
 
 def validate_document(data: bytes, kind: str | None, where: str) -> list[Problem]:
