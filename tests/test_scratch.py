@@ -32,6 +32,9 @@ def test_sweep_removes_only_what_dead_processes_of_this_id_space_left(tmp_path: 
         f"cvmfs-inject-run-00000000-{dead}-abcd_123": False,  # another machine's or container's
         f"my-cvmfs-inject-run-{space}-{dead}-abcd_123": False,  # a name we never make
         f"cvmfs-inject-run-{space}-{dead}-abcd_123.tar": False,
+        f"cvmfs-inject-run-{space}-2147483648-abcd_123": False,  # no pid at all
+        f"cvmfs-inject-run-{space}-{'9' * 30}-abcd_123": False,
+        f".cvmfs-inject-unpack-{space}-{dead}-abcd_123": True,  # a killed unpack's staging
         "unrelated": False,
     }
     for name in names:

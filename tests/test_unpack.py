@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -251,3 +252,26 @@ def test_a_tree_and_its_layout_may_not_overlap(cli, tmp_path: Path) -> None:
         assert result.code == INPUT, result.err
         assert "overlap" in result.err
     assert dir_bytes(layout) == before
+
+
+def test_what_a_killed_unpack_left_goes_and_a_running_ones_stays(cli, tmp_path: Path) -> None:
+    """A killed unpack leaves its staging directory inside the target (read-only
+    directories of the layer included): the next unpack removes it and does not call the
+    target non-empty; the staging directory of an unpack still running is left alone."""
+    from cvmfs_inject import scratch
+
+    layout = injected(cli, tmp_path, {"repo/f": b"f"})
+    target = tmp_path / "out"
+    space = scratch._id_space()
+    child = subprocess.Popen(["true"])
+    child.wait()
+    killed = target / f".cvmfs-inject-unpack-{space}-{child.pid}-abcd_123"
+    running = target / f".cvmfs-inject-unpack-{space}-{os.getpid()}-efgh_456"
+    (killed / "repo" / "ro").mkdir(parents=True)
+    (killed / "repo" / "ro" / "half").write_bytes(b"half")
+    (killed / "repo" / "ro").chmod(0o555)
+    running.mkdir()
+    result = cli("unpack", f"{layout}:v1", target)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in target.iterdir()) == [running.name, "repo"]
+    assert (target / "repo" / "f").read_bytes() == b"f"

@@ -18,15 +18,16 @@ import functools
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
+
+from cvmfs_inject.paths import remove_tree
 
 PREFIX = "cvmfs-inject-"
 # exactly the names made here: [.TARGET.]PREFIX KIND-KEY-PID-RANDOM[.SUFFIX], RANDOM being
 # tempfile's 8 characters
 SUFFIXES = ("", ".pem", ".tmp", ".new")
-_NAME = re.compile(r"(?:\..+\.)?" + PREFIX + r"[a-z]+-([0-9a-f]{8})-(\d+)-[a-z0-9_]{8}"
+_NAME = re.compile(r"(?:\.|\..+\.)?" + PREFIX + r"[a-z]+-([0-9a-f]{8})-(\d+)-[a-z0-9_]{8}"
                    r"(?:" + "|".join(re.escape(suffix) for suffix in SUFFIXES) + ")")
 
 
@@ -46,7 +47,12 @@ def _prefix(kind: str) -> str:
     return f"{PREFIX}{kind}-{_id_space()}-{os.getpid()}-"
 
 
+_MAX_PID = 1 << 22  # the kernel's pid_max limit: a larger "pid" is no process's
+
+
 def _gone(pid: int) -> bool:
+    if not 0 < pid <= _MAX_PID:
+        return False  # no process of ours wrote that name: leave it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,13 +68,14 @@ def sweep(directory: str | Path) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             match = _NAME.fullmatch(entry.name)
-            if match is None or match.group(1) != space or not _gone(int(match.group(2))):
+            if match is None or match.group(1) != space:
                 continue
             with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_uid != uid:
+                if (entry.stat(follow_symlinks=False).st_uid != uid
+                        or not _gone(int(match.group(2)))):
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    remove_tree(Path(entry.path))  # read-only directories of a layer too
                 else:
                     os.unlink(entry.path)
 
@@ -81,11 +88,12 @@ def temporary_directory(kind: str, parent: str | Path | None = None
     return tempfile.TemporaryDirectory(prefix=_prefix(kind), dir=parent)
 
 
-def make_directory(kind: str, parent: str | Path | None = None) -> str:
-    """mkdtemp, named as `temporary_directory` names; the caller removes it."""
+def make_directory(kind: str, parent: str | Path | None = None, *, before: str = "") -> str:
+    """mkdtemp, named as `temporary_directory` names (`before` starts the name, "." for a
+    hidden one); the caller removes it."""
     parent = parent or tempfile.gettempdir()
     sweep(parent)
-    return tempfile.mkdtemp(prefix=_prefix(kind), dir=parent)
+    return tempfile.mkdtemp(prefix=before + _prefix(kind), dir=parent)
 
 
 def make_file(kind: str, directory: str | Path, *, before: str = "", suffix: str = ""

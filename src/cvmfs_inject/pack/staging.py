@@ -12,11 +12,12 @@ command created it: a corrupted layer leaves nothing behind, and an existing tar
 from __future__ import annotations
 
 import os
+import re
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from cvmfs_inject import scratch
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.pack.extract import ExtractResult
 from cvmfs_inject.pack.options import STAGING_PREFIX
@@ -27,6 +28,8 @@ from cvmfs_inject.paths import (
     remove_tree,
 )
 
+_LEGACY_STAGING = re.compile(re.escape(STAGING_PREFIX) + "[a-z0-9_]{8}")
+
 
 def check_target(target: Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
@@ -35,7 +38,8 @@ def check_target(target: Path, force: bool) -> None:
     if layout is not None:
         raise InputError(f"{target}: is inside the OCI layout {layout}; unpack outside of "
                          "layouts")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if target.is_dir() and not force and any(
+            not entry.name.startswith(STAGING_PREFIX) for entry in target.iterdir()):
         raise InputError(f"{target}: directory is not empty; use --force to unpack into it")
 
 
@@ -46,9 +50,12 @@ def extract_into(fill: Callable[[str], ExtractResult], target: Path, *, force: b
     check_target(target, force)
     made = missing_directories(target)
     target.mkdir(parents=True, exist_ok=True)
-    for stale in target.glob(STAGING_PREFIX + "*"):  # left by a killed unpack
-        remove_tree(stale)
-    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target)
+    for stale in target.glob(STAGING_PREFIX + "*"):  # named before they carried a pid
+        if _LEGACY_STAGING.fullmatch(stale.name):
+            remove_tree(stale)
+    # named with its pid, so that the next unpack removes it if this one is killed, and
+    # never the staging directory of another one still running
+    staging = scratch.make_directory("unpack", target, before=".")
     try:
         result = fill(staging)
         _conflicts(staging, str(target))
