@@ -69,6 +69,15 @@ class _Server(ThreadingHTTPServer):
                 except OSError:
                     return
             return
+        if self.behaviour == "trickling headers":  # each byte well within a read timeout
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            while not self.stop.wait(0.3):
+                try:
+                    handler.wfile.write(b"X")
+                    handler.wfile.flush()
+                except OSError:
+                    return
+            return
         if self.behaviour == "busy":
             handler._reply(503, {"details": "try later"})
             return
@@ -81,6 +90,7 @@ class _Server(ThreadingHTTPServer):
             return
         doc = {"good": {"token": "good"}, "list": [], "string": "abc",
                "number-token": {"token": 42},
+               "header injection": {"token": "abc\r\nX-Injected: 1"},
                "access-token-only": {"access_token": "good", "expires_in": 300}}[self.behaviour]
         handler._reply(200, doc)
 
@@ -98,7 +108,8 @@ def token_server() -> Iterator[_Server]:
 
 
 @pytest.mark.parametrize("behaviour", ["silent", "endless", "list", "string", "number-token",
-                                       "busy", "deep"])
+                                       "busy", "deep", "trickling headers",
+                                       "header injection"])
 def test_a_broken_token_server_is_one_line_and_exit_6(cli, token_server, monkeypatch,
                                                        behaviour):
     monkeypatch.setattr(auth, "TOKEN_TIMEOUT", (2.0, 1.0))
@@ -108,6 +119,7 @@ def test_a_broken_token_server_is_one_line_and_exit_6(cli, token_server, monkeyp
     result = cli("inspect", "--no-tls-verify", f"docker://127.0.0.1:{port}/a/b:1")
     assert result.code == TOOL, result.err
     assert result.err.count("\n") == 1 and "token server" in result.err, result.err
+    assert "X-Injected" not in result.err
 
 
 @pytest.mark.parametrize("behaviour", ["good", "access-token-only"])

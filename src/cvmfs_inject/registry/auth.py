@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import threading
 import time
 
 import oras.auth.utils
@@ -24,6 +26,8 @@ from cvmfs_inject.registry.errors import short_reason, tls_error
 MAX_TOKEN_ANSWER = 1 << 20  # a token answer is a few kilobytes
 TOKEN_TIMEOUT = (30.0, 60.0)  # connect, and each read
 TOKEN_DEADLINE = 120.0  # the whole answer
+# a bearer token goes into a header: printable ASCII, no spaces (never echoed in errors)
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class Authenticator:
@@ -66,7 +70,7 @@ class Authenticator:
         if not parsed.realm:
             return False
         try:
-            token = self._request_token(parsed.realm, parsed.service, parsed.scope)
+            token = self._within_deadline(parsed.realm, parsed.service, parsed.scope)
         except requests.exceptions.SSLError as exc:
             raise tls_error(self.registry, exc) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -82,6 +86,30 @@ class Authenticator:
             return False
         self._tokens[repo] = header
         return True
+
+    def _within_deadline(self, realm: str, service: str | None, scope: str | None
+                         ) -> str | None:
+        """`_request_token` in a thread, waited for at most TOKEN_DEADLINE seconds in all:
+        per-read timeouts alone let a server that trickles its headers hold us forever. A
+        request still running then is left to its own timeouts; the command fails."""
+        outcome: list[tuple[str | None, BaseException | None]] = []
+
+        def request() -> None:
+            try:
+                outcome.append((self._request_token(realm, service, scope), None))
+            except BaseException as exc:  # raised in the waiting thread
+                outcome.append((None, exc))
+
+        worker = threading.Thread(target=request, name="cvmfs-inject-token", daemon=True)
+        worker.start()
+        worker.join(TOKEN_DEADLINE)
+        if not outcome:
+            raise ToolError(f"{self.registry}: token server {realm} did not answer within "
+                            f"{TOKEN_DEADLINE:.0f} s")
+        token, error = outcome[0]
+        if error is not None:
+            raise error
+        return token
 
     def _request_token(self, realm: str, service: str | None, scope: str | None) -> str | None:
         """The token the realm gives (None when it refuses); ValueError for an answer that
@@ -122,8 +150,8 @@ class Authenticator:
         token = doc.get("token") or doc.get("access_token")
         if not token:
             return None
-        if not isinstance(token, str):
-            raise ValueError("token is not a string")
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise ValueError("token is not a string of printable characters")
         return token
 
     def failed(self, status: int, repo: str) -> ToolError:
