@@ -65,7 +65,7 @@ def test_a_corrupted_layer_leaves_an_existing_target_as_it_was(cli, tmp_path: Pa
     assert dir_bytes(target) == before  # no staging directory left behind either
 
 
-def claim_another_diff_id(layout: Path, tag: str) -> str:
+def claim_another_diff_id(layout: Path, tag: str, fake: str = "sha256:" + "ab" * 32) -> str:
     """Give the injected layer another diff_id in the config (labels too), as a broken or
     lying image would: the blob still matches its digest. Tags the result `lie`."""
     from cvmfs_inject.oci.jsondoc import canonical_json
@@ -77,7 +77,6 @@ def claim_another_diff_id(layout: Path, tag: str) -> str:
     config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size),
                                "c")
     doc = config.edit()
-    fake = "sha256:" + "ab" * 32
     doc["rootfs"]["diff_ids"][-1] = fake
     for label in ("cvmfs_injection_tar", "io.cvmfs-inject.tree-digest"):
         doc["config"]["Labels"][label] = fake
@@ -275,3 +274,23 @@ def test_what_a_killed_unpack_left_goes_and_a_running_ones_stays(cli, tmp_path: 
     assert result.code == 0, result.err
     assert sorted(p.name for p in target.iterdir()) == [running.name, "repo"]
     assert (target / "repo" / "f").read_bytes() == b"f"
+
+
+@pytest.mark.parametrize(("fake", "unpacked", "checked", "says"), [
+    ("sha512:" + "ab" * 64, INTEGRITY, 1, "the diff_id"),
+    ("md5:" + "ab" * 16, INPUT, 1, "cannot verify"),
+    ("sha256:" + "AB" * 32, INPUT, 1, "lowercase"),
+])
+def test_diff_ids_of_other_algorithms_are_checked_or_refused(cli, tmp_path: Path, fake: str,
+                                                              unpacked: int, checked: int,
+                                                              says: str) -> None:
+    """A sha512 diff_id is hashed with sha512 (by unpack and validate alike); one we cannot
+    compute or that is malformed is refused before anything is read (exit 3)."""
+    layout = injected(cli, tmp_path, {"repo/f": b"f"})
+    claim_another_diff_id(layout, "v1", fake)
+    result = cli("unpack", f"{layout}:lie", tmp_path / "out")
+    assert result.code == unpacked, result.err
+    assert says in result.err and result.err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    report = cli("validate", f"{layout}:lie")
+    assert report.code == checked and says in report.err, report.err

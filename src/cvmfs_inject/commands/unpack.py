@@ -17,6 +17,7 @@ from cvmfs_inject.image.access import Access
 from cvmfs_inject.image.edit import LABEL_MOUNT, stack_of
 from cvmfs_inject.image.source import ImageSource, resolve
 from cvmfs_inject.layout.blobs import READ_CHUNK
+from cvmfs_inject.oci.digest import verify_problem
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.extract import ExtractResult, extract
@@ -56,6 +57,10 @@ def unpack(source: ImageSource, target: Path, *, force: bool = False,
     if not stack.diff_ids:
         target.mkdir(parents=True, exist_ok=True)
         return UnpackReport("empty", str(target))
+    for diff_id in stack.diff_ids:  # each is checked against the layer as it is read
+        problem = verify_problem(diff_id)
+        if problem is not None:
+            raise InputError(f"{source.ref} ({image.platform}): diff_id {problem}")
     layers = image.manifest.layers[stack.position:stack.position + len(stack.diff_ids)]
     mount = mount_point or image.config.labels.get(LABEL_MOUNT) or "/cvmfs"
 

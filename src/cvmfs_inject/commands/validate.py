@@ -32,7 +32,7 @@ from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
 from cvmfs_inject.oci.walk import DescriptorPath, walk
-from cvmfs_inject.pack.inflate import is_tar_layer, tar_digest
+from cvmfs_inject.pack.inflate import is_tar_layer, tar_digests
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,11 @@ class _Checker:
         self.configs: dict[str, dict[str, Any]] = {}  # sound configs by digest, read once
         self.manifests: list[_ManifestShape] = []
         self.layer_digests: set[str] = set()  # blobs some manifest names as a layer
-        self.tar_digests: dict[str, str] = {}  # a layer's digest -> its tar stream's
+        # a layer's digest -> its tar stream's digests by algorithm, and the algorithms
+        # the configs read so far want for it (a config is read before its layers)
+        self.tar_digests: dict[str, dict[str, str]] = {}
+        self.wanted: dict[str, set[str]] = {}
+        self.config_layers: dict[str, list[str | None]] = {}
         self.reached: set[str] = set()  # every digest the walk came to
 
     def __call__(self, path: DescriptorPath) -> list[Descriptor]:
@@ -76,6 +80,10 @@ class _Checker:
         if kind == "manifest":
             return self._manifest(doc, where)
         self.configs[desc.digest] = doc
+        for layer, diff_id in zip(self.config_layers.get(desc.digest, []),
+                                  doc["rootfs"]["diff_ids"], strict=False):
+            if layer is not None and verify_problem(diff_id) is None:
+                self.wanted.setdefault(layer, set()).add(diff_id.partition(":")[0])
         return []
 
     def _read(self, desc: Descriptor) -> bytes | None:
@@ -93,10 +101,12 @@ class _Checker:
             with self.source.open_blob(desc) as blob:
                 if (desc.digest in self.layer_digests and desc.digest not in self.packed
                         and is_tar_layer(desc.media_type)):
-                    self.tar_digests[desc.digest] = tar_digest(blob, desc.media_type)
+                    self.tar_digests[desc.digest] = tar_digests(
+                        blob, desc.media_type, self.wanted.get(desc.digest, {"sha256"}))
                 else:
                     if desc.digest in self.packed:
-                        self.tar_digests[desc.digest] = self.packed[desc.digest]
+                        diff_id = self.packed[desc.digest]
+                        self.tar_digests[desc.digest] = {diff_id.partition(":")[0]: diff_id}
                     while blob.read(READ_CHUNK):
                         pass
         except CvmfsInjectError as exc:
@@ -131,6 +141,8 @@ class _Checker:
         digests = [raw.get("digest") if isinstance(raw, dict) else None
                    for raw in doc["layers"]]
         self.manifests.append(_ManifestShape(where, config, digests))
+        if config is not None:
+            self.config_layers[config.digest] = digests
         return [config, *layers] if config is not None else layers
 
     def diff_ids(self) -> None:
@@ -148,9 +160,14 @@ class _Checker:
                                              "diff_ids"))
                 continue
             for i, (digest, diff_id) in enumerate(zip(shape.layers, diff_ids, strict=True)):
-                found = self.tar_digests.get(digest or "")  # sha256: others are not checked
-                if (found is not None and isinstance(diff_id, str)
-                        and diff_id.startswith("sha256:") and found != diff_id):
+                unverifiable = verify_problem(diff_id)
+                if unverifiable is not None and digest in self.tar_digests:
+                    self.problems.append(Problem(f"{shape.where} layers[{i}]",
+                                                 f"rootfs.diff_ids[{i}]: {unverifiable}"))
+                    continue
+                # hashed with the algorithms its configs wanted when it was read
+                found = self.tar_digests.get(digest or "", {}).get(diff_id.partition(":")[0])
+                if found is not None and found != diff_id:
                     self.problems.append(Problem(
                         f"{shape.where} layers[{i}]", f"its tar stream is {found}, not the "
                         f"diff_id {diff_id} that the config gives it (rootfs.diff_ids[{i}])"))

@@ -17,6 +17,7 @@ import hashlib
 import io
 import queue
 import threading
+from collections.abc import Iterable
 from typing import IO, Any
 
 import zstandard
@@ -40,20 +41,22 @@ def is_tar_layer(media_type: str) -> bool:
     return True
 
 
-def tar_digest(reader: IO[bytes], media_type: str) -> str:
-    """The digest of a layer blob's tar stream (what its diff_id must be), reading the blob
-    to its end, so that its own digest is checked too."""
+def tar_digests(reader: IO[bytes], media_type: str, algorithms: Iterable[str]
+                ) -> dict[str, str]:
+    """The digests (ALGORITHM:HEX by algorithm) of a layer blob's tar stream, what its
+    diff_id must be, reading the blob to its end, so that its own digest is checked too."""
     stream = decompressed(reader, media_type)
-    sha = hashlib.sha256()
+    hashes = [hashlib.new(algorithm) for algorithm in sorted(set(algorithms))]
     try:
         while chunk := stream.read(READ_CHUNK):
-            sha.update(chunk)
+            for one in hashes:
+                one.update(chunk)
     finally:
         if stream is not reader:
             stream.close()
     while reader.read(READ_CHUNK):
         pass
-    return "sha256:" + sha.hexdigest()
+    return {one.name: f"{one.name}:{one.hexdigest()}" for one in hashes}
 
 
 def _kind(media_type: str) -> str | None:
