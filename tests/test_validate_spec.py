@@ -128,3 +128,19 @@ def test_files_under_blobs_that_nothing_reaches_are_checked_too(cli, layout: Pat
     assert sorted(p.name for p in (blobs / "sha256").iterdir()
                   if p.is_dir()) == ["b" * 64]
     assert not (blobs / "sha256" / honest).exists()
+
+
+def test_a_symlinked_algorithm_directory_is_neither_listed_nor_collected(cli, layout: Path,
+                                                                       tmp_path: Path) -> None:
+    """blobs/sha512 -> a directory elsewhere: validate does not judge the files there (they
+    are not the layout's), and gc, dry run or not, refuses the layout as it writes one."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    (layout / "blobs" / "sha512").symlink_to(elsewhere)
+    assert validate_layout(Layout.open(layout)) == []
+    for args in (["gc", "--dry-run", layout], ["gc", layout]):
+        result = cli(*args)
+        assert result.code == 3 and "is a symlink" in result.err, result.err
+        assert "notes.txt" not in result.out
+    assert (elsewhere / "notes.txt").read_text() == "mine"

@@ -16,7 +16,6 @@ def gc(ref: ImageRef, dry_run: bool = False, wait: LockWait | None = None) -> Gc
     if ref.transport != "oci" or ref.tag:
         raise UsageError(f"gc takes a layout directory, not {ref}")
     layout = Layout.open(ref.path, wait)
-    if not dry_run:
-        layout.refuse_symlinks()
+    layout.refuse_symlinks()  # a dry run says what gc would do: refuse these too
     with layout.lock(exclusive=True):
         return collect(layout, dry_run)

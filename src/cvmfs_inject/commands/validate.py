@@ -203,6 +203,8 @@ def _unreached_blobs(layout: Layout, reached: set[str]) -> list[Problem]:
     problems: list[Problem] = []
     for algorithm_dir in sorted((layout.root / "blobs").iterdir()):
         where = str(algorithm_dir)
+        if algorithm_dir.is_symlink():  # its reached blobs were read through it; no more
+            continue
         if not algorithm_dir.is_dir():
             problems.append(Problem(where, "not a directory of blobs"))
             continue
