@@ -78,6 +78,18 @@ class _Server(ThreadingHTTPServer):
                 except OSError:
                     return
             return
+        if self.behaviour in ("silent body", "short body", "bad gzip"):
+            handler.send_response(200)
+            handler.send_header("Content-Length", "100")
+            if self.behaviour == "bad gzip":
+                handler.send_header("Content-Encoding", "gzip")
+            handler.end_headers()
+            if self.behaviour == "silent body":
+                self.stop.wait(30)
+            else:
+                handler.wfile.write(b"x" * (100 if self.behaviour == "bad gzip" else 10))
+                handler.close_connection = True
+            return
         if self.behaviour == "busy":
             handler._reply(503, {"details": "try later"})
             return
@@ -109,7 +121,8 @@ def token_server() -> Iterator[_Server]:
 
 @pytest.mark.parametrize("behaviour", ["silent", "endless", "list", "string", "number-token",
                                        "busy", "deep", "trickling headers",
-                                       "header injection"])
+                                       "header injection", "silent body", "short body",
+                                       "bad gzip"])
 def test_a_broken_token_server_is_one_line_and_exit_6(cli, token_server, monkeypatch,
                                                        behaviour):
     monkeypatch.setattr(auth, "TOKEN_TIMEOUT", (2.0, 1.0))

@@ -18,6 +18,7 @@ import time
 
 import oras.auth.utils
 import requests
+import urllib3.exceptions
 
 from cvmfs_inject.errors import ToolError
 from cvmfs_inject.registry.credentials import Credentials
@@ -73,10 +74,11 @@ class Authenticator:
             token = self._within_deadline(parsed.realm, parsed.service, parsed.scope)
         except requests.exceptions.SSLError as exc:
             raise tls_error(self.registry, exc) from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.TimeoutError,
+                urllib3.exceptions.ProtocolError) as exc:  # urllib3's: the body is read raw
             raise ToolError(f"{self.registry}: token server {parsed.realm} unreachable: "
                             f"{short_reason(exc)}") from None
-        except (ValueError, requests.RequestException):
+        except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
             raise ToolError(f"{self.registry}: the token server gave an invalid answer for "
                             f"{repo}") from None
         if token is None:
