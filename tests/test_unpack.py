@@ -255,8 +255,9 @@ def test_a_tree_and_its_layout_may_not_overlap(cli, tmp_path: Path) -> None:
 
 def test_what_a_killed_unpack_left_goes_and_a_running_ones_stays(cli, tmp_path: Path) -> None:
     """A killed unpack leaves its staging directory inside the target (read-only
-    directories of the layer included): the next unpack removes it and does not call the
-    target non-empty; the staging directory of an unpack still running is left alone."""
+    directories of the layer included): the next unpack removes it and does not count it;
+    the staging directory of an unpack still running is left alone, and makes the target
+    non-empty (two unpacks into one new target are not merged unless --force says so)."""
     from cvmfs_inject import scratch
 
     layout = injected(cli, tmp_path, {"repo/f": b"f"})
@@ -269,8 +270,14 @@ def test_what_a_killed_unpack_left_goes_and_a_running_ones_stays(cli, tmp_path: 
     (killed / "repo" / "ro").mkdir(parents=True)
     (killed / "repo" / "ro" / "half").write_bytes(b"half")
     (killed / "repo" / "ro").chmod(0o555)
-    running.mkdir()
     result = cli("unpack", f"{layout}:v1", target)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in target.iterdir()) == ["repo"]
+    shutil.rmtree(target)
+    running.mkdir(parents=True)
+    result = cli("unpack", f"{layout}:v1", target)
+    assert result.code == INPUT and "not empty" in result.err, result.err
+    result = cli("unpack", "--force", f"{layout}:v1", target)
     assert result.code == 0, result.err
     assert sorted(p.name for p in target.iterdir()) == [running.name, "repo"]
     assert (target / "repo" / "f").read_bytes() == b"f"

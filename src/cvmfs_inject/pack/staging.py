@@ -38,9 +38,20 @@ def check_target(target: Path, force: bool) -> None:
     if layout is not None:
         raise InputError(f"{target}: is inside the OCI layout {layout}; unpack outside of "
                          "layouts")
-    if target.is_dir() and not force and any(
-            not entry.name.startswith(STAGING_PREFIX) for entry in target.iterdir()):
-        raise InputError(f"{target}: directory is not empty; use --force to unpack into it")
+    if target.is_dir():
+        _remove_stale_staging(target)
+        if not force and any(target.iterdir()):  # a running unpack's staging counts too
+            raise InputError(f"{target}: directory is not empty; use --force to unpack "
+                             "into it")
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """What killed unpacks left in `target`: their staging directories (named with their
+    pid by `scratch`, or, from older versions, without one)."""
+    scratch.sweep(target)
+    for stale in target.glob(STAGING_PREFIX + "*"):
+        if _LEGACY_STAGING.fullmatch(stale.name):
+            remove_tree(stale)
 
 
 def extract_into(fill: Callable[[str], ExtractResult], target: Path, *, force: bool
@@ -50,9 +61,6 @@ def extract_into(fill: Callable[[str], ExtractResult], target: Path, *, force: b
     check_target(target, force)
     made = missing_directories(target)
     target.mkdir(parents=True, exist_ok=True)
-    for stale in target.glob(STAGING_PREFIX + "*"):  # named before they carried a pid
-        if _LEGACY_STAGING.fullmatch(stale.name):
-            remove_tree(stale)
     # named with its pid, so that the next unpack removes it if this one is killed, and
     # never the staging directory of another one still running
     staging = scratch.make_directory("unpack", target, before=".")
@@ -68,11 +76,10 @@ def extract_into(fill: Callable[[str], ExtractResult], target: Path, *, force: b
             os.utime(target, ns=(root.st_atime_ns, root.st_mtime_ns))
         return result
     except BaseException:
-        if made:  # the target is this command's: what is in it goes, and it goes
-            remove_tree(target)
-            remove_if_empty(made[1:])
-        else:
-            remove_tree(Path(staging))
+        # this command's staging goes, and the directories it made if nothing else is in
+        # them (another `unpack --force` may be filling the same new target)
+        remove_tree(Path(staging))
+        remove_if_empty(made)
         raise
 
 
