@@ -43,8 +43,9 @@ class Prepacked:
             os.unlink(temporary)  # a killed command's, of the same pid
         try:
             os.link(source, temporary)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
+        except OSError as exc:  # another file system, or one without (more) hard links
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
+                                 errno.ENOTSUP):
                 raise
             with source.open("rb") as blob, store.writer() as writer:
                 while chunk := blob.read(READ_CHUNK):
