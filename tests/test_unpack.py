@@ -301,3 +301,6 @@ def test_diff_ids_of_other_algorithms_are_checked_or_refused(cli, tmp_path: Path
     assert not (tmp_path / "out").exists()
     report = cli("validate", f"{layout}:lie")
     assert report.code == checked and says in report.err, report.err
+    # the whole layout: the layer is first read for v1 (sha256), then hashed again for lie
+    whole = cli("validate", layout)
+    assert whole.code == checked and says in whole.err, whole.err

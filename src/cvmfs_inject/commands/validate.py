@@ -59,7 +59,8 @@ class _Checker:
         # the configs read so far want for it (a config is read before its layers)
         self.tar_digests: dict[str, dict[str, str]] = {}
         self.wanted: dict[str, set[str]] = {}
-        self.config_layers: dict[str, list[str | None]] = {}
+        self.config_layers: dict[str, list[list[str | None]]] = {}  # per manifest naming it
+        self.layers_read: dict[str, Descriptor] = {}  # to hash again in a late algorithm
         self.reached: set[str] = set()  # every digest the walk came to
 
     def __call__(self, path: DescriptorPath) -> list[Descriptor]:
@@ -80,10 +81,10 @@ class _Checker:
         if kind == "manifest":
             return self._manifest(doc, where)
         self.configs[desc.digest] = doc
-        for layer, diff_id in zip(self.config_layers.get(desc.digest, []),
-                                  doc["rootfs"]["diff_ids"], strict=False):
-            if layer is not None and verify_problem(diff_id) is None:
-                self.wanted.setdefault(layer, set()).add(diff_id.partition(":")[0])
+        for layers in self.config_layers.get(desc.digest, []):
+            for layer, diff_id in zip(layers, doc["rootfs"]["diff_ids"], strict=False):
+                if layer is not None and verify_problem(diff_id) is None:
+                    self.wanted.setdefault(layer, set()).add(diff_id.partition(":")[0])
         return []
 
     def _read(self, desc: Descriptor) -> bytes | None:
@@ -99,6 +100,8 @@ class _Checker:
             if MediaType.is_document(desc.media_type):
                 return self.source.document(desc)
             with self.source.open_blob(desc) as blob:
+                if desc.digest in self.layer_digests and is_tar_layer(desc.media_type):
+                    self.layers_read[desc.digest] = desc
                 if (desc.digest in self.layer_digests and desc.digest not in self.packed
                         and is_tar_layer(desc.media_type)):
                     self.tar_digests[desc.digest] = tar_digests(
@@ -142,13 +145,14 @@ class _Checker:
                    for raw in doc["layers"]]
         self.manifests.append(_ManifestShape(where, config, digests))
         if config is not None:
-            self.config_layers[config.digest] = digests
+            self.config_layers.setdefault(config.digest, []).append(digests)
         return [config, *layers] if config is not None else layers
 
     def diff_ids(self) -> None:
         """After the walk: each manifest's layers and its config's diff_ids agree, in
         number and, for each layer read, in content (a diff_id is the digest of the
         layer's tar stream)."""
+        self._hash_late_algorithms()
         for shape in self.manifests:
             doc = self.configs.get(shape.config.digest) if shape.config else None
             if doc is None:
@@ -171,6 +175,29 @@ class _Checker:
                     self.problems.append(Problem(
                         f"{shape.where} layers[{i}]", f"its tar stream is {found}, not the "
                         f"diff_id {diff_id} that the config gives it (rootfs.diff_ids[{i}])"))
+
+
+    def _hash_late_algorithms(self) -> None:
+        """A layer is hashed when the walk first reads it, in the algorithms the configs
+        read by then name; one another config (read later) names in another algorithm is
+        read and hashed again for it."""
+        late: dict[str, set[str]] = {}
+        for shape in self.manifests:
+            doc = self.configs.get(shape.config.digest) if shape.config else None
+            for digest, diff_id in zip(shape.layers, doc["rootfs"]["diff_ids"] if doc else [],
+                                       strict=False):
+                algorithm = diff_id.partition(":")[0]
+                if (digest in self.layers_read and verify_problem(diff_id) is None
+                        and algorithm not in self.tar_digests.get(digest, {})):
+                    late.setdefault(digest, set()).add(algorithm)
+        for digest, algorithms in late.items():
+            desc = self.layers_read[digest]
+            try:
+                with self.source.open_blob(desc) as blob:
+                    self.tar_digests.setdefault(digest, {}).update(
+                        tar_digests(blob, desc.media_type, algorithms))
+            except CvmfsInjectError as exc:
+                self.problems.append(Problem(self.source.where(desc), str(exc)))
 
 
 def _walked(checker: _Checker, roots: list[Descriptor]) -> list[Problem]:
