@@ -107,11 +107,11 @@ class _Checker:
                     self.tar_digests[desc.digest] = tar_digests(
                         blob, desc.media_type, self.wanted.get(desc.digest, {"sha256"}))
                 else:
+                    while blob.read(READ_CHUNK):
+                        pass
                     if desc.digest in self.packed:
                         diff_id = self.packed[desc.digest]
                         self.tar_digests[desc.digest] = {diff_id.partition(":")[0]: diff_id}
-                    while blob.read(READ_CHUNK):
-                        pass
         except CvmfsInjectError as exc:
             self.problems.append(Problem(where, str(exc).removeprefix(f"{where}: ")))
         return None
@@ -187,8 +187,9 @@ class _Checker:
             for digest, diff_id in zip(shape.layers, doc["rootfs"]["diff_ids"] if doc else [],
                                        strict=False):
                 algorithm = diff_id.partition(":")[0]
-                if (digest in self.layers_read and verify_problem(diff_id) is None
-                        and algorithm not in self.tar_digests.get(digest, {})):
+                hashed = self.tar_digests.get(digest or "")  # None: unread, or unreadable
+                if (hashed is not None and verify_problem(diff_id) is None
+                        and algorithm not in hashed):
                     late.setdefault(digest, set()).add(algorithm)
         for digest, algorithms in late.items():
             desc = self.layers_read[digest]
