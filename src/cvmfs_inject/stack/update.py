@@ -142,7 +142,8 @@ class StackUpdater:
                       f"here, or a cleared cache): reading the layer once to make it "
                       f"({desc.size:,} B)")
         with self.source.open_blob(desc) as blob:
-            stream = decompressed(cast(IO[bytes], blob), desc.media_type)
+            stream = decompressed(cast(IO[bytes], blob), desc.media_type, diff_id,
+                                  desc.digest)
             try:
                 index = index_of_layer(stream, mount, diff_id)
             finally:
