@@ -17,7 +17,6 @@ stamped with `futimens` and closed.
 
 from __future__ import annotations
 
-import errno
 import os
 import posixpath
 import stat
@@ -38,7 +37,7 @@ from cvmfs_inject.pack.tarstream import (
     TarStream,
     show_name,
 )
-from cvmfs_inject.pack.whiteouts import hidden_paths, remove
+from cvmfs_inject.pack.whiteouts import children, hidden_paths, remove
 
 # rwx for owner, group and others: setuid, setgid and sticky bits are dropped. CernVM-FS is
 # mounted nosuid, and a root-owned setuid file unpacked into a work directory would be a
@@ -175,19 +174,9 @@ class _Extraction:
         if depth > MAX_DEPTH:
             raise InputError(f"cannot apply a whiteout to {show_name(path)}: more than "
                              f"{MAX_DEPTH} levels deep")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.root)
-        except OSError as exc:  # gone, a file, or a symlink this layer made: nothing below
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                return
-            raise
-        try:
-            names = os.listdir(fd)
-        finally:
-            os.close(fd)
-        for name in names:
-            self.hide(path + b"/" + os.fsencode(name), depth + 1)
+        # gone, a file, or a symlink this layer made: nothing below it to hide
+        for child in children(path, self.root) or []:
+            self.hide(child, depth + 1)
 
     def mark_made(self, rel: bytes) -> None:
         """`rel` and the directories on its way (made for it, or named by it) are this

@@ -9,6 +9,7 @@ descriptor before it is emptied.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -29,12 +30,24 @@ def hidden_paths(rel: bytes, member: bytes, root: int) -> list[bytes]:
         return []
     if hidden != OPAQUE[len(WHITEOUT):]:
         return [parent + b"/" + hidden if parent else hidden]
-    fd = os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+    return children(parent, root) or []
+
+
+def children(path: bytes, root: int) -> list[bytes] | None:
+    """The paths of what the directory `path` below `root` holds, opened without following
+    a symlink; None when there is no directory there (gone, a file, a symlink)."""
+    try:
+        fd = os.open(path or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=root)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
     try:
         names = [os.fsencode(child) for child in os.listdir(fd)]
     finally:
         os.close(fd)
-    return [parent + b"/" + child if parent else child for child in names]
+    return [path + b"/" + name if path else name for name in names]
 
 
 def remove(path: bytes, root: int, max_depth: int) -> str | None:
