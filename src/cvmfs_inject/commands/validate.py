@@ -99,11 +99,11 @@ class _Checker:
         try:
             if MediaType.is_document(desc.media_type):
                 return self.source.document(desc)
+            layer = desc.digest in self.layer_digests and is_tar_layer(desc.media_type)
+            if layer:
+                self.layers_read[desc.digest] = desc
             with self.source.open_blob(desc) as blob:
-                if desc.digest in self.layer_digests and is_tar_layer(desc.media_type):
-                    self.layers_read[desc.digest] = desc
-                if (desc.digest in self.layer_digests and desc.digest not in self.packed
-                        and is_tar_layer(desc.media_type)):
+                if layer and desc.digest not in self.packed:
                     self.tar_digests[desc.digest] = tar_digests(
                         blob, desc.media_type, self.wanted.get(desc.digest, {"sha256"}))
                 else:
