@@ -82,7 +82,17 @@ class ValidationFailed(CvmfsInjectError):
     exit_code = 1
 
 
-def os_error_line(exc: OSError) -> str:
-    """What the file system refused, as one line: the path it names, and why."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or exc}"
+def failure(exc: Exception) -> tuple[str, int]:
+    """The one line and the exit code a failure is reported with (by the CLI, and by
+    `batch` for each image): our errors as they are, the file system's refusal with the
+    path it names, a nesting too deep to read as bad input, anything else as a bug."""
+    if isinstance(exc, CvmfsInjectError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError):  # permissions, a full disk, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", InputError.exit_code
+    if isinstance(exc, RecursionError):  # a document or tree nested deeper than any real one
+        return ("the input is nested too deeply to read (a broken or hostile document)",
+                InputError.exit_code)
+    return (f"internal error: {type(exc).__name__}: {exc} (a bug in cvmfs-inject; run again "
+            "with --debug for the traceback and report it)", INTERNAL_ERROR)

@@ -17,15 +17,7 @@ from collections.abc import Iterator, Sequence
 from cvmfs_inject.cli.handlers import COMMANDS
 from cvmfs_inject.cli.parser import build_parser
 from cvmfs_inject.cli.render import Reporter, StdoutClosed
-from cvmfs_inject.errors import (
-    INTERNAL_ERROR,
-    SIGPIPE_EXIT,
-    CvmfsInjectError,
-    InputError,
-    Terminated,
-    ValidationFailed,
-    os_error_line,
-)
+from cvmfs_inject.errors import SIGPIPE_EXIT, Terminated, ValidationFailed, failure
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -68,28 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StdoutClosed:  # `inspect | head`: end quietly, as a program killed by SIGPIPE
         _silence_stdout()
         return SIGPIPE_EXIT
-    except CvmfsInjectError as exc:
+    except Exception as exc:  # one line and an exit code; --debug shows the traceback
         if args.debug:
             raise
-        if not isinstance(exc, ValidationFailed) or not args.json:
-            out.fatal(str(exc))
-        return exc.exit_code
-    except OSError as exc:  # the file system said no: permissions, a full disk, ...
-        if args.debug:
-            raise
-        out.fatal(os_error_line(exc))
-        return InputError.exit_code
-    except RecursionError:  # a document or tree nested deeper than any real one
-        if args.debug:
-            raise
-        out.fatal("the input is nested too deeply to read (a broken or hostile document)")
-        return InputError.exit_code
-    except Exception as exc:  # a bug: still one line, and --debug shows where
-        if args.debug:
-            raise
-        out.fatal(f"internal error: {type(exc).__name__}: {exc} (a bug in cvmfs-inject; run "
-                  "again with --debug for the traceback and report it)")
-        return INTERNAL_ERROR
+        if isinstance(exc, ValidationFailed) and args.json:
+            return exc.exit_code  # the problems are in the JSON document already
+        message, code = failure(exc)
+        out.fatal(message)
+        return code
     except Terminated:
         out.fatal("terminated")
         return 143

@@ -23,7 +23,7 @@ from cvmfs_inject.batch.packs import Prepacked, pack_once
 from cvmfs_inject.batch.plan import Job, Plan
 from cvmfs_inject.commands.inject import InjectReport
 from cvmfs_inject.commands.run import run_ref
-from cvmfs_inject.errors import INTERNAL_ERROR, CvmfsInjectError, InputError, os_error_line
+from cvmfs_inject.errors import failure
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.options import Progress, Warn
@@ -168,14 +168,9 @@ def _do(job: Job, prepacked: Prepacked | None, access: Access, cache: str | None
 
 
 def _failed(job: Job, exc: Exception) -> ImageResult:
-    """`job`'s result for a failure, as the CLI would report it for one image: our errors
-    as they are, the file system's with the path it refused, anything else as a bug."""
-    if isinstance(exc, CvmfsInjectError):
-        return _result(job, "failed", error=str(exc), exit_code=exc.exit_code)
-    if isinstance(exc, OSError):
-        return _result(job, "failed", error=os_error_line(exc), exit_code=InputError.exit_code)
-    return _result(job, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
-                   exit_code=INTERNAL_ERROR)
+    """`job`'s result for a failure, worded as the CLI would report it for one image."""
+    message, code = failure(exc)
+    return _result(job, "failed", error=message, exit_code=code)
 
 
 def _done(job: Job, report: InjectReport, direct: bool) -> ImageResult:
