@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterator
 
 from cvmfs_inject.errors import InputError, UsageError
@@ -102,49 +103,59 @@ class TreeWalker:
         what a tree holds, for the packer and for `stack.scan` alike. A directory's
         children follow it; its descriptor stays open while they are yielded."""
         excluder = Excluder(self.options.excludes)
-        lstat, fsencode = os.lstat, os.fsencode
+        excluded = excluder.excluded if excluder else None
+        note = self.note
+        lstat = os.lstat
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
         s_isreg, s_isdir, s_islnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
         # each stack item: (directory path, its descriptor, its tar name prefix, its path
         # below the tree, iterator over its sorted names). Entries are looked up relative
         # to their directory's descriptor: the kernel resolves one name, not the whole path
         # (on a million-entry tree of deep paths that halved the time of each lstat).
+        # The names of one directory are taken in an inner loop, left for a subdirectory
+        # and resumed after it: per-entry Python work is what bounds the walk.
         fd = _opened(root, root, None)
-        stack = [(root, fd, mount + b"/", "", iter(_listing(fd, root)))]
+        stack = [(root + "/", fd, mount + b"/", "", iter(_listing(fd, root)))]
+        entries = 0
         try:
             while stack:
                 directory, fd, prefix, rel_prefix, names = stack[-1]
-                name = next(names, None)
-                if name is None:
+                for name in names:
+                    try:
+                        st = lstat(name, dir_fd=fd)
+                    except OSError as exc:
+                        raise InputError(f"{directory}{name}: cannot stat: {exc.strerror}"
+                                         ) from None
+                    mode = st.st_mode
+                    if excluded and excluded(rel_prefix + name, s_isdir(mode)):
+                        continue
+                    if name.startswith(".wh."):
+                        note(f"{directory}{name}: skipped (a '.wh.' name is a layer whiteout; "
+                             "it would delete files of the base image)")
+                        continue
+                    if not rel_prefix and name.startswith(STAGING_PREFIX):
+                        note(f"{directory}{name}: skipped (left by an interrupted unpack)")
+                        continue
+                    tar_name = prefix + name.encode(encoding, errors)
+                    if s_isdir(mode):
+                        path = directory + name
+                        child = _opened(path, name, fd)
+                        stack.append((path + "/", child, tar_name + b"/",
+                                      rel_prefix + name + "/", iter(_listing(child, path))))
+                        entries += 1
+                        yield path, name, fd, tar_name, st
+                        break
+                    if not (s_isreg(mode) or s_islnk(mode)):
+                        note(f"{directory}{name}: skipped (sockets, fifos and device nodes "
+                             "are not packed)")
+                        continue
+                    entries += 1
+                    yield directory + name, name, fd, tar_name, st
+                else:
                     stack.pop()
                     os.close(fd)
-                    continue
-                path = directory + "/" + name
-                try:
-                    st = lstat(name, dir_fd=fd)
-                except OSError as exc:
-                    raise InputError(f"{path}: cannot stat: {exc.strerror}") from None
-                mode = st.st_mode
-                if excluder and excluder.excluded(rel_prefix + name, s_isdir(mode)):
-                    continue
-                if name.startswith(".wh."):
-                    self.note(f"{path}: skipped (a '.wh.' name is a layer whiteout; it would "
-                              "delete files of the base image)")
-                    continue
-                if not rel_prefix and name.startswith(STAGING_PREFIX):
-                    self.note(f"{path}: skipped (left by an interrupted unpack)")
-                    continue
-                tar_name = prefix + fsencode(name)
-                if s_isdir(mode):
-                    child = _opened(path, name, fd)
-                    stack.append((path, child, tar_name + b"/", rel_prefix + name + "/",
-                                  iter(_listing(child, path))))
-                elif not (s_isreg(mode) or s_islnk(mode)):
-                    self.note(f"{path}: skipped (sockets, fifos and device nodes are not "
-                              "packed)")
-                    continue
-                self.entries += 1
-                yield path, name, fd, tar_name, st
         finally:
+            self.entries += entries
             for item in stack:
                 os.close(item[1])
 
