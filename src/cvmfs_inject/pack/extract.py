@@ -37,7 +37,7 @@ from cvmfs_inject.pack.tarstream import (
     TarStream,
     show_name,
 )
-from cvmfs_inject.pack.whiteouts import children, hidden_paths, remove
+from cvmfs_inject.pack.whiteouts import OPAQUE, children, hidden_paths, hides_mount_point, remove
 
 # rwx for owner, group and others: setuid, setgid and sticky bits are dropped. CernVM-FS is
 # mounted nosuid, and a root-owned setuid file unpacked into a work directory would be a
@@ -124,6 +124,8 @@ class _Extraction:
                 self.result.has_root = True
                 continue
             if not name.startswith(prefix):
+                if self.whiteouts and hides_mount_point(name, top):
+                    self.whiteout(OPAQUE, member.name)
                 continue
             rel = relative(name, prefix, member.name)
             if rel.count(b"/") >= MAX_DEPTH:

@@ -33,6 +33,20 @@ def hidden_paths(rel: bytes, member: bytes, root: int) -> list[bytes]:
     return children(parent, root) or []
 
 
+def hides_mount_point(name: bytes, top: bytes) -> bool:
+    """Whether the member `name` (outside the mount point `top`, both without a leading
+    "./" or a trailing "/") is a whiteout of the mount point or of a directory above it,
+    or an opaque whiteout of such a directory: the layers below then lose all they put in
+    the mount point, as a runtime applies them."""
+    parent, _, base = name.rpartition(b"/")
+    if not base.startswith(WHITEOUT) or not (not parent or top.startswith(parent + b"/")):
+        return False
+    if base == OPAQUE:
+        return True
+    hidden = (parent + b"/" if parent else b"") + base[len(WHITEOUT):]
+    return top == hidden or top.startswith(hidden + b"/")
+
+
 def children(path: bytes, root: int) -> list[bytes] | None:
     """The paths of what the directory `path` below `root` holds, opened without following
     a symlink; None when there is no directory there (gone, a file, a symlink)."""

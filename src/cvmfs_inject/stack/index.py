@@ -34,6 +34,7 @@ from cvmfs_inject.pack.tarstream import (
 )
 from cvmfs_inject.pack.whiteouts import OPAQUE as OPAQUE_NAME
 from cvmfs_inject.pack.whiteouts import WHITEOUT as WHITEOUT_PREFIX
+from cvmfs_inject.pack.whiteouts import hides_mount_point
 
 FILE, DIR, LINK, WHITEOUT = "f", "d", "l", "w"
 
@@ -143,6 +144,8 @@ def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIn
             _add(index, b"", member, tar, prefix)
         elif name.startswith(prefix):
             _add(index, _relative(name, prefix, member.name), member, tar, prefix)
+        elif hides_mount_point(name, top):
+            index.opaque.add(b"")
     tar.drain()
     while stream.read(READ_CHUNK):
         pass
