@@ -205,6 +205,9 @@ class Layout:
             if path.exists():  # a symlink blob is never replaced; a dangling one is refused
                 return
             refuse_symlink(path)
+        elif path.is_dir():  # validate reports it and gc leaves it: the user decides
+            raise InputError(f"{path}: a directory where the blob {digest} belongs: remove "
+                             "it, then try again")
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
             os.fchmod(handle.fileno(), file_mode())  # skopeo writes its blobs 0600
