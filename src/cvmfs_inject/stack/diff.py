@@ -108,8 +108,14 @@ def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
     nodes = new.nodes
     marked: set[bytes] = set()
     gone: set[bytes] = set()  # paths to white out
+    quick = not checksum
     for path, node in nodes.items():
         before = old.get(path)
+        # what `_same` says of most entries, without its calls: equal as packed and, for a
+        # file, at the same exact host time
+        if quick and before is not None and before[:8] == node[:8] and (
+                node.kind != FILE or (before.mtime_ns and before.mtime_ns == node.mtime_ns)):
+            continue
         if before is None:
             delta.added += node.kind != DIR
             marked.add(path)
