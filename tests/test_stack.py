@@ -558,3 +558,24 @@ def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, regist
     build_sample_image(tmp_path / "new-base", "v1", layers=3)  # the base moved on
     assert cli("push", "--no-tls-verify", f"{tmp_path / 'new-base'}:v1", base).code == 0
     assert run()["stack"]["action"] == "base"
+
+
+def test_the_cycle_collector_is_paused_only_while_stacks_are_decided():
+    """Paused for the scan and the indexes (no cycles among them); back on afterwards,
+    also after a failure, and left off when the caller had it off."""
+    import gc
+
+    from cvmfs_inject.stack.update import cycle_collection_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), cycle_collection_paused():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cycle_collection_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -39,7 +39,7 @@ from cvmfs_inject.paths import refuse_overlap
 from cvmfs_inject.stack.continuation import continue_at
 from cvmfs_inject.stack.diff import scan
 from cvmfs_inject.stack.options import StackOptions
-from cvmfs_inject.stack.update import StackUpdate, StackUpdater
+from cvmfs_inject.stack.update import StackUpdate, StackUpdater, cycle_collection_paused
 
 if TYPE_CHECKING:  # the registry modules load only for registry refs
     from cvmfs_inject.batch.packs import Prepacked
@@ -179,6 +179,14 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
         written=_written(sink, [layer], resolved, edits, replaced, new_top)), sink)
 
 
+def _stack_updates(updater: StackUpdater, resolved: Resolved, stacks: dict[str, Stack]
+                   ) -> dict[str, StackUpdate]:
+    """Each image's stack update, by manifest digest (platforms may differ). The updater,
+    with the scan and the indexes, is freed on return, inside `cycle_collection_paused`."""
+    return {image.descriptor.digest: updater.update(image, stacks[image.descriptor.digest])
+            for image in resolved.images}
+
+
 def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: PackOptions,
                   resolved: Resolved, stacks: dict[str, Stack], stack_options: StackOptions,
                   progress: Progress | None, warn: Warn | None) -> InjectReport:
@@ -192,14 +200,15 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
         if warn:
             warn(message)
 
-    updater = StackUpdater(source, sink.store, scan(tree, options, note), options,
-                           stack_options, progress, warn)
     created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
     edits: dict[str, EditResult | None] = {}
-    updates: dict[str, StackUpdate] = {}  # by manifest digest; platforms may differ
+    with cycle_collection_paused():
+        updates = _stack_updates(StackUpdater(source, sink.store, scan(tree, options, note),
+                                              options, stack_options, progress, warn),
+                                 resolved, stacks)
     for image in resolved.images:
         stack, where = stacks[image.descriptor.digest], f"{reference} ({image.platform})"
-        update = updates[image.descriptor.digest] = updater.update(image, stack)
+        update = updates[image.descriptor.digest]
         if update.action == "unchanged":
             edits[image.descriptor.digest] = None
         elif update.count == 1 and update.layers and len(stack.diff_ids) <= 1:

@@ -10,6 +10,9 @@ tree and the indexes only, so the same sequence of trees gives the same layers a
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -50,6 +53,21 @@ class StackUpdate:
                 "changed": self.changed, "removed": self.removed,
                 "compacted": self.action in ("merged", "rebased"),
                 "downloaded": self.downloaded}
+
+
+@contextlib.contextmanager
+def cycle_collection_paused() -> Iterator[None]:
+    """For building and comparing a scan and indexes: a few tuples per entry of the tree,
+    none in a reference cycle, which the cyclic collector would walk again and again as
+    they grow (0.14 s of a 1.6 s update of an 81k-entry tree). Reference counting still
+    frees them; the collector is back on for whatever the command does next."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class StackUpdater:
