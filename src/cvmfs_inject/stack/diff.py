@@ -15,6 +15,7 @@ import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from cvmfs_inject.errors import InputError
@@ -177,11 +178,16 @@ def _whole_groups(old: dict[bytes, Node], nodes: dict[bytes, Node], marked: set[
     """Mark every name of a hard-link group one of whose names is marked, or whose
     membership changed (a name joined or left it)."""
     members: dict[bytes, list[bytes]] = {}
+    changed = {group for path in marked if (group := nodes[path].group)}
+    before_of = old.get
     for path, node in nodes.items():
-        if node.group:
-            members.setdefault(node.group, []).append(path)
-    old_sizes = Counter(node.group for node in old.values() if node.group)
+        group = node.group
+        if group:
+            members.setdefault(group, []).append(path)
+            before = before_of(path)
+            if before is None or before.group != group:
+                changed.add(group)
+    old_sizes = Counter(map(attrgetter("group"), old.values()))
     for group, paths in members.items():
-        if old_sizes[group] != len(paths) or any(
-                path in marked or old[path].group != group for path in paths):
+        if group in changed or old_sizes[group] != len(paths):
             marked.update(paths)
