@@ -710,3 +710,44 @@ def test_a_killed_push_takes_its_skopeo_with_it(registry, tmp_path):
     assert subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                            f"docker://{registry.host}/{name}:x"], capture_output=True,
                           check=False).returncode != 0
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_push_keeps_the_image_it_is_given(cli, registry, tmp_path, compression):
+    """An uncompressed or zstd layer goes out as it is, manifest digest and all: skopeo
+    compresses an uncompressed layer, and swaps in a blob of the same content it knows
+    (a gzip one for a zstd layer, from its blob cache or the registry), unless told to
+    keep the digests."""
+    layout = tmp_path / "oci"
+    build_sample_image(layout, "v1", platforms=("amd64",))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x" * 100_000)
+    ok(cli("inject", f"{layout}:v1", tree, "--compress", compression, "--tag", "in"))
+    digest = entry(layout, "in")["digest"]
+    name = f"{repo('kept-' + compression)}:1"
+    result = ok(cli("push", "--json", "--no-tls-verify", f"{layout}:in", registry.url(name)))
+    assert json.loads(result.out)["digest"] == digest == sha256(plain_raw(registry, name))
+    archive = tmp_path / "image.oci.tar"
+    ok(cli("push", f"{layout}:in", f"oci-archive:{archive}:in"))
+    assert sha256(skopeo_raw(f"oci-archive:{archive}:in")) == digest
+
+
+def test_an_uncompressed_layer_goes_into_a_docker_archive(cli, tmp_path):
+    """A docker-archive stores its layers uncompressed (skopeo decompresses gzip ones), so
+    an uncompressed OCI layer fits; zstd still does not."""
+    layout = tmp_path / "oci"
+    build_sample_image(layout, "v1", platforms=("amd64",))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"content\n")
+    ok(cli("inject", f"{layout}:v1", tree, "--compress", "none", "--tag", "none"))
+    ok(cli("inject", f"{layout}:v1", tree, "--compress", "zstd", "--tag", "zstd"))
+    archive = tmp_path / "image.tar"
+    ok(cli("push", f"{layout}:none", f"docker-archive:{archive}:sample/none:1"))
+    back = tmp_path / "back"
+    ok(cli("unpack", f"docker-archive:{archive}:sample/none:1", back))
+    assert (back / "f").read_bytes() == b"content\n"
+    result = cli("push", f"{layout}:zstd", f"docker-archive:{tmp_path / 'z.tar'}:sample/z:1")
+    assert result.code == 2 and "zstd" in result.err and not (tmp_path / "z.tar").exists()

@@ -76,19 +76,21 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
                              "push one platform by its own tag, or use oci-archive:")
         check_present(layout, desc)
         if fmt == "v2s2" or dest.transport == "docker-archive":
-            _check_docker_layers(layout, desc, src)
+            _check_docker_layers(layout, desc, src, dest)
         if manifest_format == "keep" and dest.is_registry and unchanged_original(desc):
             with original.view(layout, desc) as source:
                 skopeo.copy(source, dest, preserve_digests=True, digestfile=digestfile)
         else:
+            keep = _keeps_format(fmt, desc, dest)
             with _skopeo_view(layout, src, desc) as source:
                 if dest.transport == "docker":
                     skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt,
-                                digestfile=digestfile)
+                                preserve_digests=keep, digestfile=digestfile)
                 else:
                     with _archive_target(dest) as tmp_dest:
                         skopeo.copy(source, tmp_dest, all_images=is_index,
-                                    manifest_format=fmt, digestfile=digestfile)
+                                    manifest_format=fmt, preserve_digests=keep,
+                                    digestfile=digestfile)
         pushed = digestfile.read_text().strip() if digestfile.exists() else ""
         return pushed or desc.digest
 
@@ -118,12 +120,31 @@ def push_delta(src: ImageRef, dest: ImageRef, since: ImageRef, access: Access
     return desc, delta
 
 
-def _check_docker_layers(layout: Layout, desc: Descriptor, src: ImageRef) -> None:
-    """Docker v2s2 carries gzip layers only: say so before skopeo fails half-way."""
+def _keeps_format(fmt: str | None, desc: Descriptor, dest: ImageRef) -> bool:
+    """Whether the image goes out in its own manifest format, so that skopeo must keep
+    every digest (`--preserve-digests`). Without it skopeo compresses an uncompressed
+    layer, and may put in a blob it knows with the same content (a gzip one for our zstd
+    layer, from its blob cache or the registry), changing the image it was given. A
+    docker-archive always stores its layers uncompressed: digests change there."""
+    if dest.transport == "docker-archive":
+        return False
+    docker = MediaType.is_docker(desc.media_type)
+    if dest.transport == "oci-archive":
+        return not docker
+    return fmt is None or fmt == ("v2s2" if docker else "oci")
+
+
+def _check_docker_layers(layout: Layout, desc: Descriptor, src: ImageRef, dest: ImageRef
+                         ) -> None:
+    """Docker v2s2 carries gzip layers, and a docker-archive uncompressed ones (skopeo
+    decompresses gzip there) but not zstd: say so before skopeo fails half-way."""
+    refused = {MediaType.OCI_LAYER_ZSTD}
+    if dest.transport != "docker-archive":
+        refused.add(MediaType.OCI_LAYER)
     expand = reading(lambda d: layout.read_blob(d.digest, d.size), layout.where, subject=False)
     for path in walk([desc], expand):
         media_type = path.descriptor.media_type
-        if media_type in (MediaType.OCI_LAYER_ZSTD, MediaType.OCI_LAYER):
+        if media_type in refused:
             raise UsageError(f"{src} has {media_type} layers, which a Docker v2s2 "
                              "image cannot carry: push with --format oci (to a registry or "
                              "oci-archive:), or inject with --compress gzip")
