@@ -319,6 +319,9 @@ def test_max_layers_1_compacts_a_stack_back_to_one_layer(cli, tmp_path, stacked)
     assert result.code == 0, result.err
     assert_same_tree(tree, tmp_path / "out")
     assert_same_tree(tree, umoci_unpack(layout, "one", tmp_path / "bundle") / "cvmfs")
+    _change(tree, "content")  # stacking again on the compacted layer: its index is cached
+    report = inject(cli, f"{layout}:one", tree, state, "--max-layers", "4", "--tag", "two")
+    assert report["stack"]["action"] == "delta" and report["stack"]["downloaded"] == 0
 
 
 def test_a_stack_label_that_does_not_match_the_layers_is_refused(cli, tmp_path, stacked):

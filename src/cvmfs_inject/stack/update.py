@@ -140,8 +140,9 @@ class StackUpdater:
                              options.compression, options.mount_point)
             writer.commit()
         packed.entries, packed.hardlinks = plan.entries + 1, plan.hardlinks
-        if self.stack_options.max_layers > 1:  # a single layer needs no index later
-            self.cache.put(plan.index(packed.diff_id, digests))
+        # also after `--max-layers 1` compacted a stack: the next stacked update of it
+        # then finds the index instead of reading the layer again
+        self.cache.put(plan.index(packed.diff_id, digests))
         update.layers.append(layer)
         update.packed = packed
         counts = f"+{update.added} ~{update.changed} -{update.removed}"
