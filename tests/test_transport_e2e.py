@@ -19,6 +19,9 @@ import pytest
 from helpers import dir_bytes, sha256, unique_repo
 
 from cvmfs_inject.demo.sample import build_sample_image
+from cvmfs_inject.layout.store import Layout
+from cvmfs_inject.oci.jsondoc import canonical_json
+from cvmfs_inject.oci.media import MediaType
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -751,3 +754,38 @@ def test_an_uncompressed_layer_goes_into_a_docker_archive(cli, tmp_path):
     assert (back / "f").read_bytes() == b"content\n"
     result = cli("push", f"{layout}:zstd", f"docker-archive:{tmp_path / 'z.tar'}:sample/z:1")
     assert result.code == 2 and "zstd" in result.err and not (tmp_path / "z.tar").exists()
+
+
+@pytest.mark.registry
+def test_format_oci_converts_every_manifest_of_an_index(cli, registry, tmp_path):
+    """An OCI index holding a Docker manifest (as another tool may write a layout): with
+    `--format oci` its manifest goes out converted, not kept with its digest; and into an
+    oci-archive too, which holds OCI manifests."""
+    layout = tmp_path / "mixed"
+    build_sample_image(layout, "dock", docker=True, platforms=("amd64",))
+    store = Layout.open(layout)
+    with store.writing():
+        child = store.resolve("dock").with_annotations({}).replace(
+            extra={"platform": {"architecture": "amd64", "os": "linux"}})
+        index = {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX,
+                 "manifests": [child.to_dict()]}
+        top = store.put_bytes(canonical_json(index), MediaType.OCI_INDEX)
+        store.set_tag("mixed", top.with_annotations({REF_NAME: "mixed"}))
+    name = f"{repo('mixed')}:1"
+    ok(cli("push", "--no-tls-verify", "--format", "oci", f"{layout}:mixed",
+           registry.url(name)))
+    pushed = json.loads(plain_raw(registry, name))
+    assert [m["mediaType"] for m in pushed["manifests"]] == [OCI_MANIFEST]
+    archive = tmp_path / "mixed.oci.tar"
+    ok(cli("push", f"{layout}:mixed", f"oci-archive:{archive}:mixed"))
+    kept = json.loads(skopeo_raw(f"oci-archive:{archive}:mixed"))
+    assert [m["mediaType"] for m in kept["manifests"]] == [OCI_MANIFEST]
+
+
+def test_format_oci_into_a_docker_archive_is_refused_up_front(cli, tmp_path):
+    layout = tmp_path / "oci"
+    build_sample_image(layout, "v1", platforms=("amd64",))
+    archive = tmp_path / "image.tar"
+    result = cli("push", "--format", "oci", f"{layout}:v1", f"docker-archive:{archive}:a/b:1")
+    assert result.code == 2 and "oci-archive" in result.err and result.err.count("\n") == 1
+    assert not archive.exists()

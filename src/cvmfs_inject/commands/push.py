@@ -38,6 +38,9 @@ def check_format(fmt: str, dest: ImageRef) -> None:
         raise UsageError(f"--format v2s2 into {dest}: an oci-archive holds OCI manifests "
                          "(skopeo cannot find a Docker one in it by its tag); use "
                          "docker-archive: for a Docker image")
+    if dest.transport == "docker-archive" and fmt == "oci":
+        raise UsageError(f"--format oci into {dest}: a docker-archive holds Docker v2s2 "
+                         "manifests; use oci-archive: for an OCI image")
 
 
 def _skopeo_format(fmt: str, desc: Descriptor, dest: ImageRef) -> str | None:
@@ -75,13 +78,16 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
                              "push one platform by its own tag, or use oci-archive:")
         check_present(layout, desc)
+        expand = reading(lambda d: layout.read_blob(d.digest, d.size), layout.where,
+                         subject=False)
+        reached = [path.descriptor for path in walk([desc], expand)]
         if fmt == "v2s2" or dest.transport == "docker-archive":
-            _check_docker_layers(layout, desc, src, dest)
+            _check_docker_layers(reached, src, dest)
         if manifest_format == "keep" and dest.is_registry and unchanged_original(desc):
             with original.view(layout, desc) as source:
                 skopeo.copy(source, dest, preserve_digests=True, digestfile=digestfile)
         else:
-            keep = _keeps_format(fmt, desc, dest)
+            keep = _keeps_format(fmt, reached, dest)
             with _skopeo_view(layout, src, desc) as source:
                 if dest.transport == "docker":
                     skopeo.copy(source, dest, all_images=is_index, manifest_format=fmt,
@@ -120,34 +126,35 @@ def push_delta(src: ImageRef, dest: ImageRef, since: ImageRef, access: Access
     return desc, delta
 
 
-def _keeps_format(fmt: str | None, desc: Descriptor, dest: ImageRef) -> bool:
-    """Whether the image goes out in its own manifest format, so that skopeo must keep
-    every digest (`--preserve-digests`). Without it skopeo compresses an uncompressed
-    layer, and may put in a blob it knows with the same content (a gzip one for our zstd
-    layer, from its blob cache or the registry), changing the image it was given. A
-    docker-archive always stores its layers uncompressed: digests change there."""
+def _keeps_format(fmt: str | None, reached: list[Descriptor], dest: ImageRef) -> bool:
+    """Whether the image goes out with every manifest in its own format, so that skopeo
+    must keep every digest (`--preserve-digests`). Without it skopeo compresses an
+    uncompressed layer, and may put in a blob it knows with the same content (a gzip one
+    for our zstd layer, from its blob cache or the registry), changing the image it was
+    given. A docker-archive stores its layers uncompressed: digests change there; so they
+    do where a manifest is converted (skopeo would then keep the unconverted one)."""
     if dest.transport == "docker-archive":
         return False
-    docker = MediaType.is_docker(desc.media_type)
-    if dest.transport == "oci-archive":
-        return not docker
-    return fmt is None or fmt == ("v2s2" if docker else "oci")
+    family = "oci" if dest.transport == "oci-archive" else fmt
+    if family is None:  # skopeo keeps each manifest's own format
+        return True
+    return all(MediaType.is_docker(d.media_type) == (family == "v2s2") for d in reached
+               if MediaType.is_manifest(d.media_type) or MediaType.is_index(d.media_type))
 
 
-def _check_docker_layers(layout: Layout, desc: Descriptor, src: ImageRef, dest: ImageRef
-                         ) -> None:
+def _check_docker_layers(reached: list[Descriptor], src: ImageRef, dest: ImageRef) -> None:
     """Docker v2s2 carries gzip layers, and a docker-archive uncompressed ones (skopeo
     decompresses gzip there) but not zstd: say so before skopeo fails half-way."""
-    refused = {MediaType.OCI_LAYER_ZSTD}
-    if dest.transport != "docker-archive":
-        refused.add(MediaType.OCI_LAYER)
-    expand = reading(lambda d: layout.read_blob(d.digest, d.size), layout.where, subject=False)
-    for path in walk([desc], expand):
-        media_type = path.descriptor.media_type
-        if media_type in refused:
-            raise UsageError(f"{src} has {media_type} layers, which a Docker v2s2 "
-                             "image cannot carry: push with --format oci (to a registry or "
-                             "oci-archive:), or inject with --compress gzip")
+    archive = dest.transport == "docker-archive"
+    refused = {MediaType.OCI_LAYER_ZSTD} if archive else {MediaType.OCI_LAYER_ZSTD,
+                                                          MediaType.OCI_LAYER}
+    found = sorted({d.media_type for d in reached} & refused)
+    if found:
+        remedy = ("inject with --compress gzip or none, or push to oci-archive:" if archive
+                  else "push with --format oci (to a registry or oci-archive:), or inject "
+                       "with --compress gzip")
+        raise UsageError(f"{src} has {' and '.join(found)} layers, which a Docker v2s2 "
+                         f"image cannot carry: {remedy}")
 
 
 @contextlib.contextmanager
