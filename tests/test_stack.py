@@ -582,3 +582,28 @@ def test_the_cycle_collector_is_paused_only_while_stacks_are_decided():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_format_3_cache_files_are_read_only_when_made_by_packing(tmp_path):
+    """Format 3 rebuilt indexes from layers ignoring a whiteout of the mount point: such a
+    file (no host mtime on any file) is a miss; one made by packing is still read."""
+    from cvmfs_inject.stack.cache import IndexCache
+    from cvmfs_inject.stack.index import DIR, FILE, LayerIndex, Node
+
+    cache = IndexCache(tmp_path)
+    diff_id = "sha256:" + "a" * 64
+
+    def stored(mtime_ns: int, format_name: str) -> LayerIndex | None:
+        nodes = {b"": Node(DIR, 0o755, 0, 0, 0, 1), b"f": Node(FILE, 0o644, 0, 0, 1, 1,
+                                                                mtime_ns=mtime_ns)}
+        cache.put(LayerIndex(diff_id, "/cvmfs", nodes))
+        path = next((tmp_path / "index").iterdir())
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        doc["format"] = format_name
+        path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+        return cache.get(diff_id, "/cvmfs")
+
+    assert stored(1_000_000_123, "cvmfs-inject tree index 3") is not None
+    assert stored(0, "cvmfs-inject tree index 3") is None
+    assert stored(0, "cvmfs-inject tree index 4") is not None
+    assert stored(1, "cvmfs-inject tree index 2") is None

@@ -21,7 +21,12 @@ from pathlib import Path
 
 from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
 
-FORMAT = "cvmfs-inject tree index 3"
+FORMAT = "cvmfs-inject tree index 4"
+# Format 3 differs only in indexes rebuilt from a layer: they ignored a whiteout of the
+# mount point (or of a directory above it) in a layer another tool made. Indexes made by
+# packing never hold one, and they have a host mtime on every file: those are still read,
+# so that no stack has to be read back for its index.
+_PACKED_FORMAT_3 = "cvmfs-inject tree index 3"
 # Columns, not a row per entry: one JSON string per text column (names joined by NUL, which
 # no name holds) and one list per number column load about four times faster.
 _NAMES = ("paths", "targets", "groups")  # bytes, through the filesystem encoding
@@ -51,13 +56,17 @@ class IndexCache:
             doc = json.loads(_read_gzip(self._path(diff_id)))
         except (OSError, EOFError, ValueError, zlib.error, RecursionError):
             return None
-        if not (isinstance(doc, dict) and doc.get("format") == FORMAT
+        if not (isinstance(doc, dict) and doc.get("format") in (FORMAT, _PACKED_FORMAT_3)
                 and doc.get("diff_id") == diff_id and doc.get("mount_point") == mount_point):
             return None
         try:
-            return _loaded(doc)
+            index = _loaded(doc)
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
+        if doc["format"] == _PACKED_FORMAT_3 and not any(
+                node.mtime_ns for node in index.nodes.values()):
+            return None  # rebuilt from a layer, or no file to tell
+        return index
 
     def put(self, index: LayerIndex) -> None:
         """Store an index atomically; a cache that cannot be written costs time later,
