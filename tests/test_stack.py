@@ -563,16 +563,28 @@ def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, regist
     assert run()["stack"]["action"] == "base"
 
 
-def test_the_cycle_collector_is_paused_only_while_stacks_are_decided():
-    """Paused for the scan and the indexes (no cycles among them); back on afterwards,
-    also after a failure, and left off when the caller had it off."""
+def test_the_cycle_collector_is_paused_only_while_stacks_are_decided(cli, stacked,
+                                                                     monkeypatch):
+    """Paused for a stacked inject's scan and update (tuples in no cycle); back on
+    afterwards, also after a failure, and left off when the caller had it off."""
     import gc
 
+    import cvmfs_inject.commands.inject as command
     from cvmfs_inject.stack.update import cycle_collection_paused
 
-    assert gc.isenabled()
+    layout, tree, state = stacked
+    seen: list[bool] = []
+    real_scan = command.scan
+
+    def scan(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(command, "scan", scan)
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    assert seen == [False] and gc.isenabled()
     with pytest.raises(RuntimeError), cycle_collection_paused():
-        assert not gc.isenabled()
         raise RuntimeError
     assert gc.isenabled()
     gc.disable()

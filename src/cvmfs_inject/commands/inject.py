@@ -181,8 +181,7 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
 
 def _stack_updates(updater: StackUpdater, resolved: Resolved, stacks: dict[str, Stack]
                    ) -> dict[str, StackUpdate]:
-    """Each image's stack update, by manifest digest (platforms may differ). The updater,
-    with the scan and the indexes, is freed on return, inside `cycle_collection_paused`."""
+    """Each image's stack update, by manifest digest (platforms may differ)."""
     return {image.descriptor.digest: updater.update(image, stacks[image.descriptor.digest])
             for image in resolved.images}
 
@@ -202,7 +201,7 @@ def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: Pac
 
     created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
     edits: dict[str, EditResult | None] = {}
-    with cycle_collection_paused():
+    with cycle_collection_paused():  # the updater, a temporary, is freed inside it too
         updates = _stack_updates(StackUpdater(source, sink.store, scan(tree, options, note),
                                               options, stack_options, progress, warn),
                                  resolved, stacks)
