@@ -288,18 +288,22 @@ def test_import_blob_checks_digest(layout: Layout) -> None:
     assert not layout.has_blob(sha256_digest(b"other"))
 
 
-
-def test_import_blob_refuses_a_directory_where_the_blob_belongs(layout: Layout) -> None:
-    """One line naming the directory (not an OSError's errno text); the directory and the
-    staged file stay for the user to look at."""
+def test_a_directory_where_a_blob_belongs_is_refused_not_replaced(layout: Layout) -> None:
+    """One line naming the directory (not an OSError's errno text), before any reading, by
+    an import and by a writer alike; the directory and the staged file stay."""
     layout.tmp_dir.mkdir(exist_ok=True)
     staged = layout.tmp_dir / "staged"
     staged.write_bytes(b"blob")
     where = layout.blob_path(sha256_digest(b"blob"))
     (where / "inside").mkdir(parents=True)
-    with pytest.raises(InputError, match=r"a directory where the blob .* belongs"):
+    with pytest.raises(InputError, match="a directory where a blob belongs"):
         layout.import_blob(staged, sha256_digest(b"blob"))
+    with pytest.raises(InputError, match="a directory where a blob belongs"), \
+            layout.writer() as writer:
+        writer.write(b"blob")
+        writer.commit()
     assert (where / "inside").is_dir() and staged.read_bytes() == b"blob"
+
 
 # -- tags ------------------------------------------------------------------------------------
 def test_resolve(layout: Layout) -> None:

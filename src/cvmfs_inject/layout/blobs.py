@@ -55,6 +55,14 @@ def refuse_symlink(path: Path) -> None:
                          "inside a layout (make it a real file)")
 
 
+def refuse_directory(path: Path) -> None:
+    """A directory where a blob belongs is not replaced either: `validate` reports it and
+    `gc` leaves it, for the user to look at."""
+    if path.is_dir() and not path.is_symlink():
+        raise InputError(f"{path}: a directory where a blob belongs: remove it, then try "
+                         "again")
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -186,6 +194,7 @@ class BlobWriter:
         self.digest = "sha256:" + self._hash.hexdigest()
         target = self._blob_path(self.digest)
         refuse_symlink(target)
+        refuse_directory(target)
         # Replacing an existing blob (same digest) costs one rename and repairs a damaged copy.
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, target)

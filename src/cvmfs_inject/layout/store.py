@@ -25,6 +25,7 @@ from cvmfs_inject.layout.blobs import (
     atomic_write,
     file_mode,
     fsync_dir,
+    refuse_directory,
     refuse_symlink,
 )
 from cvmfs_inject.layout.lock import LockWait, acquire, flocked, opened, try_lock
@@ -195,6 +196,7 @@ class Layout:
         It replaces a copy already there (a rename: a damaged copy is repaired, and a
         reader of the old one keeps reading it); a blob that is a symlink stays."""
         path = self.blob_path(digest)
+        refuse_directory(path)
         with source.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             reader = VerifiedReader(handle, digest, size, str(source))
@@ -205,9 +207,6 @@ class Layout:
             if path.exists():  # a symlink blob is never replaced; a dangling one is refused
                 return
             refuse_symlink(path)
-        elif path.is_dir():  # validate reports it and gc leaves it: the user decides
-            raise InputError(f"{path}: a directory where the blob {digest} belongs: remove "
-                             "it, then try again")
         path.parent.mkdir(parents=True, exist_ok=True)
         with source.open("rb") as handle:
             os.fchmod(handle.fileno(), file_mode())  # skopeo writes its blobs 0600
