@@ -708,21 +708,26 @@ def test_a_whiteout_in_a_missing_directory_makes_nothing(scene: Scene) -> None:
     assert sorted(tree_snapshot(scene.target)) == ["f"]
 
 
-@pytest.mark.parametrize(("name", "hides"), [
-    (".wh.cvmfs", True), ("./.wh.cvmfs", True), (".wh..wh..opq", True),
-    (".wh.cvmfsX", False), ("other/.wh.cvmfs", False), ("cvmfsX/.wh..wh..opq", False)])
+@pytest.mark.parametrize(("mount", "name", "hides"), [
+    ("cvmfs", ".wh.cvmfs", True), ("cvmfs", "./.wh.cvmfs", True),
+    ("cvmfs", ".wh..wh..opq", True), ("cvmfs", ".wh.cvmfsX", False),
+    ("cvmfs", "other/.wh.cvmfs", False), ("cvmfs", "cvmfsX/.wh..wh..opq", False),
+    ("cvmfs/sw", ".wh.cvmfs", True), ("cvmfs/sw", "cvmfs/.wh.sw", True),
+    ("cvmfs/sw", "cvmfs//.wh.sw", True), ("cvmfs/sw", "cvmfs/.wh..wh..opq", True),
+    ("cvmfs/sw", "cvmfs/.wh.swX", False), ("cvmfs/sw", "cvmfs/swX/.wh..wh..opq", False)])
 def test_a_whiteout_of_the_mount_point_hides_all_the_lower_layers_put_there(
-        scene: Scene, name: str, hides: bool) -> None:
-    """A runtime applying the upper layer removes /cvmfs (or empties / with an opaque
-    whiteout) before the layer's own /cvmfs entries: unpack and the stack index's union
-    keep only what the upper layer makes, as they do for any whiteout."""
-    lower = build([E("cvmfs/", "dir"), E("cvmfs/d/", "dir"), E("cvmfs/d/x", data=b"x"),
-                   E("cvmfs/keep", data=b"k")])
-    above = build([E(name), E("cvmfs/", "dir"), E("cvmfs/new", data=b"n")])
-    run(scene, lower)
-    extract(io.BytesIO(above), str(scene.target), "/cvmfs", whiteouts=True)
+        scene: Scene, mount: str, name: str, hides: bool) -> None:
+    """A runtime applying the upper layer removes the mount point (with a directory above
+    it, or what an opaque whiteout there empties) before the layer's own entries: unpack
+    and the stack index's union keep only what the upper layer makes, as they do for any
+    whiteout."""
+    lower = build([E(f"{mount}/", "dir"), E(f"{mount}/d/", "dir"),
+                   E(f"{mount}/d/x", data=b"x"), E(f"{mount}/keep", data=b"k")])
+    above = build([E(name), E(f"{mount}/", "dir"), E(f"{mount}/new", data=b"n")])
+    run(scene, lower, mount="/" + mount)
+    extract(io.BytesIO(above), str(scene.target), "/" + mount, whiteouts=True)
     expected = ["new"] if hides else ["d", "d/x", "keep", "new"]
     assert sorted(tree_snapshot(scene.target)) == expected
-    indexes = [index_of_layer(io.BytesIO(raw), "/cvmfs", "sha256:" + hashlib.sha256(raw)
+    indexes = [index_of_layer(io.BytesIO(raw), "/" + mount, "sha256:" + hashlib.sha256(raw)
                               .hexdigest()) for raw in (lower, above)]
     assert sorted(os.fsdecode(path) for path in union(indexes) if path) == expected

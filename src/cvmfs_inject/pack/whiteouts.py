@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import stat
 
 from cvmfs_inject.errors import InputError
@@ -37,8 +38,8 @@ def hides_mount_point(name: bytes, top: bytes) -> bool:
     """Whether the member `name` (outside the mount point `top`, both without a leading
     "./" or a trailing "/") is a whiteout of the mount point or of a directory above it,
     or an opaque whiteout of such a directory: the layers below then lose all they put in
-    the mount point, as a runtime applies them."""
-    parent, _, base = name.rpartition(b"/")
+    the mount point, as a runtime applies them (after cleaning the name as it does)."""
+    parent, _, base = posixpath.normpath(b"/" + name).lstrip(b"/").rpartition(b"/")
     if not base.startswith(WHITEOUT) or not (not parent or top.startswith(parent + b"/")):
         return False
     if base == OPAQUE:
