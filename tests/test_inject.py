@@ -704,10 +704,13 @@ def test_interrupted_inject_cleans_up_and_says_so(cli, base, tmp_path, signum, c
     (tree / "text").write_bytes(b" ".join(rng.choice(words) for _ in range(2_000_000)))
     old_entry = index_entry(base, "base")
     tmp_area = base / ".cvmfs-inject-tmp"
-    # zstd level 19 on 12 MB of text takes seconds: time to interrupt it mid-pack
+    # zstd level 19 on 12 MB of text takes seconds: time to interrupt it mid-pack. SIGINT
+    # as a terminal sends it: a test run started in the background of a script inherits it
+    # ignored, and Python then keeps ignoring it.
     proc = subprocess.Popen([sys.executable, "-m", "cvmfs_inject", "inject", f"{base}:base",
                              str(tree), "--compress", "zstd", "--level", "19"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and proc.poll() is None:
