@@ -18,7 +18,7 @@ from cvmfs_inject.errors import UsageError
 from cvmfs_inject.image.access import Access
 from cvmfs_inject.layout.annotations import SOURCE_FORMAT, unchanged_original
 from cvmfs_inject.layout.archive import DeltaArchive, image_blobs, write_delta
-from cvmfs_inject.layout.gc import check_present
+from cvmfs_inject.layout.gc import check_present, check_sizes
 from cvmfs_inject.layout.store import OCI_LAYOUT_VERSION, Layout
 from cvmfs_inject.oci.jsondoc import canonical_json
 from cvmfs_inject.oci.media import MediaType
@@ -77,10 +77,11 @@ def push(src: ImageRef, dest: ImageRef, access: Access, *, manifest_format: str 
         if is_index and dest.transport == "docker-archive":
             raise UsageError(f"{src} is a multi-platform index; docker-archive holds one image: "
                              "push one platform by its own tag, or use oci-archive:")
-        check_present(layout, desc)
+        # what skopeo copies (not a manifest's subject), walked once: present, and of what types
         expand = reading(lambda d: layout.read_blob(d.digest, d.size), layout.where,
                          subject=False)
         reached = [path.descriptor for path in walk([desc], expand)]
+        check_sizes(layout, {d.digest: d.size for d in reached})
         if fmt == "v2s2" or dest.transport == "docker-archive":
             _check_docker_layers(reached, src, dest)
         if manifest_format == "keep" and dest.is_registry and unchanged_original(desc):

@@ -6,6 +6,7 @@ Functions over the store contract (umoci's `casext.GC`), using the one descripto
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cvmfs_inject.errors import IntegrityError, NotFoundError
@@ -47,7 +48,12 @@ def reachable(layout: Layout, roots: list[Descriptor] | None = None) -> dict[str
 def check_present(layout: Layout, desc: Descriptor) -> None:
     """Every blob `desc` reaches exists with its declared size (layers are not hashed:
     whoever reads them checks their digest)."""
-    for digest, size in reachable(layout, [desc]).items():
+    check_sizes(layout, reachable(layout, [desc]))
+
+
+def check_sizes(layout: Layout, sizes: Mapping[str, int]) -> None:
+    """Every blob of `sizes` (digest -> size) exists with that size."""
+    for digest, size in sizes.items():
         path = layout.blob_path(digest)
         try:
             actual = path.stat().st_size
