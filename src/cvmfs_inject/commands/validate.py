@@ -100,18 +100,18 @@ class _Checker:
             if MediaType.is_document(desc.media_type):
                 return self.source.document(desc)
             layer = desc.digest in self.layer_digests and is_tar_layer(desc.media_type)
+            packed = self.packed.get(desc.digest) if layer else None  # its diff_id
             if layer:
                 self.layers_read[desc.digest] = desc
             with self.source.open_blob(desc) as blob:
-                if layer and desc.digest not in self.packed:
+                if layer and packed is None:
                     self.tar_digests[desc.digest] = tar_digests(
                         blob, desc.media_type, self.wanted.get(desc.digest, {"sha256"}))
                 else:
                     while blob.read(READ_CHUNK):
                         pass
-                    if desc.digest in self.packed:
-                        diff_id = self.packed[desc.digest]
-                        self.tar_digests[desc.digest] = {diff_id.partition(":")[0]: diff_id}
+            if packed is not None:  # its blob read through: the diff_id packing hashed
+                self.tar_digests[desc.digest] = {packed.partition(":")[0]: packed}
         except CvmfsInjectError as exc:
             self.problems.append(Problem(where, str(exc).removeprefix(f"{where}: ")))
         return None
