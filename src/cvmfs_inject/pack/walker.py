@@ -96,12 +96,17 @@ class TreeWalker:
                 yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target),
                        None, 0)
 
-    def stats_of(self, root: str, mount: bytes
+    def stats_of(self, root: str, mount: bytes, start: str = "", depth: int = 0
                  ) -> Iterator[tuple[str, str, int, bytes, os.stat_result]]:
         """(path, name, descriptor of its directory, tar name, lstat) of every entry to pack
         (regular files, directories, symlinks), in tar order: the one place that decides
         what a tree holds, for the packer and for `stack.scan` alike. A directory's
-        children follow it; its descriptor stays open while they are yielded."""
+        children follow it; its descriptor stays open while they are yielded.
+
+        `start`: walk only what is below this directory of the tree (a relative path,
+        entered one name at a time, never through a symlink). `depth` (0: no limit): a
+        directory that many levels below `start` is yielded but not entered. `pack.fanout`
+        splits a walk into such pieces."""
         excluder = Excluder(self.options.excludes)
         excluded = excluder.excluded if excluder else None
         note = self.note
@@ -115,7 +120,17 @@ class TreeWalker:
         # The names of one directory are taken in an inner loop, left for a subdirectory
         # and resumed after it: per-entry Python work is what bounds the walk.
         fd = _opened(root, root, None)
-        stack = [(root + "/", fd, mount + b"/", "", iter(_listing(fd, root)))]
+        directory, prefix, rel_prefix = root + "/", mount + b"/", ""
+        for part in start.split("/") if start else ():
+            try:
+                child = _opened(directory + part, part, fd)
+            finally:
+                os.close(fd)
+            fd = child
+            directory, rel_prefix = directory + part + "/", rel_prefix + part + "/"
+            prefix += part.encode(encoding, errors) + b"/"
+        stack = [(directory, fd, prefix, rel_prefix,
+                  iter(_listing(fd, directory[:-1] if start else root)))]
         entries = 0
         try:
             while stack:
@@ -139,6 +154,10 @@ class TreeWalker:
                     tar_name = prefix + name.encode(encoding, errors)
                     if s_isdir(mode):
                         path = directory + name
+                        if depth and len(stack) >= depth:  # yielded, not entered
+                            entries += 1
+                            yield path, name, fd, tar_name, st
+                            continue
                         child = _opened(path, name, fd)
                         stack.append((path + "/", child, tar_name + b"/",
                                       rel_prefix + name + "/", iter(_listing(child, path))))
