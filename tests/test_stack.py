@@ -563,27 +563,65 @@ def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, regist
     assert run()["stack"]["action"] == "base"
 
 
+def test_a_stacked_update_scans_with_helpers_and_reports_each_skip_once(cli, tmp_path,
+                                                                       stacked, monkeypatch):
+    """The scan begins before the image is resolved, with a forked helper (pack.fanout);
+    what it skipped is reported once, in the order of the walk, and the union is the tree."""
+    import threading
+
+    from cvmfs_inject.pack import fanout
+
+    layout, tree, state = stacked
+    os.mkfifo(tree / "rel/b/pipe")
+    (tree / "rel/a/.wh.hidden").write_bytes(b"")
+    _change(tree, "add")
+    helpers: list[int] = []
+    real_start = fanout.FannedWalk.start
+
+    def start(self):
+        real_start(self)
+        helpers.append(self.helpers)
+
+    monkeypatch.setattr(fanout, "_cpus", lambda: 2)
+    monkeypatch.setattr(fanout.FannedWalk, "start", start)
+    assert threading.active_count() == 1  # else no helper is forked (fanout.start)
+    result = cli("--json", "inject", f"{layout}:s1", tree, "--state", state, "--max-layers",
+                 "4", "--tag", "s2")
+    assert result.code == 0, result.err
+    assert helpers and helpers[0] >= 1
+    warnings = json.loads(result.out)["warnings"]
+    assert [w.split(": ")[0] for w in warnings] == [f"{tree}/rel/a/.wh.hidden",
+                                                     f"{tree}/rel/b/pipe"]
+    assert all(result.err.count(w) == 1 for w in warnings)
+    for skipped in (tree / "rel/b/pipe", tree / "rel/a/.wh.hidden"):  # the tree as packed
+        parent = skipped.parent.stat()
+        skipped.unlink()
+        os.utime(skipped.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
+    assert cli("unpack", f"{layout}:s2", tmp_path / "out").code == 0
+    assert_same_tree(tree, tmp_path / "out")
+
+
 def test_the_cycle_collector_is_paused_only_while_stacks_are_decided(cli, stacked,
                                                                      monkeypatch):
     """Paused for a stacked inject's scan and update (tuples in no cycle); back on
     afterwards, also after a failure, and left off when the caller had it off."""
     import gc
 
-    import cvmfs_inject.commands.inject as command
+    from cvmfs_inject.stack.diff import PendingScan
     from cvmfs_inject.stack.update import cycle_collection_paused
 
     layout, tree, state = stacked
     seen: list[bool] = []
-    real_scan = command.scan
+    real_result = PendingScan.result
 
-    def scan(*args, **kwargs):
+    def result(self):
         seen.append(gc.isenabled())
-        return real_scan(*args, **kwargs)
+        return real_result(self)
 
-    monkeypatch.setattr(command, "scan", scan)
+    monkeypatch.setattr(PendingScan, "result", result)
     _change(tree, "add")
     inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
-    assert seen == [False] and gc.isenabled()
+    assert seen and not any(seen) and gc.isenabled()
     with pytest.raises(RuntimeError), cycle_collection_paused():
         raise RuntimeError
     assert gc.isenabled()

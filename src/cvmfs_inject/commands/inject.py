@@ -37,7 +37,7 @@ from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
 from cvmfs_inject.paths import refuse_overlap
 from cvmfs_inject.stack.continuation import continue_at
-from cvmfs_inject.stack.diff import scan
+from cvmfs_inject.stack.diff import PendingScan
 from cvmfs_inject.stack.options import StackOptions
 from cvmfs_inject.stack.update import StackUpdate, StackUpdater, cycle_collection_paused
 
@@ -120,15 +120,41 @@ class InjectReport:
 def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: PackOptions, *,
            platform: str | None = None, init_only: bool = False,
            stack_options: StackOptions | None = None, prepacked: Prepacked | None = None,
-           progress: Progress | None = None, warn: Warn | None = None) -> InjectReport:
+           progress: Progress | None = None, warn: Warn | None = None,
+           scanning: PendingScan | None = None) -> InjectReport:
     """Pack `tree` (None: the empty mount point, what `init` adds) into the images of
     `source` and write the result to `sink`. `prepacked`: the layer of `tree` with these
-    options, packed already (`batch` packs a tree once for all its images)."""
+    options, packed already (`batch` packs a tree once for all its images). `scanning`:
+    the tree's scan for a stacked update, begun by the caller (`scan_ahead`)."""
     if tree is not None:  # the layout written, or a registry sink's scratch store
         refuse_overlap(tree, sink.store.root)
+    stack_options = stack_options or StackOptions()
+    with contextlib.ExitStack() as scope:
+        if scanning is None:
+            scanning = scope.enter_context(scan_ahead(tree, options, stack_options, warn,
+                                                      init_only=init_only))
+        return _inject(source, sink, tree, options, platform, init_only, stack_options,
+                       prepacked, progress, warn, scanning)
+
+
+def scan_ahead(tree: Path | None, options: PackOptions, stack_options: StackOptions | None,
+               warn: Warn | None, *, init_only: bool = False
+               ) -> contextlib.AbstractContextManager[PendingScan | None]:
+    """A stacked update scans the tree: begun first, its helpers walk while the registry
+    client is imported, the image resolved and the stack's indexes loaded. It only reads
+    the tree: what `inject` refuses (a tree holding the layout) is refused before any
+    write all the same."""
+    if tree is None or init_only or stack_options is None or stack_options.max_layers < 2:
+        return contextlib.nullcontext()
+    return PendingScan(tree, options, warn)
+
+
+def _inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: PackOptions,
+            platform: str | None, init_only: bool, stack_options: StackOptions,
+            prepacked: Prepacked | None, progress: Progress | None, warn: Warn | None,
+            scanning: PendingScan | None) -> InjectReport:
     resolved = resolve(source, platform)
     reference = str(sink.ref)
-    stack_options = stack_options or StackOptions()
     if tree is not None and stack_options.max_layers > 1 and sink.ref != source.ref:
         continued = continue_at(sink, resolved, platform)
         if continued is not None:  # DEST is this base with a stack: the stack goes on there
@@ -145,8 +171,10 @@ def inject(source: ImageSource, sink: ImageSink, tree: Path | None, options: Pac
             "already-prepared", reference, resolved.top.digest))
     if tree is not None and not init_only and (
             stack_options.max_layers > 1 or any(len(s.diff_ids) > 1 for s in stacks.values())):
-        return _inject_stack(source, sink, tree, options, resolved, stacks, stack_options,
-                             progress, warn)
+        with contextlib.ExitStack() as scope:
+            pending = scanning or scope.enter_context(PendingScan(tree, options, warn))
+            return _inject_stack(source, sink, pending, options, resolved, stacks,
+                                 stack_options, progress, warn)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if prepacked is None:
@@ -186,23 +214,18 @@ def _stack_updates(updater: StackUpdater, resolved: Resolved, stacks: dict[str, 
             for image in resolved.images}
 
 
-def _inject_stack(source: ImageSource, sink: ImageSink, tree: Path, options: PackOptions,
-                  resolved: Resolved, stacks: dict[str, Stack], stack_options: StackOptions,
-                  progress: Progress | None, warn: Warn | None) -> InjectReport:
+def _inject_stack(source: ImageSource, sink: ImageSink, scan: PendingScan,
+                  options: PackOptions, resolved: Resolved, stacks: dict[str, Stack],
+                  stack_options: StackOptions, progress: Progress | None, warn: Warn | None
+                  ) -> InjectReport:
     """`inject` with the mount point's content kept as a stack of layers (`stack.update`)."""
     started = time.monotonic()
     reference = str(sink.ref)
-    notes: list[str] = []
-
-    def note(message: str) -> None:
-        notes.append(message)
-        if warn:
-            warn(message)
-
+    notes = scan.notes
     created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
     edits: dict[str, EditResult | None] = {}
     with cycle_collection_paused():  # the updater, a temporary, is freed inside it too
-        updates = _stack_updates(StackUpdater(source, sink.store, scan(tree, options, note),
+        updates = _stack_updates(StackUpdater(source, sink.store, scan,
                                               options, stack_options, progress, warn),
                                  resolved, stacks)
     for image in resolved.images:
@@ -320,8 +343,9 @@ def inject_ref(ref: ImageRef, tree: Path | None, options: PackOptions, access: A
         return run(ref, tree, target, access, options, platform=platform,
                    stack_options=stack_options, prepacked=prepacked, progress=progress,
                    warn=warn, init_only=init_only)
-    with backends.editing(ref, access, dest=dest, new_tag=new_tag,
-                          upload_progress=upload_progress) as (source, sink):
+    with scan_ahead(tree, options, stack_options, warn, init_only=init_only) as scanning, \
+            backends.editing(ref, access, dest=dest, new_tag=new_tag,
+                             upload_progress=upload_progress) as (source, sink):
         return inject(source, sink, tree, options, platform=platform, init_only=init_only,
                       stack_options=stack_options, prepacked=prepacked, progress=progress,
-                      warn=warn)
+                      warn=warn, scanning=scanning)

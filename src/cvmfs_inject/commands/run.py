@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cvmfs_inject import scratch
-from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref
+from cvmfs_inject.commands.inject import InjectReport, inject, inject_ref, scan_ahead
 from cvmfs_inject.commands.pull import default_tag, pull, source_format
 from cvmfs_inject.commands.push import archive_path, check_format, push
 from cvmfs_inject.commands.validate import validate_ref
@@ -44,11 +44,12 @@ def run_ref(src: ImageRef, tree: Path, dest: ImageRef, access: Access, options: 
         if manifest_format != "keep":
             raise UsageError("--format converts through a layout: add --via-layout")
         check_tree(tree)
-        with backends.editing(src, access, dest=dest,
-                              upload_progress=upload_progress) as (source, sink):
+        with scan_ahead(tree, options, stack_options, warn) as scanning, \
+                backends.editing(src, access, dest=dest,
+                                 upload_progress=upload_progress) as (source, sink):
             return inject(source, sink, tree, options, platform=platform,
                           stack_options=stack_options, prepacked=prepacked,
-                          progress=progress, warn=warn)
+                          progress=progress, warn=warn, scanning=scanning)
     return run(src, tree, dest, access, options, cache=cache, new_tag=new_tag,
                platform=platform, manifest_format=manifest_format,
                stack_options=stack_options, prepacked=prepacked, progress=progress, warn=warn)

@@ -10,6 +10,7 @@ changed, was added or left, every name of the group goes into the delta, the con
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -18,11 +19,10 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
-from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack.headers import TarHeaders
+from cvmfs_inject.errors import CvmfsInjectError, InputError
+from cvmfs_inject.pack.fanout import FannedWalk, Record, RecordOf
 from cvmfs_inject.pack.options import CHUNK, PackOptions, Warn
 from cvmfs_inject.pack.packer import check_tree
-from cvmfs_inject.pack.walker import TreeWalker
 from cvmfs_inject.stack.index import DIR, FILE, LINK, Node, estimate
 
 
@@ -37,38 +37,88 @@ class Scan:
         return self.root + "/" + os.fsdecode(rel) if rel else self.root
 
 
-def scan(tree: Path, options: PackOptions, warn: Warn | None = None) -> Scan:
-    """lstat every entry the packer would pack (same exclusions, same skips)."""
-    st = check_tree(tree)
-    root = str(tree).rstrip("/") or "/"
+class PendingScan:
+    """A scan begun early: its helpers (`pack.fanout`) walk the tree while the command
+    resolves the image and loads the stack's indexes; `result()` finishes it. Leaving the
+    context stops the helpers. A tree that cannot be scanned fails in `result()`, where a
+    scan begun late would have: the command's other errors keep their order."""
+
+    def __init__(self, tree: Path, options: PackOptions, warn: Warn | None = None) -> None:
+        self._tree, self._options = tree, options
+        self._scan: Scan | None = None
+        self.notes: list[str] = []  # what the scan skipped, as `warn` was told
+
+        def note(message: str) -> None:
+            self.notes.append(message)
+            if warn:
+                warn(message)
+
+        self._walk = FannedWalk(options, str(tree).rstrip("/") or "/", b"",
+                                _record_of(options), note)
+        with contextlib.suppress(OSError, CvmfsInjectError):  # result() says it
+            check_tree(tree)
+            self._walk.start()
+
+    def __enter__(self) -> PendingScan:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._walk.close()
+
+    def result(self) -> Scan:
+        """lstat every entry the packer would pack (same exclusions, same skips)."""
+        if self._scan is None:
+            self._scan = self._finish()
+        return self._scan
+
+    def _finish(self) -> Scan:
+        tree, options = self._tree, self._options
+        st = check_tree(tree)
+        root = str(tree).rstrip("/") or "/"
+        nodes: dict[bytes, Node] = {b"": Node(DIR, stat.S_IMODE(st.st_mode), 0, 0, 0,
+                                              options.clamp(st.st_mtime))}
+        firsts: dict[int, bytes] = {}
+        new = tuple.__new__  # a Node per entry: skip NamedTuple's Python-level __new__
+        try:
+            for rel, kind, perms, uid, gid, size, mtime, link, inode, mtime_ns in self._walk:
+                group = firsts.setdefault(inode, rel) if inode else b""
+                nodes[rel] = new(Node, (kind, perms, uid, gid, size, mtime, link, group, "",
+                                        mtime_ns))
+        finally:
+            self._walk.close()
+        sizes = Counter(node.group for node in nodes.values() if node.group)
+        for rel, node in nodes.items():  # a group of one name (other links outside DIR) is none
+            if node.group and sizes[node.group] == 1:
+                nodes[rel] = node._replace(group=b"")
+        return Scan(root, nodes)
+
+
+def _record_of(options: PackOptions) -> RecordOf:
+    """An entry's node fields, made where the entry was walked: (path below the tree, kind,
+    permissions, uid, gid, size, packed mtime, link target, inode key of a multiply-linked
+    file (else 0), exact mtime in ns (files only))."""
     keep_owner, clamp = options.keep_owner, options.clamp
-    nodes: dict[bytes, Node] = {b"": Node(DIR, stat.S_IMODE(st.st_mode), 0, 0, 0,
-                                          clamp(st.st_mtime))}
-    walker = TreeWalker(options, TarHeaders(), warn or (lambda _: None))
-    firsts: dict[int, bytes] = {}
     s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
-    new = tuple.__new__  # a Node per entry: skip NamedTuple's Python-level __new__
-    for _, name, fd, tar_name, st in walker.stats_of(root, b""):
-        rel = tar_name[1:]
+
+    def record(_: str, name: str, fd: int, tar_name: bytes, st: os.stat_result) -> Record:
         mode = st.st_mode
         uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
         if s_isreg(mode):
-            group = b""
-            if st.st_nlink > 1:
-                group = firsts.setdefault(st.st_dev << 64 | st.st_ino, rel)
-            nodes[rel] = new(Node, (FILE, s_imode(mode), uid, gid, st.st_size,
-                                    clamp(st.st_mtime), b"", group, "", st.st_mtime_ns))
-        elif s_isdir(mode):
-            nodes[rel] = new(Node, (DIR, s_imode(mode), uid, gid, 0, clamp(st.st_mtime), b"",
-                                    b"", "", 0))
-        else:
-            nodes[rel] = new(Node, (LINK, s_imode(mode), uid, gid, 0, clamp(st.st_mtime),
-                                    os.fsencode(os.readlink(name, dir_fd=fd)), b"", "", 0))
-    sizes = Counter(node.group for node in nodes.values() if node.group)
-    for rel, node in nodes.items():  # a group of one name (other links outside DIR) is none
-        if node.group and sizes[node.group] == 1:
-            nodes[rel] = node._replace(group=b"")
-    return Scan(root, nodes)
+            inode = st.st_dev << 64 | st.st_ino if st.st_nlink > 1 else 0
+            return (tar_name[1:], FILE, s_imode(mode), uid, gid, st.st_size,
+                    clamp(st.st_mtime), b"", inode, st.st_mtime_ns)
+        if s_isdir(mode):
+            return tar_name[1:], DIR, s_imode(mode), uid, gid, 0, clamp(st.st_mtime), b"", 0, 0
+        return (tar_name[1:], LINK, s_imode(mode), uid, gid, 0, clamp(st.st_mtime),
+                os.fsencode(os.readlink(name, dir_fd=fd)), 0, 0)
+
+    return record
+
+
+def scan(tree: Path, options: PackOptions, warn: Warn | None = None) -> Scan:
+    """lstat every entry the packer would pack (same exclusions, same skips)."""
+    with PendingScan(tree, options, warn) as pending:
+        return pending.result()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
 from cvmfs_inject.stack.cache import IndexCache, default_state_dir
-from cvmfs_inject.stack.diff import Delta, Scan, diff
+from cvmfs_inject.stack.diff import Delta, PendingScan, Scan, diff
 from cvmfs_inject.stack.index import DIR, LayerIndex, index_of_layer, union
 from cvmfs_inject.stack.options import StackOptions
 from cvmfs_inject.stack.plan import Plan
@@ -75,14 +75,20 @@ def cycle_collection_paused() -> Iterator[None]:
 class StackUpdater:
     """Updates the stacks of the images of one command, from one scan of the tree."""
 
-    def __init__(self, source: ImageSource, store: Layout, scan: Scan, options: PackOptions,
-                 stack_options: StackOptions, progress: Progress | None = None,
-                 warn: Warn | None = None) -> None:
-        self.source, self.store, self.scan = source, store, scan
+    def __init__(self, source: ImageSource, store: Layout, scan: PendingScan,
+                 options: PackOptions, stack_options: StackOptions,
+                 progress: Progress | None = None, warn: Warn | None = None) -> None:
+        self.source, self.store, self._scan = source, store, scan
         self.options, self.stack_options = options, stack_options
         self.cache = IndexCache(stack_options.state_dir or default_state_dir())
         self.progress, self.warn = progress, warn
         self._done: dict[tuple[str, ...], StackUpdate] = {}
+
+    @property
+    def scan(self) -> Scan:
+        """The tree's scan, finished when first needed: after the stack's indexes are
+        loaded, which its helpers' walk overlaps."""
+        return self._scan.result()
 
     def update(self, image: Image, stack: Stack) -> StackUpdate:
         """The update of this image's stack (images with the same stack share it)."""
