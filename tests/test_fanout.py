@@ -11,13 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import make_nasty_tree
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack import fanout
+from cvmfs_inject.pack import fanout, walker
 from cvmfs_inject.pack.fanout import FannedWalk
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.stack.diff import PendingScan
-from helpers import make_nasty_tree
 
 
 @pytest.fixture(autouse=True)
@@ -68,11 +68,15 @@ def fanned(root: Path, options: PackOptions, **kwargs) -> tuple[list[tuple], lis
         return list(walk), notes, walk.helpers
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_records_and_notes_are_those_of_one_walk(tmp_path, seed):
+@pytest.mark.parametrize(("seed", "ahead", "batch"),
+                         [(0, None, 4096), (1, None, 2), (2, 1 << 20, 4096), (3, 1, 2),
+                          (4, 1, 1), (5, 100, 3)])
+def test_records_and_notes_are_those_of_one_walk(tmp_path, monkeypatch, seed, ahead, batch):
+    """Whole units walked ahead (a scan), or units in batches under a bound (the packer)."""
+    monkeypatch.setattr(fanout, "BATCH", batch)
     root = random_tree(tmp_path / "tree", seed)
     options = PackOptions(excludes=("node1*", "atlas.cern.ch/odd/", "b*/a*"))
-    records, notes, helpers = fanned(root, options, min_units=1)
+    records, notes, helpers = fanned(root, options, min_units=1, ahead=ahead)
     assert helpers >= 1
     assert (records, notes) == plain(root, options)
     assert any("skipped" in note for note in notes)
@@ -105,50 +109,54 @@ def test_units_of_killed_helpers_are_walked_here(tmp_path):
     assert (records, notes) == plain(root, options)
 
 
-def test_a_unit_that_failed_in_a_helper_is_walked_again_here(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [None, 1])
+def test_a_unit_that_failed_in_a_helper_is_walked_again_here(tmp_path, monkeypatch, ahead):
+    """Also after some of its batches were given out (BATCH 3): the walk here goes on
+    from there."""
     root = random_tree(tmp_path / "tree", 4)
     options = PackOptions()
-    parent, real = os.getpid(), FannedWalk._walk_unit
+    parent, real = os.getpid(), walker._listing
+    monkeypatch.setattr(fanout, "BATCH", 3)
 
-    def failing_in_helpers(self, unit):
-        if os.getpid() != parent:
-            raise OSError("helper trouble")
-        return real(self, unit)
+    def failing_in_helpers(fd, path):
+        if os.getpid() != parent and path.endswith("releases"):
+            raise InputError(f"{path}: cannot read directory: helper trouble")
+        return real(fd, path)
 
-    monkeypatch.setattr(FannedWalk, "_walk_unit", failing_in_helpers)
-    records, notes, helpers = fanned(root, options, min_units=1)
+    monkeypatch.setattr(walker, "_listing", failing_in_helpers)
+    records, notes, helpers = fanned(root, options, min_units=1, ahead=ahead)
     assert helpers >= 1
     assert (records, notes) == plain(root, options)
 
 
-def test_an_error_comes_after_the_records_and_notes_before_it(tmp_path, monkeypatch):
-    """A unit that fails everywhere raises where one walk would: every record and note of
-    the units before it are out, none after."""
+@pytest.mark.parametrize("ahead", [None, 1 << 20])
+def test_an_error_comes_after_the_records_and_notes_before_it(tmp_path, monkeypatch, ahead):
+    """A directory that cannot be read, in a helper's unit or in this process's, fails
+    where one walk fails: every record and note before it out, none after."""
     root = random_tree(tmp_path / "tree", 5)
     options = PackOptions()
-    walk = FannedWalk(options, str(root), b"", record, lambda _: None, min_units=1)
-    walk.start()
-    walk.close()
-    failing = walk._units[len(walk._units) // 2]
-    real = FannedWalk._walk_unit
+    real = walker._listing
 
-    def failing_unit(self, unit):
-        if self._units[unit] == failing:
-            raise InputError(f"{failing}: cannot read directory: broken")
-        return real(self, unit)
+    def failing(fd, path):
+        if path.endswith("/lcg"):
+            raise InputError(f"{path}: cannot read directory: broken")
+        return real(fd, path)
 
-    monkeypatch.setattr(FannedWalk, "_walk_unit", failing_unit)
+    monkeypatch.setattr(walker, "_listing", failing)
+    monkeypatch.setattr(fanout, "BATCH", 2)
     expected: list[tuple | str] = []  # records and notes as they come
-    expected.extend(FannedWalk(options, str(root), b"", record, expected.append))
-    got: list[tuple | str] = []
-    with FannedWalk(options, str(root), b"", record, got.append, min_units=1) as walk:
-        walk.start()
-        with pytest.raises(InputError, match="broken"):
-            for item in walk:
-                got.append(item)
-    cut = expected.index(next(item for item in expected
-                              if isinstance(item, tuple) and item[0] == f"{root}/{failing}"))
-    assert got == expected[:cut + 1]
+    with pytest.raises(InputError, match="broken"):
+        expected.extend(FannedWalk(options, str(root), b"", record, expected.append))
+    for _ in range(3):  # the helpers' timing varies
+        got: list[tuple | str] = []
+        with FannedWalk(options, str(root), b"", record, got.append, min_units=1,
+                        ahead=ahead) as walk:
+            walk.start()
+            assert walk.helpers >= 1
+            with pytest.raises(InputError, match="broken"):
+                for item in walk:
+                    got.append(item)
+        assert got == expected
     assert any(isinstance(item, str) for item in got)
 
 
@@ -183,3 +191,40 @@ def test_no_helpers_beside_other_threads_or_past_the_ticket_limit(tmp_path, monk
     monkeypatch.setattr(fanout, "MAX_UNITS", 2)
     records, notes, helpers = fanned(root, options, min_units=1)
     assert helpers == 0 and (records, notes) == expected
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.data += data
+
+
+@pytest.mark.parametrize("keep_owner", [False, True])
+def test_the_packer_writes_the_same_bytes_with_helpers(tmp_path, monkeypatch, keep_owner):
+    """The layer, and what the packer reports of it, do not depend on the helpers (small
+    batches and bound: units cross many batches)."""
+    from cvmfs_inject.pack import packer
+
+    root = random_tree(tmp_path / "tree", 8)
+    forked: list[int] = []
+    real_start = FannedWalk.start
+
+    def start(self):
+        real_start(self)
+        forked.append(self.helpers)
+
+    monkeypatch.setattr(FannedWalk, "start", start)
+    monkeypatch.setattr(fanout, "BATCH", 5)
+    monkeypatch.setattr(packer, "WALK_AHEAD", 1)
+    results = []
+    for helpers in (3, 0):
+        monkeypatch.setattr(fanout, "MAX_HELPERS", helpers)
+        sink, warnings = _Sink(), []
+        result = packer.pack(root, sink, PackOptions(compression="none", keep_owner=keep_owner),
+                             warn=warnings.append)
+        results.append((bytes(sink.data), result, warnings))
+    assert forked[0] >= 1 and forked[1] == 0
+    assert results[0] == results[1]
+    assert results[0][1].hardlinks and results[0][1].warnings

@@ -2,17 +2,19 @@
 
 Why: a walk costs an lstat and a share of a getdents per entry, in the kernel, plus the
 Python around them, and one walk uses one core. On the bench's 20k tree (81k entries) the
-scan of a stack update took about half of the update; two walkers take it in half the time.
+scan of a stack update took about half of the update, and on a tree of a million entries
+the walk was more than half of the packer's main thread.
 
 How: this process first walks the top of the tree itself (`SKELETON_DEPTH` levels), the
 *skeleton*. The content of each directory at that depth is a *unit*. Units are claimed
 through tickets (their numbers, 4 bytes each, written into a pipe before the fork: a read
 of 4 bytes takes exactly one), by the helpers from the start and by this process once its
 caller asks for records. The record of each entry (`record`, a tuple of bytes, ints and
-floats) is made where the entry was walked; a helper sends a unit's records, and the notes
-the walk made, with marshal through its own pipe, drained by a thread of this process so
-that a helper never waits for the caller. Records are yielded in tar order, the skeleton's
-and each unit's in its place: exactly what one walk gives.
+floats) is made where the entry was walked; a helper sends a unit's records in batches,
+with the notes the walk made, with marshal through its own pipe, drained by a thread of
+this process (which, with a bound, stops draining while the caller is behind). Records are
+yielded in tar order, the skeleton's and each unit's in its place: exactly what one walk
+gives.
 
 What goes wrong stays as in one walk: a unit whose walk failed in a helper (an error, or a
 helper killed) is walked again in this process, which raises the error, after the same
@@ -31,8 +33,9 @@ import signal
 import stat
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from cvmfs_inject.pack.headers import TarHeaders
 from cvmfs_inject.pack.options import PackOptions, Warn
@@ -41,15 +44,17 @@ from cvmfs_inject.pack.walker import TreeWalker
 Record = tuple[Any, ...]
 # (path, name, descriptor of its directory, tar name, lstat) -> the entry's record
 RecordOf = Callable[[str, str, int, bytes, os.stat_result], Record]
-# a unit's records, and the notes its walk made (each after how many of the records)
-Unit = tuple[list[Record], list[tuple[int, str]]]
+# records, and the notes the walk made among them (each after how many of the records)
+Batch = tuple[list[Record], list[tuple[int, str]]]
 
 SKELETON_DEPTH = 2  # a shrinkwrap tree: /cvmfs/<repository>/<top directory>, .data/<00..ff>
 MIN_UNITS = 4  # fewer units than this: the walk is short, a fork is not worth it
 MAX_UNITS = 16384  # the tickets fit in the 64 KiB a pipe holds on Linux
 MAX_HELPERS = 3
+BATCH = 4096  # records a helper sends at a time: a huge unit is never held whole
 _TICKET = 4
-_FRAME = struct.Struct("<iq")  # unit number, length of the marshalled Unit (-1: failed)
+_FRAME = struct.Struct("<iBq")  # unit number, kind, length of the marshalled Batch
+_MORE, _END, _FAILED = 0, 1, 2  # a unit's batch, its last batch, its walk failed
 _READ = 1 << 20
 
 
@@ -63,17 +68,28 @@ def _cpus() -> int:
 class FannedWalk:
     """The records of a walk of `root` (`TreeWalker.stats_of`), walked by this process and
     by helpers started with `start`. Iterate once; `close` (or the context manager) stops
-    the helpers, whether or not the iteration ended."""
+    the helpers, whether or not the iteration ended.
+
+    `ahead=None`: while this process waits for a helper's unit it walks later units, each
+    kept whole (a scan keeps every record anyway). `ahead=N` bytes: the helpers' batches
+    held here stay near N, and this process walks only the unit it needs, streaming, so
+    memory stays bounded whatever a unit's size (the packer)."""
 
     def __init__(self, options: PackOptions, root: str, mount: bytes, record: RecordOf,
-                 note: Warn, *, min_units: int = MIN_UNITS) -> None:
+                 note: Warn, *, min_units: int = MIN_UNITS, ahead: int | None = None) -> None:
         self._options, self._root, self._mount = options, root, mount
         self._record, self._note, self._min_units = record, note, min_units
-        self._skeleton: list[Record | int | str] | None = None  # None: one plain walk
+        self._ahead = ahead
+        # records, notes, and [unit, record of its directory]; None: one plain walk
+        self._skeleton: list[Record | str | list[Any]] | None = None
         self._units: list[str] = []
         self._tickets = -1
         self._helpers: list[int] = []
-        self._done: dict[int, Unit | None] = {}  # None: failed in a helper, walk it here
+        self._mine: set[int] = set()  # units this process claimed, to walk at their turn
+        # per unit, the batches come: (kind, bytes held, batch or None if it failed)
+        self._frames: dict[int, deque[tuple[int, int, Batch | None]]] = {}
+        self._held = 0
+        self._waiting = self._closing = False
         self._open_pipes = 0
         self._changed = threading.Condition()
         self._drain: threading.Thread | None = None
@@ -130,10 +146,10 @@ class FannedWalk:
         self._drain.start()
 
     def __iter__(self) -> Iterator[Record]:
-        record = self._record
         if self._skeleton is None:
-            for entry in TreeWalker(self._options, TarHeaders(), self._note).stats_of(self._root,
-                                                                                self._mount):
+            walker = TreeWalker(self._options, TarHeaders(), self._note)
+            record = self._record
+            for entry in walker.stats_of(self._root, self._mount):
                 yield record(*entry)
             return
         note = self._note
@@ -143,16 +159,13 @@ class FannedWalk:
             elif type(item) is str:
                 note(item)
             else:
-                assert isinstance(item, int)
-                records, notes = self._unit(item)
-                done = 0
-                for before, message in notes:  # each note where one walk makes it
-                    yield from records[done:before]
-                    done = before
-                    note(message)
-                yield from records[done:] if done else records
+                unit, head = cast(list, item)
+                yield from self._unit(unit, head)
 
     def close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         for pid in self._helpers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -166,60 +179,118 @@ class FannedWalk:
             os.close(self._tickets)
             self._tickets = -1
 
-    def _walk_skeleton(self) -> list[Record | int | str]:
-        items: list[Record | int | str] = []
+    def _walk_skeleton(self) -> list[Record | str | list[Any]]:
+        items: list[Record | str | list[Any]] = []
         walker = TreeWalker(self._options, TarHeaders(), items.append)
         record, skip = self._record, len(self._root) + 1
         for entry in walker.stats_of(self._root, self._mount, depth=SKELETON_DEPTH):
-            items.append(record(*entry))
             path, st = entry[0], entry[4]
             rel = path[skip:]
             if stat.S_ISDIR(st.st_mode) and rel.count("/") == SKELETON_DEPTH - 1:
-                items.append(len(self._units))
+                items.append([len(self._units), record(*entry)])
                 self._units.append(rel)
+            else:
+                items.append(record(*entry))
         return items
 
-    def _walk_unit(self, unit: int) -> Unit:
+    def _batches(self, unit: int, size: int) -> Iterator[tuple[Batch, bool]]:
+        """The unit walked in this process, in batches of `size` records (0: one batch),
+        the last one flagged True; a note goes with the batch of the record after it."""
         records: list[Record] = []
         notes: list[tuple[int, str]] = []
         walker = TreeWalker(self._options, TarHeaders(),
                             lambda message: notes.append((len(records), message)))
-        record, keep = self._record, records.append
+        record = self._record
         for entry in walker.stats_of(self._root, self._mount, start=self._units[unit]):
-            keep(record(*entry))
-        return records, notes
+            if len(records) == size and size:
+                yield (records, notes), False
+                records, notes = [], []
+            records.append(record(*entry))
+        yield (records, notes), True
+
+    def _walk_here(self, unit: int, head: Record | None, given: int) -> Iterator[Record]:
+        """The unit walked in this process as it is needed: its directory's record `head`
+        once the directory is listed (None: given out already), and its records but the
+        first `given` (with the notes among them: given out by a helper's batches)."""
+        count = 0
+
+        def note(message: str) -> None:
+            if count >= given:
+                self._note(message)
+
+        walker = TreeWalker(self._options, TarHeaders(), note)
+        record = self._record
+        entries = walker.stats_of(self._root, self._mount, start=self._units[unit])
+        if head is not None:
+            yield head
+        for entry in entries:
+            if count >= given:
+                yield record(*entry)
+            count += 1
+
+    def _unit(self, unit: int, head: Record) -> Iterator[Record]:
+        """The records of the unit's directory and of all below it: as one walk gives
+        them, a failure to list the directory comes before its record."""
+        note, given, first = self._note, 0, True
+        while True:
+            frame = self._next_frame(unit)
+            if frame is None or frame[1] is None:  # walked here (again, if a helper failed)
+                yield from self._walk_here(unit, head if first else None, given)
+                return
+            if first:
+                yield head
+                first = False
+            kind, (records, notes) = frame
+            done = 0
+            for before, message in notes:  # each note where one walk makes it
+                yield from records[done:before]
+                done = before
+                note(message)
+            yield from records[done:] if done else records
+            given += len(records)
+            if kind == _END:
+                return
+
+    def _next_frame(self, unit: int) -> tuple[int, Batch | None] | None:
+        """The unit's next batch from a helper (kind, batch; None if it failed), or None:
+        this process walks the unit. Meanwhile, with `ahead=None`, later units are claimed
+        and walked whole here (a failure kept for its turn)."""
+        changed, frames = self._changed, self._frames
+        if unit in self._mine:
+            self._mine.discard(unit)
+            return None
+        while True:
+            with changed:
+                queue = frames.get(unit)
+                if queue:
+                    kind, held, batch = queue.popleft()
+                    self._held -= held
+                    changed.notify_all()
+                    return kind, batch
+            claimed = self._claim()
+            if claimed == unit:
+                return None
+            if claimed is not None and self._ahead is not None:
+                self._mine.add(claimed)  # walked at its turn, not held ahead
+            elif claimed is not None:
+                try:
+                    whole: Batch | None = next(self._batches(claimed, 0))[0]
+                except Exception:  # raised again at its turn
+                    whole = None
+                with changed:
+                    frames[claimed] = deque([(_END, 0, whole)])
+                continue
+            with changed:
+                self._waiting = True
+                changed.notify_all()
+                changed.wait_for(lambda: frames.get(unit) or not self._open_pipes)
+                self._waiting = False
+                if not frames.get(unit):  # its helper is gone without it
+                    return None
 
     def _claim(self) -> int | None:
         ticket = os.read(self._tickets, _TICKET)
         return int.from_bytes(ticket, "little") if ticket else None
-
-    def _unit(self, unit: int) -> Unit:
-        """The unit's records: a helper's, or walked here; meanwhile, units further on are
-        claimed and walked here (their failures kept for their turn)."""
-        done, changed = self._done, self._changed
-        while True:
-            with changed:
-                if unit in done:
-                    found = done.pop(unit)
-                    if found is not None:
-                        return found
-                    break
-            claimed = self._claim()
-            if claimed == unit:
-                break
-            if claimed is not None:
-                try:
-                    result: Unit | None = self._walk_unit(claimed)
-                except Exception:  # raised again at its turn
-                    result = None
-                with changed:
-                    done[claimed] = result
-                continue
-            with changed:
-                changed.wait_for(lambda: unit in done or not self._open_pipes)
-                if unit not in done:  # its helper is gone without it
-                    break
-        return self._walk_unit(unit)
 
     def _helper(self, into: int) -> NoReturn:
         """A helper's life: claim units, send their records, exit without unwinding."""
@@ -227,38 +298,50 @@ class FannedWalk:
         try:
             while (unit := self._claim()) is not None:
                 try:
-                    payload = marshal.dumps(self._walk_unit(unit))
-                    frame = _FRAME.pack(unit, len(payload)) + payload
-                except Exception:  # the caller walks it again
-                    frame = _FRAME.pack(unit, -1)
-                view = memoryview(frame)
-                while view:
-                    view = view[os.write(into, view):]
+                    for batch, last in self._batches(unit, BATCH):
+                        payload = marshal.dumps(batch)
+                        self._send(into, _FRAME.pack(unit, _END if last else _MORE,
+                                                     len(payload)) + payload)
+                except Exception:  # this process's caller walks it again
+                    self._send(into, _FRAME.pack(unit, _FAILED, 0))
         except BaseException:  # a helper never returns into the caller
             code = 1
         os._exit(code)
 
+    @staticmethod
+    def _send(into: int, frame: bytes) -> None:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(into, view):]
+
     def _drain_pipes(self, pipes: list[int]) -> None:
-        """The thread that takes the helpers' frames as they come."""
+        """The thread that takes the helpers' frames as they come; with `ahead`, it stops
+        taking them while that much is held and the caller is not waiting (the helpers
+        then wait on their full pipes)."""
         selector = selectors.DefaultSelector()
         buffers: dict[int, bytearray] = {}
         for fd in pipes:
             selector.register(fd, selectors.EVENT_READ)
             buffers[fd] = bytearray()
+        ahead = self._ahead
         try:
             while buffers:
+                if ahead is not None:
+                    with self._changed:
+                        self._changed.wait_for(lambda: self._held < ahead or self._waiting
+                                               or self._closing)
                 for key, _ in selector.select():
                     fd = int(key.fd)
                     chunk = os.read(fd, _READ)
-                    if not chunk:
-                        selector.unregister(fd)
-                        os.close(fd)
-                        del buffers[fd]
-                        with self._changed:
-                            self._open_pipes -= 1
-                            self._changed.notify_all()
+                    if chunk:
+                        self._take_frames(buffers[fd], chunk)
                         continue
-                    self._frames(buffers[fd], chunk)
+                    selector.unregister(fd)
+                    os.close(fd)
+                    del buffers[fd]
+                    with self._changed:
+                        self._open_pipes -= 1
+                        self._changed.notify_all()
         finally:
             for fd in buffers:
                 selector.unregister(fd)
@@ -268,23 +351,22 @@ class FannedWalk:
                 self._changed.notify_all()
             selector.close()
 
-    def _frames(self, buffer: bytearray, chunk: bytes) -> None:
+    def _take_frames(self, buffer: bytearray, chunk: bytes) -> None:
         buffer += chunk
-        arrived: dict[int, Unit | None] = {}
+        arrived: list[tuple[int, int, int, Batch | None]] = []
         start = 0
         while len(buffer) - start >= _FRAME.size:
-            unit, length = _FRAME.unpack_from(buffer, start)
-            if length < 0:
-                arrived[unit] = None
-                start += _FRAME.size
-                continue
+            unit, kind, length = _FRAME.unpack_from(buffer, start)
             end = start + _FRAME.size + length
             if len(buffer) < end:
                 break
-            arrived[unit] = marshal.loads(buffer[start + _FRAME.size:end])
+            batch = None if kind == _FAILED else marshal.loads(buffer[start + _FRAME.size:end])
+            arrived.append((unit, kind, length, batch))
             start = end
         del buffer[:start]
         if arrived:
             with self._changed:
-                self._done.update(arrived)
+                for unit, kind, length, batch in arrived:
+                    self._frames.setdefault(unit, deque()).append((kind, length, batch))
+                    self._held += length
                 self._changed.notify_all()

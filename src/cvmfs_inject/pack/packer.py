@@ -1,11 +1,12 @@
 """The packer: a directory -> a reproducible tar -> diff_id -> compressed blob, in one pass.
 
-Speed and determinism drive the design. The tree is walked once (`pack.walker`), headers
+Speed and determinism drive the design. The tree is walked once (`pack.walker`), by this
+process and forked helpers (`pack.fanout`, whose records come in walk order), headers
 are written by hand (`pack.headers`), and file contents are read straight into a fixed set
 of 1 MiB chunk buffers that a worker thread hashes and compresses (`pack.pipeline`); while
 the worker is busy, the walk goes on ahead (`pack.lookahead`). Memory is bounded by the
-buffers and the plan-ahead bound, whatever the tree size, apart from the hard-link table
-and the name lists of the directories being walked.
+buffers, the plan-ahead bound and the walk's (`WALK_AHEAD`), whatever the tree size, apart
+from the hard-link table and the name lists of the directories being walked.
 
 The same tree and options give the same tar bytes (diff_id) on any host, and the same
 compressed bytes under any thread timing and core count: entries in sorted order, owner
@@ -17,6 +18,7 @@ may differ between, say, x86-64 and aarch64.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -25,11 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.fanout import FannedWalk
 from cvmfs_inject.pack.headers import BLOCK, TYPE_DIR, ZEROS, TarHeaders
 from cvmfs_inject.pack.lookahead import Lookahead
 from cvmfs_inject.pack.options import CHUNK, PackOptions, Progress, Warn
 from cvmfs_inject.pack.pipeline import Pipeline, Sink, steady_malloc
 from cvmfs_inject.pack.walker import Entry, TreeWalker
+
+# the walk's records held ahead of the packer (marshalled bytes; a record is about 200)
+WALK_AHEAD = 2 << 20
 
 
 @dataclass
@@ -198,20 +204,26 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
     steady_malloc()
     mount = options.mount_point.strip("/").encode()
     walker = TreeWalker(options, TarHeaders(), note)
-    pipeline = Pipeline(sink, options)
-    try:
-        filler = _ChunkFiller(pipeline, walker, progress)
-        filler.digests = digests
-        filler.root(tree, mount)
-        if plan is not None:
-            filler.tree(plan(walker.headers))
-        elif tree is not None:
-            filler.tree(walker.entries_of(str(tree).rstrip("/") or "/", mount))
-        filler.finish()
-        diff_id = pipeline.finish()
-    except BaseException:
-        pipeline.cancel()
-        raise
+    with contextlib.ExitStack() as scope:
+        walk = None
+        if plan is None and tree is not None:  # helpers forked before the pipeline's threads
+            walk = scope.enter_context(FannedWalk(options, str(tree).rstrip("/") or "/", mount,
+                                                  walker.record, note, ahead=WALK_AHEAD))
+            walk.start()
+        pipeline = Pipeline(sink, options)
+        try:
+            filler = _ChunkFiller(pipeline, walker, progress)
+            filler.digests = digests
+            filler.root(tree, mount)
+            if plan is not None:
+                filler.tree(plan(walker.headers))
+            elif walk is not None:
+                filler.tree(walker.entries_from(walk))
+            filler.finish()
+            diff_id = pipeline.finish()
+        except BaseException:
+            pipeline.cancel()
+            raise
     return PackResult(diff_id, pipeline.size, walker.entries + 1, filler.files,
                       walker.hardlinks, warnings, walker.newest)
 

@@ -11,7 +11,8 @@ import fnmatch
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from cvmfs_inject.errors import InputError, UsageError
 from cvmfs_inject.pack.headers import TYPE_DIR, TYPE_FILE, TYPE_HARDLINK, TYPE_SYMLINK, TarHeaders
@@ -56,7 +57,8 @@ class Excluder:
 
 
 class TreeWalker:
-    """Walks a tree once and yields its entries; counts what it emitted."""
+    """Walks a tree (`stats_of`) and makes the packer's entries of it (`entries_from`),
+    counting what it emitted."""
 
     def __init__(self, options: PackOptions, headers: TarHeaders,
                  note: Callable[[str], None]) -> None:
@@ -66,35 +68,53 @@ class TreeWalker:
         self.entries = self.hardlinks = 0
         self.newest = 0  # the latest mtime packed (as clamped)
 
-    def entries_of(self, root: str, mount: bytes) -> Iterator[Entry]:
-        """(header bytes, path of the content to copy or None, content size) in tar order."""
-        keep_owner = self.options.keep_owner
-        headers, clamp = self.headers, self.options.clamp
-        first_names = FirstNames()
-        s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
-        for path, name, fd, tar_name, st in self.stats_of(root, mount):
-            mode = st.st_mode
-            uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
-            perms = s_imode(mode)
-            mtime = clamp(st.st_mtime)
-            if mtime > self.newest:
-                self.newest = mtime
-            if s_isreg(mode):
-                if st.st_nlink > 1:
-                    first = first_names.get_or_add(st.st_dev, st.st_ino, tar_name)
-                    if first is not None:
-                        self.hardlinks += 1
-                        yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
-                                       first), None, 0)
-                        continue
-                size = st.st_size
-                yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
-            elif s_isdir(mode):
-                yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
-            else:
-                target = os.fsencode(os.readlink(name, dir_fd=fd))
-                yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target),
-                       None, 0)
+    def record(self, path: str, name: str, fd: int, tar_name: bytes, st: os.stat_result
+               ) -> tuple[bytes, str, bytes, int, int, int, int, int, int, bytes]:
+        """What `entries_from` needs of an entry, made where it was walked (`pack.fanout`):
+        (tar name, path, tar type, permissions, uid, gid, size, packed mtime, inode key of
+        a multiply-linked file else 0, link target)."""
+        mode = st.st_mode
+        uid, gid = (st.st_uid, st.st_gid) if self.options.keep_owner else (0, 0)
+        mtime = self.options.clamp(st.st_mtime)
+        if stat.S_ISREG(mode):
+            inode = st.st_dev << 64 | st.st_ino if st.st_nlink > 1 else 0
+            return (tar_name, path, TYPE_FILE, stat.S_IMODE(mode), uid, gid, st.st_size,
+                    mtime, inode, b"")
+        if stat.S_ISDIR(mode):
+            return tar_name, path, TYPE_DIR, stat.S_IMODE(mode), uid, gid, 0, mtime, 0, b""
+        return (tar_name, path, TYPE_SYMLINK, stat.S_IMODE(mode), uid, gid, 0, mtime, 0,
+                os.fsencode(os.readlink(name, dir_fd=fd)))
+
+    def entries_from(self, records: Iterable[tuple[Any, ...]]) -> Iterator[Entry]:
+        """(header bytes, path of the content to copy or None, content size) in tar order,
+        from the walk's records (`record`); the later names of an inode become hard links
+        to its first, so this runs in walk order, in one process."""
+        headers, first_names = self.headers, FirstNames()
+        entries = hardlinks = 0
+        newest = self.newest
+        try:
+            for tar_name, path, kind, perms, uid, gid, size, mtime, inode, target in records:
+                entries += 1
+                if mtime > newest:
+                    newest = mtime
+                if kind == TYPE_FILE:
+                    if inode:
+                        first = first_names.get_or_add(inode, tar_name)
+                        if first is not None:
+                            hardlinks += 1
+                            yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_HARDLINK,
+                                           first), None, 0)
+                            continue
+                    yield headers(tar_name, perms, uid, gid, size, mtime, TYPE_FILE), path, size
+                elif kind == TYPE_DIR:
+                    yield headers(tar_name + b"/", perms, uid, gid, 0, mtime, TYPE_DIR), None, 0
+                else:
+                    yield (headers(tar_name, perms, uid, gid, 0, mtime, TYPE_SYMLINK, target),
+                           None, 0)
+        finally:
+            self.entries += entries
+            self.hardlinks += hardlinks
+            self.newest = newest
 
     def stats_of(self, root: str, mount: bytes, start: str = "", depth: int = 0
                  ) -> Iterator[tuple[str, str, int, bytes, os.stat_result]]:
@@ -106,19 +126,11 @@ class TreeWalker:
         `start`: walk only what is below this directory of the tree (a relative path,
         entered one name at a time, never through a symlink). `depth` (0: no limit): a
         directory that many levels below `start` is yielded but not entered. `pack.fanout`
-        splits a walk into such pieces."""
+        splits a walk into such pieces. The starting directory is opened and listed by
+        this call, as one walk lists a directory before it yields its entry: a failure
+        there comes before the caller gives out the directory's own entry."""
         excluder = Excluder(self.options.excludes)
-        excluded = excluder.excluded if excluder else None
-        note = self.note
-        lstat = os.lstat
         encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-        s_isreg, s_isdir, s_islnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
-        # each stack item: (directory path, its descriptor, its tar name prefix, its path
-        # below the tree, iterator over its sorted names). Entries are looked up relative
-        # to their directory's descriptor: the kernel resolves one name, not the whole path
-        # (on a million-entry tree of deep paths that halved the time of each lstat).
-        # The names of one directory are taken in an inner loop, left for a subdirectory
-        # and resumed after it: per-entry Python work is what bounds the walk.
         fd = _opened(root, root, None)
         directory, prefix, rel_prefix = root + "/", mount + b"/", ""
         for part in start.split("/") if start else ():
@@ -129,9 +141,27 @@ class TreeWalker:
             fd = child
             directory, rel_prefix = directory + part + "/", rel_prefix + part + "/"
             prefix += part.encode(encoding, errors) + b"/"
-        stack = [(directory, fd, prefix, rel_prefix,
-                  iter(_listing(fd, directory[:-1] if start else root)))]
-        entries = 0
+        try:
+            names = iter(_listing(fd, directory[:-1] if start else root))
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._stats([(directory, fd, prefix, rel_prefix, names)], depth,
+                           excluder.excluded if excluder else None)
+
+    def _stats(self, stack: list[tuple[str, int, bytes, str, Iterator[str]]], depth: int,
+               excluded: Callable[[str, bool], bool] | None
+               ) -> Iterator[tuple[str, str, int, bytes, os.stat_result]]:
+        note = self.note
+        lstat = os.lstat
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+        s_isreg, s_isdir, s_islnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
+        # each stack item: (directory path, its descriptor, its tar name prefix, its path
+        # below the tree, iterator over its sorted names). Entries are looked up relative
+        # to their directory's descriptor: the kernel resolves one name, not the whole path
+        # (on a million-entry tree of deep paths that halved the time of each lstat).
+        # The names of one directory are taken in an inner loop, left for a subdirectory
+        # and resumed after it: per-entry Python work is what bounds the walk.
         try:
             while stack:
                 directory, fd, prefix, rel_prefix, names = stack[-1]
@@ -155,26 +185,22 @@ class TreeWalker:
                     if s_isdir(mode):
                         path = directory + name
                         if depth and len(stack) >= depth:  # yielded, not entered
-                            entries += 1
                             yield path, name, fd, tar_name, st
                             continue
                         child = _opened(path, name, fd)
                         stack.append((path + "/", child, tar_name + b"/",
                                       rel_prefix + name + "/", iter(_listing(child, path))))
-                        entries += 1
                         yield path, name, fd, tar_name, st
                         break
                     if not (s_isreg(mode) or s_islnk(mode)):
                         note(f"{directory}{name}: skipped (sockets, fifos and device nodes "
                              "are not packed)")
                         continue
-                    entries += 1
                     yield directory + name, name, fd, tar_name, st
                 else:
                     stack.pop()
                     os.close(fd)
         finally:
-            self.entries += entries
             for item in stack:
                 os.close(item[1])
 
@@ -192,8 +218,9 @@ class FirstNames:
         self._where: dict[int, int] = {}  # dev << 64 | ino -> offset << 32 | length
         self._names = bytearray()
 
-    def get_or_add(self, dev: int, ino: int, name: bytes) -> bytes | None:
-        key = dev << 64 | ino
+    def get_or_add(self, key: int, name: bytes) -> bytes | None:
+        """The first name of the inode `key` (st_dev << 64 | st_ino), or None: `name` is
+        its first, from now on."""
         where = self._where.get(key)
         if where is not None:
             offset, length = where >> 32, where & 0xFFFFFFFF
