@@ -160,6 +160,28 @@ def test_an_error_comes_after_the_records_and_notes_before_it(tmp_path, monkeypa
     assert any(isinstance(item, str) for item in got)
 
 
+@pytest.mark.parametrize("release_after", [None, 0, 7, 40])
+def test_gated_helpers_begin_when_released(tmp_path, release_after):
+    """Until `release`, this process walks every unit; helpers never released leave."""
+    root = random_tree(tmp_path / "tree", 9)
+    options = PackOptions()
+    records: list[tuple] = []
+    notes: list[str] = []
+    with FannedWalk(options, str(root), b"", record, notes.append, min_units=1, ahead=1,
+                    gated=True) as walk:
+        walk.start()
+        pids = list(walk._helpers)
+        assert pids
+        for item in walk:
+            if len(records) == release_after:
+                walk.release()
+            records.append(item)
+    assert (records, notes) == plain(root, options)
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
 def test_close_reaps_the_helpers_of_an_unfinished_walk(tmp_path):
     root = random_tree(tmp_path / "tree", 1)
     walk = FannedWalk(PackOptions(), str(root), b"", record, lambda _: None, min_units=1)
@@ -214,6 +236,7 @@ def test_the_packer_writes_the_same_bytes_with_helpers(tmp_path, monkeypatch, ke
     def start(self):
         real_start(self)
         forked.append(self.helpers)
+        self.release()  # as when the walk holds the packer up from the start
 
     monkeypatch.setattr(FannedWalk, "start", start)
     monkeypatch.setattr(fanout, "BATCH", 5)

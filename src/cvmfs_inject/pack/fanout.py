@@ -76,10 +76,13 @@ class FannedWalk:
     memory stays bounded whatever a unit's size (the packer)."""
 
     def __init__(self, options: PackOptions, root: str, mount: bytes, record: RecordOf,
-                 note: Warn, *, min_units: int = MIN_UNITS, ahead: int | None = None) -> None:
+                 note: Warn, *, min_units: int = MIN_UNITS, ahead: int | None = None,
+                 gated: bool = False) -> None:
         self._options, self._root, self._mount = options, root, mount
         self._record, self._note, self._min_units = record, note, min_units
         self._ahead = ahead
+        self._gate = -1  # with `gated`: the helpers wait for a byte each here (`release`)
+        self._gated = gated
         # records, notes, and [unit, record of its directory]; None: one plain walk
         self._skeleton: list[Record | str | list[Any]] | None = None
         self._units: list[str] = []
@@ -123,6 +126,9 @@ class FannedWalk:
         finally:
             os.close(write)
         self._tickets, self._skeleton = read, skeleton
+        gate = -1
+        if self._gated:
+            gate, self._gate = os.pipe()
         pipes: list[int] = []
         for _ in range(helpers):
             out, into = os.pipe()
@@ -136,10 +142,14 @@ class FannedWalk:
                 os.close(out)
                 for fd in pipes:
                     os.close(fd)
-                self._helper(into)
+                if self._gate >= 0:
+                    os.close(self._gate)
+                self._helper(into, gate)
             os.close(into)
             self._helpers.append(pid)
             pipes.append(out)
+        if gate >= 0:
+            os.close(gate)
         self._open_pipes = len(pipes)
         self._drain = threading.Thread(target=self._drain_pipes, args=(pipes,),
                                        name="cvmfs-inject-walk", daemon=True)
@@ -162,7 +172,20 @@ class FannedWalk:
                 unit, head = cast(list, item)
                 yield from self._unit(unit, head)
 
+    def release(self) -> None:
+        """Let gated helpers begin: until then this process walks every unit itself, at
+        its turn (the packer releases them when its walk, not the compressor, holds it
+        up: on a tree of large files a helper would only take CPU from the compressor)."""
+        if self._gate >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._gate, bytes(len(self._helpers)))
+            os.close(self._gate)
+            self._gate = -1
+
     def close(self) -> None:
+        if self._gate >= 0:  # never released: the helpers read the end and leave
+            os.close(self._gate)
+            self._gate = -1
         with self._changed:
             self._closing = True
             self._changed.notify_all()
@@ -292,10 +315,13 @@ class FannedWalk:
         ticket = os.read(self._tickets, _TICKET)
         return int.from_bytes(ticket, "little") if ticket else None
 
-    def _helper(self, into: int) -> NoReturn:
-        """A helper's life: claim units, send their records, exit without unwinding."""
+    def _helper(self, into: int, gate: int) -> NoReturn:
+        """A helper's life: wait for the gate if any, claim units, send their records,
+        exit without unwinding."""
         code = 0
         try:
+            if gate >= 0 and not os.read(gate, 1):
+                os._exit(0)  # the walk ended (or failed) before it needed helpers
             while (unit := self._claim()) is not None:
                 try:
                     for batch, last in self._batches(unit, BATCH):

@@ -36,6 +36,8 @@ from cvmfs_inject.pack.walker import Entry, TreeWalker
 
 # the walk's records held ahead of the packer (marshalled bytes; a record is about 200)
 WALK_AHEAD = 2 << 20
+# the walk's helpers begin once this many chunks found the compressor waiting for one
+WALK_BOUND_CHUNKS = 16
 
 
 @dataclass
@@ -68,6 +70,8 @@ class _ChunkFiller:
         self.files = 0
         self.lookahead: Lookahead | None = None
         self.digests: dict[str, str] | None = None  # content sha256 by path, when asked
+        self.release_walk: Callable[[], None] | None = None  # FannedWalk.release
+        self._idle_handovers = 0  # chunks handed to a compressor that was waiting for one
 
     def emit(self, data: bytes | bytearray) -> None:
         pos = self.pos
@@ -101,6 +105,11 @@ class _ChunkFiller:
         self.pos = 0
 
     def _hand_over(self) -> None:
+        if self.release_walk is not None and self.pipeline.idle():
+            self._idle_handovers += 1
+            if self._idle_handovers == WALK_BOUND_CHUNKS:  # the walk holds the packer up
+                self.release_walk()
+                self.release_walk = None
         self.pipeline.put(self.chunk, self.pos)
         if self.progress is not None:
             self.progress(self.pos, self.files - self._reported_files)
@@ -208,12 +217,14 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
         walk = None
         if plan is None and tree is not None:  # helpers forked before the pipeline's threads
             walk = scope.enter_context(FannedWalk(options, str(tree).rstrip("/") or "/", mount,
-                                                  walker.record, note, ahead=WALK_AHEAD))
+                                                  walker.record, note, ahead=WALK_AHEAD,
+                                                  gated=True))
             walk.start()
         pipeline = Pipeline(sink, options)
         try:
             filler = _ChunkFiller(pipeline, walker, progress)
             filler.digests = digests
+            filler.release_walk = walk.release if walk is not None else None
             filler.root(tree, mount)
             if plan is not None:
                 filler.tree(plan(walker.headers))

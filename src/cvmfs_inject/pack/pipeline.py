@@ -128,6 +128,10 @@ class Pipeline:
     def full(self) -> bool:
         return self._queue.full()
 
+    def idle(self) -> bool:
+        """The worker has nothing queued: it waits for the producer."""
+        return self._queue.empty()
+
     def put(self, chunk: bytearray, length: int) -> None:
         if self._error is not None:
             raise self._error
