@@ -251,3 +251,67 @@ def test_the_packer_writes_the_same_bytes_with_helpers(tmp_path, monkeypatch, ke
     assert forked[0] >= 1 and forked[1] == 0
     assert results[0] == results[1]
     assert results[0][1].hardlinks and results[0][1].warnings
+
+
+def _small_units(root: Path) -> Path:
+    for unit in "abcd":
+        (root / "top" / unit).mkdir(parents=True)
+    for name in ("f0", "f1", "f3"):
+        (root / "top/a" / name).write_bytes(b"")
+    os.mkfifo(root / "top/a/f2fifo")
+    return root
+
+
+@pytest.mark.parametrize("ahead", [None, 1])
+def test_a_walk_again_goes_on_past_what_a_helper_gave_out(tmp_path, monkeypatch, ahead):
+    """The helper fails on f3 after a batch (f0, f1) and the note of the fifo before f3
+    went out: the walk here gives that note once, and, the tree having changed (a name
+    before f3 added), never a name twice."""
+    root = _small_units(tmp_path / "tree")
+    monkeypatch.setattr(fanout, "BATCH", 2)
+    parent = os.getpid()
+
+    def failing(path, name, fd, tar_name, st):
+        if os.getpid() != parent and name == "f3":
+            (root / "top/a/e-new").write_bytes(b"")
+            raise FileNotFoundError("the walk in the helper failed")
+        return record(path, name, fd, tar_name, st)
+
+    notes: list[str] = []
+    with FannedWalk(PackOptions(), str(root), b"", failing, notes.append, min_units=1,
+                    ahead=ahead) as walk:
+        walk.start()
+        assert walk.helpers >= 1
+        records = list(walk)
+    names = [item[1] for item in records]
+    assert len(names) == len(set(names))
+    assert b"/top/a/f3" in names and b"/top/a/e-new" not in names
+    assert notes == [f"{root}/top/a/f2fifo: skipped (sockets, fifos and device nodes are "
+                     "not packed)"]
+
+
+def test_the_plain_walk_for_a_wide_top_or_a_small_ticket_pipe(tmp_path, monkeypatch):
+    """A skeleton past MAX_SKELETON entries is not held; tickets that do not fit in the
+    pipe (a user over pipe-user-pages-soft gets 4 KiB pipes) would block the fork's caller."""
+    import fcntl
+
+    root = random_tree(tmp_path / "tree", 6)
+    options = PackOptions()
+    expected = plain(root, options)
+    monkeypatch.setattr(fanout, "MAX_SKELETON", 5)
+    assert fanned(root, options, min_units=1) == (*expected, 0)
+    monkeypatch.setattr(fanout, "MAX_SKELETON", 10000)
+    real_pipe = os.pipe
+
+    def small_pipe():
+        read, write = real_pipe()
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+        return read, write
+
+    monkeypatch.setattr(fanout, "_TICKET", 4)
+    monkeypatch.setattr(os, "pipe", small_pipe)
+    monkeypatch.setattr(fanout, "MAX_UNITS", 1 << 20)
+    big = tmp_path / "big"
+    for i in range(1100):
+        (big / "top" / f"u{i:04}").mkdir(parents=True)
+    assert fanned(big, options, min_units=1) == (*plain(big, options), 0)

@@ -26,36 +26,30 @@ it (other threads running, one CPU, too few or too many units) the walk is the p
 from __future__ import annotations
 
 import contextlib
-import marshal
 import os
-import selectors
 import signal
 import stat
-import struct
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, cast
 
 from cvmfs_inject.pack.headers import TarHeaders
+from cvmfs_inject.pack.inbox import END, FAILED, MORE, Batch, Inbox, Record, send
 from cvmfs_inject.pack.options import PackOptions, Warn
 from cvmfs_inject.pack.walker import TreeWalker
 
-Record = tuple[Any, ...]
 # (path, name, descriptor of its directory, tar name, lstat) -> the entry's record
 RecordOf = Callable[[str, str, int, bytes, os.stat_result], Record]
-# records, and the notes the walk made among them (each after how many of the records)
-Batch = tuple[list[Record], list[tuple[int, str]]]
 
 SKELETON_DEPTH = 2  # a shrinkwrap tree: /cvmfs/<repository>/<top directory>, .data/<00..ff>
 MIN_UNITS = 4  # fewer units than this: the walk is short, a fork is not worth it
 MAX_UNITS = 16384  # the tickets fit in the 64 KiB a pipe holds on Linux
 MAX_HELPERS = 3
+# the skeleton holds its records until the helpers are forked: past this many entries (a
+# wide top directory) the walk is the plain one, which holds none
+MAX_SKELETON = 10000
 BATCH = 4096  # records a helper sends at a time: a huge unit is never held whole
 _TICKET = 4
-_FRAME = struct.Struct("<iBq")  # unit number, kind, length of the marshalled Batch
-_MORE, _END, _FAILED = 0, 1, 2  # a unit's batch, its last batch, its walk failed
-_READ = 1 << 20
 
 
 def _cpus() -> int:
@@ -89,13 +83,7 @@ class FannedWalk:
         self._tickets = -1
         self._helpers: list[int] = []
         self._mine: set[int] = set()  # units this process claimed, to walk at their turn
-        # per unit, the batches come: (kind, bytes held, batch or None if it failed)
-        self._frames: dict[int, deque[tuple[int, int, Batch | None]]] = {}
-        self._held = 0
-        self._waiting = self._closing = False
-        self._open_pipes = 0
-        self._changed = threading.Condition()
-        self._drain: threading.Thread | None = None
+        self._inbox = Inbox(ahead)
 
     @property
     def helpers(self) -> int:
@@ -111,20 +99,28 @@ class FannedWalk:
         """Walk the skeleton and fork the helpers, which begin at once. Any failure here
         leaves the plain walk, which meets the same failure in its place."""
         helpers = min(_cpus() - 1, MAX_HELPERS)
+        if self._ahead is not None:  # while the caller waits for one helper's unit, the
+            helpers = min(helpers, 1)  # batches of others would pass the bound
         if helpers < 1 or threading.active_count() > 1 or not hasattr(os, "fork"):
             return
         try:
             skeleton = self._walk_skeleton()
         except Exception:  # the plain walk raises it again, in its place
             return
-        if not self._min_units <= len(self._units) <= MAX_UNITS:
+        if skeleton is None or not self._min_units <= len(self._units) <= MAX_UNITS:
             return
+        tickets = b"".join(i.to_bytes(_TICKET, "little") for i in range(len(self._units)))
         read, write = os.pipe()
+        os.set_blocking(write, False)  # a pipe may hold less than 64 KiB (pipe-user-pages-soft)
         try:
-            os.write(write, b"".join(i.to_bytes(_TICKET, "little")
-                                     for i in range(len(self._units))))
+            written = os.write(write, tickets)
+        except BlockingIOError:
+            written = 0
         finally:
             os.close(write)
+        if written < len(tickets):
+            os.close(read)
+            return
         self._tickets, self._skeleton = read, skeleton
         gate = -1
         if self._gated:
@@ -150,10 +146,7 @@ class FannedWalk:
             pipes.append(out)
         if gate >= 0:
             os.close(gate)
-        self._open_pipes = len(pipes)
-        self._drain = threading.Thread(target=self._drain_pipes, args=(pipes,),
-                                       name="cvmfs-inject-walk", daemon=True)
-        self._drain.start()
+        self._inbox.start(pipes)
 
     def __iter__(self) -> Iterator[Record]:
         if self._skeleton is None:
@@ -186,27 +179,25 @@ class FannedWalk:
         if self._gate >= 0:  # never released: the helpers read the end and leave
             os.close(self._gate)
             self._gate = -1
-        with self._changed:
-            self._closing = True
-            self._changed.notify_all()
         for pid in self._helpers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in self._helpers:
             os.waitpid(pid, 0)
         self._helpers = []
-        if self._drain is not None:
-            self._drain.join()
-            self._drain = None
+        self._inbox.close()
         if self._tickets >= 0:
             os.close(self._tickets)
             self._tickets = -1
 
-    def _walk_skeleton(self) -> list[Record | str | list[Any]]:
+    def _walk_skeleton(self) -> list[Record | str | list[Any]] | None:
+        """The top of the tree, or None when it is too wide to hold (`MAX_SKELETON`)."""
         items: list[Record | str | list[Any]] = []
         walker = TreeWalker(self._options, TarHeaders(), items.append)
         record, skip = self._record, len(self._root) + 1
         for entry in walker.stats_of(self._root, self._mount, depth=SKELETON_DEPTH):
+            if len(items) >= MAX_SKELETON:
+                return None
             path, st = entry[0], entry[4]
             rel = path[skip:]
             if stat.S_ISDIR(st.st_mode) and rel.count("/") == SKELETON_DEPTH - 1:
@@ -218,27 +209,32 @@ class FannedWalk:
 
     def _batches(self, unit: int, size: int) -> Iterator[tuple[Batch, bool]]:
         """The unit walked in this process, in batches of `size` records (0: one batch),
-        the last one flagged True; a note goes with the batch of the record after it."""
+        the last one flagged True. A batch is sent when the entry after it is found, so the
+        notes made before that entry end the batch."""
         records: list[Record] = []
         notes: list[tuple[int, str]] = []
         walker = TreeWalker(self._options, TarHeaders(),
                             lambda message: notes.append((len(records), message)))
-        record = self._record
+        record, last = self._record, None
         for entry in walker.stats_of(self._root, self._mount, start=self._units[unit]):
             if len(records) == size and size:
-                yield (records, notes), False
+                yield (records, notes, last), False
                 records, notes = [], []
             records.append(record(*entry))
-        yield (records, notes), True
+            last = entry[0]
+        yield (records, notes, last), True
 
-    def _walk_here(self, unit: int, head: Record | None, given: int) -> Iterator[Record]:
+    def _walk_here(self, unit: int, head: Record | None, after: str | None
+                   ) -> Iterator[Record]:
         """The unit walked in this process as it is needed: its directory's record `head`
-        once the directory is listed (None: given out already), and its records but the
-        first `given` (with the notes among them: given out by a helper's batches)."""
-        count = 0
+        once the directory is listed (None: given out already), then its records. `after`:
+        the path of the last entry a helper's batches gave out (with the notes up to the
+        entry after it); the walk goes on past it in walk order (names sorted directory by
+        directory), so a tree that changed meanwhile never yields a name twice."""
+        past = [after is None]
 
         def note(message: str) -> None:
-            if count >= given:
+            if past[0]:
                 self._note(message)
 
         walker = TreeWalker(self._options, TarHeaders(), note)
@@ -246,50 +242,51 @@ class FannedWalk:
         entries = walker.stats_of(self._root, self._mount, start=self._units[unit])
         if head is not None:
             yield head
+        if after is not None:
+            given = after.split("/")
+            for entry in entries:
+                if entry[0].split("/") > given:
+                    past[0] = True
+                    yield record(*entry)
+                    break
         for entry in entries:
-            if count >= given:
-                yield record(*entry)
-            count += 1
+            yield record(*entry)
 
     def _unit(self, unit: int, head: Record) -> Iterator[Record]:
         """The records of the unit's directory and of all below it: as one walk gives
         them, a failure to list the directory comes before its record."""
-        note, given, first = self._note, 0, True
+        note, after, first = self._note, None, True
         while True:
             frame = self._next_frame(unit)
             if frame is None or frame[1] is None:  # walked here (again, if a helper failed)
-                yield from self._walk_here(unit, head if first else None, given)
+                yield from self._walk_here(unit, head if first else None, after)
                 return
             if first:
                 yield head
                 first = False
-            kind, (records, notes) = frame
+            kind, (records, notes, last) = frame
             done = 0
             for before, message in notes:  # each note where one walk makes it
                 yield from records[done:before]
                 done = before
                 note(message)
             yield from records[done:] if done else records
-            given += len(records)
-            if kind == _END:
+            after = last or after
+            if kind == END:
                 return
 
     def _next_frame(self, unit: int) -> tuple[int, Batch | None] | None:
         """The unit's next batch from a helper (kind, batch; None if it failed), or None:
         this process walks the unit. Meanwhile, with `ahead=None`, later units are claimed
         and walked whole here (a failure kept for its turn)."""
-        changed, frames = self._changed, self._frames
         if unit in self._mine:
             self._mine.discard(unit)
             return None
+        inbox = self._inbox
         while True:
-            with changed:
-                queue = frames.get(unit)
-                if queue:
-                    kind, held, batch = queue.popleft()
-                    self._held -= held
-                    changed.notify_all()
-                    return kind, batch
+            frame = inbox.take(unit)
+            if frame is not None:
+                return frame
             claimed = self._claim()
             if claimed == unit:
                 return None
@@ -300,16 +297,9 @@ class FannedWalk:
                     whole: Batch | None = next(self._batches(claimed, 0))[0]
                 except Exception:  # raised again at its turn
                     whole = None
-                with changed:
-                    frames[claimed] = deque([(_END, 0, whole)])
-                continue
-            with changed:
-                self._waiting = True
-                changed.notify_all()
-                changed.wait_for(lambda: frames.get(unit) or not self._open_pipes)
-                self._waiting = False
-                if not frames.get(unit):  # its helper is gone without it
-                    return None
+                inbox.put(claimed, whole)
+            elif not inbox.wait(unit):  # its helper is gone without it
+                return None
 
     def _claim(self) -> int | None:
         ticket = os.read(self._tickets, _TICKET)
@@ -325,74 +315,9 @@ class FannedWalk:
             while (unit := self._claim()) is not None:
                 try:
                     for batch, last in self._batches(unit, BATCH):
-                        payload = marshal.dumps(batch)
-                        self._send(into, _FRAME.pack(unit, _END if last else _MORE,
-                                                     len(payload)) + payload)
+                        send(into, unit, END if last else MORE, batch)
                 except Exception:  # this process's caller walks it again
-                    self._send(into, _FRAME.pack(unit, _FAILED, 0))
+                    send(into, unit, FAILED)
         except BaseException:  # a helper never returns into the caller
             code = 1
         os._exit(code)
-
-    @staticmethod
-    def _send(into: int, frame: bytes) -> None:
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(into, view):]
-
-    def _drain_pipes(self, pipes: list[int]) -> None:
-        """The thread that takes the helpers' frames as they come; with `ahead`, it stops
-        taking them while that much is held and the caller is not waiting (the helpers
-        then wait on their full pipes)."""
-        selector = selectors.DefaultSelector()
-        buffers: dict[int, bytearray] = {}
-        for fd in pipes:
-            selector.register(fd, selectors.EVENT_READ)
-            buffers[fd] = bytearray()
-        ahead = self._ahead
-        try:
-            while buffers:
-                if ahead is not None:
-                    with self._changed:
-                        self._changed.wait_for(lambda: self._held < ahead or self._waiting
-                                               or self._closing)
-                for key, _ in selector.select():
-                    fd = int(key.fd)
-                    chunk = os.read(fd, _READ)
-                    if chunk:
-                        self._take_frames(buffers[fd], chunk)
-                        continue
-                    selector.unregister(fd)
-                    os.close(fd)
-                    del buffers[fd]
-                    with self._changed:
-                        self._open_pipes -= 1
-                        self._changed.notify_all()
-        finally:
-            for fd in buffers:
-                selector.unregister(fd)
-                os.close(fd)
-            with self._changed:
-                self._open_pipes = 0
-                self._changed.notify_all()
-            selector.close()
-
-    def _take_frames(self, buffer: bytearray, chunk: bytes) -> None:
-        buffer += chunk
-        arrived: list[tuple[int, int, int, Batch | None]] = []
-        start = 0
-        while len(buffer) - start >= _FRAME.size:
-            unit, kind, length = _FRAME.unpack_from(buffer, start)
-            end = start + _FRAME.size + length
-            if len(buffer) < end:
-                break
-            batch = None if kind == _FAILED else marshal.loads(buffer[start + _FRAME.size:end])
-            arrived.append((unit, kind, length, batch))
-            start = end
-        del buffer[:start]
-        if arrived:
-            with self._changed:
-                for unit, kind, length, batch in arrived:
-                    self._frames.setdefault(unit, deque()).append((kind, length, batch))
-                    self._held += length
-                self._changed.notify_all()

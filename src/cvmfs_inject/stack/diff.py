@@ -41,7 +41,10 @@ class PendingScan:
     """A scan begun early: its helpers (`pack.fanout`) walk the tree while the command
     resolves the image and loads the stack's indexes; `result()` finishes it. Leaving the
     context stops the helpers. A tree that cannot be scanned fails in `result()`, where a
-    scan begun late would have: the command's other errors keep their order."""
+    scan begun late would have: the command's other errors keep their order. The top of
+    the tree is read when the scan begins, the rest while it goes on: like any walk, it
+    needs a tree that nothing writes to meanwhile (a directory removed in between fails
+    the scan)."""
 
     def __init__(self, tree: Path, options: PackOptions, warn: Warn | None = None) -> None:
         self._tree, self._options = tree, options
