@@ -217,7 +217,8 @@ def pack(tree: Path | None, sink: Sink, options: PackOptions,
         walk = None
         if plan is None and tree is not None:  # helpers forked before the pipeline's threads
             walk = scope.enter_context(FannedWalk(options, str(tree).rstrip("/") or "/", mount,
-                                                  walker.record, note, ahead=WALK_AHEAD,
+                                                  walker.record_of(), note,
+                                                  ahead=WALK_AHEAD,
                                                   gated=True))
             walk.start()
         pipeline = Pipeline(sink, options)

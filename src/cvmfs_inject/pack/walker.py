@@ -68,26 +68,33 @@ class TreeWalker:
         self.entries = self.hardlinks = 0
         self.newest = 0  # the latest mtime packed (as clamped)
 
-    def record(self, path: str, name: str, fd: int, tar_name: bytes, st: os.stat_result
-               ) -> tuple[bytes, str, bytes, int, int, int, int, int, int, bytes]:
+    def record_of(self) -> Callable[[str, str, int, bytes, os.stat_result], tuple[Any, ...]]:
         """What `entries_from` needs of an entry, made where it was walked (`pack.fanout`):
         (tar name, path, tar type, permissions, uid, gid, size, packed mtime, inode key of
-        a multiply-linked file else 0, link target)."""
-        mode = st.st_mode
-        uid, gid = (st.st_uid, st.st_gid) if self.options.keep_owner else (0, 0)
-        mtime = self.options.clamp(st.st_mtime)
-        if stat.S_ISREG(mode):
-            inode = st.st_dev << 64 | st.st_ino if st.st_nlink > 1 else 0
-            return (tar_name, path, TYPE_FILE, stat.S_IMODE(mode), uid, gid, st.st_size,
-                    mtime, inode, b"")
-        if stat.S_ISDIR(mode):
-            return tar_name, path, TYPE_DIR, stat.S_IMODE(mode), uid, gid, 0, mtime, 0, b""
-        return (tar_name, path, TYPE_SYMLINK, stat.S_IMODE(mode), uid, gid, 0, mtime, 0,
-                os.fsencode(os.readlink(name, dir_fd=fd)))
+        a multiply-linked file else 0, link target). A closure: it runs once an entry."""
+        keep_owner, clamp = self.options.keep_owner, self.options.clamp
+        s_isreg, s_isdir, s_imode = stat.S_ISREG, stat.S_ISDIR, stat.S_IMODE
+        readlink, fsencode = os.readlink, os.fsencode
+
+        def record(path: str, name: str, fd: int, tar_name: bytes, st: os.stat_result
+                   ) -> tuple[Any, ...]:
+            mode = st.st_mode
+            uid, gid = (st.st_uid, st.st_gid) if keep_owner else (0, 0)
+            if s_isreg(mode):
+                return (tar_name, path, TYPE_FILE, s_imode(mode), uid, gid, st.st_size,
+                        clamp(st.st_mtime), st.st_dev << 64 | st.st_ino if st.st_nlink > 1
+                        else 0, b"")
+            if s_isdir(mode):
+                return (tar_name, path, TYPE_DIR, s_imode(mode), uid, gid, 0,
+                        clamp(st.st_mtime), 0, b"")
+            return (tar_name, path, TYPE_SYMLINK, s_imode(mode), uid, gid, 0,
+                    clamp(st.st_mtime), 0, fsencode(readlink(name, dir_fd=fd)))
+
+        return record
 
     def entries_from(self, records: Iterable[tuple[Any, ...]]) -> Iterator[Entry]:
         """(header bytes, path of the content to copy or None, content size) in tar order,
-        from the walk's records (`record`); the later names of an inode become hard links
+        from the walk's records (`record_of`); the later names of an inode become hard links
         to its first, so this runs in walk order, in one process."""
         headers, first_names = self.headers, FirstNames()
         entries = hardlinks = 0
