@@ -315,3 +315,24 @@ def test_the_plain_walk_for_a_wide_top_or_a_small_ticket_pipe(tmp_path, monkeypa
     for i in range(1100):
         (big / "top" / f"u{i:04}").mkdir(parents=True)
     assert fanned(big, options, min_units=1) == (*plain(big, options), 0)
+
+
+def test_with_a_bound_this_process_claims_one_unit_ahead_at_most(tmp_path, monkeypatch):
+    """Waiting for a helper's unit, this process claims the next one for itself and
+    waits: claiming on and on took every ticket from the helper."""
+    root = tmp_path / "tree"
+    for unit in range(60):
+        for name in range(30):
+            (root / "top" / f"u{unit:02}" / f"f{name}").mkdir(parents=True)
+    most: list[int] = []
+    real = FannedWalk._next_frame
+
+    def next_frame(self, unit):
+        found = real(self, unit)
+        most.append(len(self._mine))
+        return found
+
+    monkeypatch.setattr(FannedWalk, "_next_frame", next_frame)
+    records, notes, helpers = fanned(root, PackOptions(), min_units=1, ahead=1 << 20)
+    assert helpers == 1 and max(most) <= 1
+    assert (records, notes) == plain(root, PackOptions())

@@ -290,15 +290,16 @@ class FannedWalk:
             claimed = self._claim()
             if claimed == unit:
                 return None
-            if claimed is not None and self._ahead is not None:
-                self._mine.add(claimed)  # walked at its turn, not held ahead
-            elif claimed is not None:
+            if claimed is not None and self._ahead is None:
                 try:
                     whole: Batch | None = next(self._batches(claimed, 0))[0]
                 except Exception:  # raised again at its turn
                     whole = None
                 inbox.put(claimed, whole)
-            elif not inbox.wait(unit):  # its helper is gone without it
+                continue
+            if claimed is not None:
+                self._mine.add(claimed)  # walked at its turn, not held ahead
+            if not inbox.wait(unit):  # its helper is gone without it
                 return None
 
     def _claim(self) -> int | None:
