@@ -30,7 +30,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn, cast
 
 from cvmfs_inject.pack.headers import TarHeaders
@@ -82,7 +82,8 @@ class FannedWalk:
         self._units: list[str] = []
         self._tickets = -1
         self._helpers: list[int] = []
-        self._mine: set[int] = set()  # units this process claimed, to walk at their turn
+        # units this process claimed, and their walks begun ahead, in batches (None: not yet)
+        self._mine: dict[int, Iterator[tuple[Batch, bool]] | None] = {}
         self._inbox = Inbox(ahead)
 
     @property
@@ -186,6 +187,10 @@ class FannedWalk:
             os.waitpid(pid, 0)
         self._helpers = []
         self._inbox.close()
+        for walk in self._mine.values():
+            if walk is not None:
+                cast(Generator, walk).close()  # its descriptors
+        self._mine.clear()
         if self._tickets >= 0:
             os.close(self._tickets)
             self._tickets = -1
@@ -276,13 +281,19 @@ class FannedWalk:
                 return
 
     def _next_frame(self, unit: int) -> tuple[int, Batch | None] | None:
-        """The unit's next batch from a helper (kind, batch; None if it failed), or None:
-        this process walks the unit. Meanwhile, with `ahead=None`, later units are claimed
-        and walked whole here (a failure kept for its turn)."""
-        if unit in self._mine:
-            self._mine.discard(unit)
-            return None
+        """The unit's next batch (kind, batch; None if its walk failed), or None: this
+        process walks the unit, streaming. While it waits for a helper's unit, it claims
+        the next unit for itself and walks it ahead: whole without a bound, else batch by
+        batch while the batches held stay within it."""
         inbox = self._inbox
+        if unit in self._mine:
+            frame = inbox.take(unit)
+            walk = self._mine[unit]
+            if frame is not None or walk is None:
+                if walk is None:
+                    del self._mine[unit]
+                return frame
+            return self._step(unit, walk)
         while True:
             frame = inbox.take(unit)
             if frame is not None:
@@ -290,17 +301,41 @@ class FannedWalk:
             claimed = self._claim()
             if claimed == unit:
                 return None
-            if claimed is not None and self._ahead is None:
-                try:
-                    whole: Batch | None = next(self._batches(claimed, 0))[0]
-                except Exception:  # raised again at its turn
-                    whole = None
-                inbox.put(claimed, whole)
-                continue
             if claimed is not None:
-                self._mine.add(claimed)  # walked at its turn, not held ahead
+                self._mine[claimed] = None
+            if self._walk_ahead():
+                continue
             if not inbox.wait(unit):  # its helper is gone without it
                 return None
+
+    def _walk_ahead(self) -> bool:
+        """A batch of the first unit this process claimed, walked now and kept for its
+        turn; False when there is none or no room."""
+        inbox = self._inbox
+        for unit, walk in self._mine.items():
+            if self._ahead is None:  # whole
+                walk = self._batches(unit, 0)
+            elif not inbox.room():
+                return False
+            elif walk is None:
+                walk = self._mine[unit] = self._batches(unit, BATCH)
+            kind, batch = self._step(unit, walk)
+            inbox.put(unit, kind, batch)
+            return True
+        return False
+
+    def _step(self, unit: int, walk: Iterator[tuple[Batch, bool]]
+              ) -> tuple[int, Batch | None]:
+        """The next batch of a walk of this process (the unit is no longer its own once the
+        last came, or the walk failed: the failure is raised again at its turn)."""
+        try:
+            batch, last = next(walk)
+        except Exception:
+            del self._mine[unit]
+            return END, None
+        if last:
+            del self._mine[unit]
+        return (END if last else MORE), batch
 
     def _claim(self) -> int | None:
         ticket = os.read(self._tickets, _TICKET)

@@ -26,6 +26,7 @@ Batch = tuple[list[Record], list[tuple[int, str]], str | None]
 MORE, END, FAILED = 0, 1, 2  # a unit's batch, its last batch, its walk failed
 _FRAME = struct.Struct("<iBq")  # unit number, kind, length of the marshalled batch
 _READ = 1 << 20
+RECORD_BYTES = 200  # about what a marshalled record takes
 
 
 def send(into: int, unit: int, kind: int, batch: Batch | None = None) -> None:
@@ -66,10 +67,17 @@ class Inbox:
             self._changed.notify_all()
             return kind, batch
 
-    def put(self, unit: int, batch: Batch | None) -> None:
-        """A unit walked whole in this process, ahead of its turn (None: it failed)."""
+    def put(self, unit: int, kind: int, batch: Batch | None) -> None:
+        """A batch walked in this process ahead of its turn (None: the walk failed); it
+        counts against the bound as records of about RECORD_BYTES."""
+        held = 0 if batch is None else len(batch[0]) * RECORD_BYTES
         with self._changed:
-            self._frames[unit] = deque([(END, 0, batch)])
+            self._frames.setdefault(unit, deque()).append((kind, held, batch))
+            self._held += held
+
+    def room(self) -> bool:
+        """Less than the bound is held."""
+        return self._ahead is None or self._held < self._ahead
 
     def wait(self, unit: int) -> bool:
         """Wait for a frame of the unit; False if none will come (the pipes are closed)."""
