@@ -236,10 +236,10 @@ class FannedWalk:
         the path of the last entry a helper's batches gave out (with the notes up to the
         entry after it); the walk goes on past it in walk order (names sorted directory by
         directory), so a tree that changed meanwhile never yields a name twice."""
-        past = [after is None]
+        past = after is None
 
         def note(message: str) -> None:
-            if past[0]:
+            if past:
                 self._note(message)
 
         walker = TreeWalker(self._options, TarHeaders(), note)
@@ -251,7 +251,7 @@ class FannedWalk:
             given = after.split("/")
             for entry in entries:
                 if entry[0].split("/") > given:
-                    past[0] = True
+                    past = True
                     yield record(*entry)
                     break
         for entry in entries:
