@@ -103,6 +103,13 @@ class InflatingReader(io.RawIOBase):
                      if diff_id is not None and verify_problem(diff_id) is None else None)
         self._thread = threading.Thread(target=self._work, name="cvmfs-inject-inflate",
                                         daemon=True)
+
+    def _start(self) -> None:
+        """The threads start at the first read, not before: a caller may fork a process
+        between opening the stream and reading it (`pack.offload`), which is only safe
+        while this process has one thread."""
+        if self._sha is not None:
+            self._sha.start()
         self._thread.start()
 
     def readable(self) -> bool:
@@ -113,6 +120,8 @@ class InflatingReader(io.RawIOBase):
         if offset == len(chunk):
             if self._done:
                 return b""
+            if self._thread.ident is None:
+                self._start()
             item = self._queue.get()
             if isinstance(item, BaseException):
                 self._done = True
@@ -198,7 +207,8 @@ class InflatingReader(io.RawIOBase):
         """Stop the worker (it may be blocked on a full queue); the blob stays open, so its
         owner can still read it to the end (and have its digest checked)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         super().close()
 
 
@@ -213,6 +223,8 @@ class _BackgroundHash:
         self._queue: queue.Queue[bytes] = queue.Queue(QUEUE_DEPTH)
         self._thread = threading.Thread(target=self._work, name="cvmfs-inject-hash",
                                         daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _work(self) -> None:

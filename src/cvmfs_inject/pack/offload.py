@@ -1,0 +1,196 @@
+"""An extraction's file-system operations applied in a forked process, beside the one that
+reads the stream.
+
+Why: extracting a tree of a million small entries is about half system calls (10 s of
+mkdir, open, write, link and utime on the bench's 1M-entry tree) and half Python (reading
+headers, checking names); one process does them one after the other. Here the reading
+process parses and checks, and hands operations in batches to a child that only applies
+them (`pack.writes`): both cores work.
+
+The child is a fork, made before the stream's inflating threads start; it reads frames
+(kind, length, marshalled batch) from a pipe, in order, so every check on disk still
+happens in stream order. When it fails, it writes the error into a second pipe and exits;
+the reading process sees the pipe close on its next batch and raises that error. `finish`
+has the child set the directories' modes and times, and waits for its answer; `settle`
+waits for it to have applied everything sent (an error of an earlier member comes before
+one the reader found later). Leaving the context any other way kills and reaps it. Where
+forking is unsafe (other threads alive) or useless (one CPU), the same `Writes` runs here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import marshal
+import os
+import signal
+import struct
+import threading
+from typing import Any, NoReturn
+
+from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.writes import Writes
+
+_FRAME = struct.Struct("<Bq")  # kind, length of the marshalled batch that follows
+_OPERATIONS, _FINISH, _SETTLE = 0, 1, 2
+_PIPE_BYTES = 1 << 20  # the pipe's buffer, when the system allows it: fewer switches
+_READ = 1 << 20
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def can_fork() -> bool:
+    """Forking is safe (no other thread may hold a lock the child needs) and worth it."""
+    return hasattr(os, "fork") and threading.active_count() == 1 and _cpus() > 1
+
+
+class Applier:
+    """Where an extraction's operations go: a forked child applying them (`forked`), or
+    `writes` itself. A context manager: leaving it with an error stops the child."""
+
+    def __init__(self, writes: Writes, fork: bool) -> None:
+        self._writes = writes
+        self._pid = 0
+        self._into = self._answers = -1
+        if fork:
+            self._fork()
+
+    @property
+    def forked(self) -> bool:
+        return self._pid > 0
+
+    def __enter__(self) -> Applier:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _fork(self) -> None:
+        operations, self._into = os.pipe()
+        self._answers, answer = os.pipe()
+        with contextlib.suppress(OSError):  # the default 64 KiB works too
+            fcntl.fcntl(self._into, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        pid = os.fork()
+        if pid == 0:
+            os.close(self._into)
+            os.close(self._answers)
+            self._child(operations, answer)
+        self._pid = pid
+        os.close(operations)
+        os.close(answer)
+
+    def send(self, operations: list[tuple[Any, ...]]) -> None:
+        if not self._pid:
+            self._writes.apply(operations)
+            return
+        self._frame(_OPERATIONS, marshal.dumps(operations))
+
+    def settle(self) -> None:
+        """Raise the error of an operation sent so far, if one failed."""
+        if self._pid:
+            self._frame(_SETTLE)
+            self._answer()
+
+    def finish(self) -> None:
+        """The directories' modes and times (`Writes.finish`), once all is applied."""
+        if not self._pid:
+            self._writes.finish()
+            return
+        self._frame(_FINISH)
+        self._answer()
+
+    def close(self) -> None:
+        """Stop the child if it still runs (killed: what it made is the caller's to
+        remove), and close what this side holds."""
+        if not self._pid:
+            self._writes.close()
+            return
+        for fd in (self._into, self._answers):
+            if fd >= 0:
+                os.close(fd)
+        self._into = self._answers = -1
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
+        os.waitpid(self._pid, 0)
+        self._pid = 0
+
+    def _frame(self, kind: int, payload: bytes = b"") -> None:
+        view = memoryview(_FRAME.pack(kind, len(payload)) + payload)
+        try:
+            while view:
+                view = view[os.write(self._into, view):]
+        except BrokenPipeError:  # the child stopped: its answer says why
+            self._answer()
+
+    def _answer(self) -> None:
+        """The child's answer to `_FINISH` or `_SETTLE`, or the error it stopped with."""
+        head = _read_exactly(self._answers, _FRAME.size)
+        if len(head) < _FRAME.size:
+            _, status = os.waitpid(self._pid, 0)
+            self._pid = 0
+            raise InputError("cannot extract layer: the process writing its files ended "
+                             f"without a word (wait status {status})")
+        kind, message = marshal.loads(_read_exactly(self._answers, _FRAME.unpack(head)[1]))
+        if kind == "input":
+            raise InputError(message)
+        if kind == "os":
+            raise InputError(f"cannot extract layer: {message}")
+        if kind == "bug":
+            raise RuntimeError(f"the process writing the layer's files failed: {message}")
+        if kind == "finished":  # the child exits
+            os.waitpid(self._pid, 0)
+            self._pid = 0
+
+    def _child(self, operations: int, answer: int) -> NoReturn:
+        """The child's life: apply batches until told to finish, answer, exit without
+        unwinding into the caller's code."""
+        code, reply = 0, ("finished", "")
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
+            source = os.fdopen(operations, "rb", buffering=_READ)
+            while True:
+                head = source.read(_FRAME.size)
+                if len(head) < _FRAME.size:
+                    os._exit(1)  # the reading process went away
+                kind, length = _FRAME.unpack(head)
+                if kind == _OPERATIONS:
+                    self._writes.apply(marshal.loads(source.read(length)))
+                elif kind == _SETTLE:
+                    _send_answer(answer, ("settled", ""))
+                else:
+                    self._writes.finish(share=True)  # this process has no other thread
+                    break
+        except InputError as exc:
+            reply = ("input", str(exc))
+        except OSError as exc:
+            reply = ("os", str(exc))
+        except BaseException as exc:  # a bug: said, never unwound into the caller
+            code, reply = 1, ("bug", f"{type(exc).__name__}: {exc}")
+        try:
+            _send_answer(answer, reply)
+        finally:
+            os._exit(code)
+
+
+def _send_answer(fd: int, answer: tuple[str, str]) -> None:
+    payload = marshal.dumps(answer)
+    view = memoryview(_FRAME.pack(0, len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """`size` bytes, or fewer if the pipe closed first."""
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
