@@ -20,6 +20,7 @@ from helpers import EPOCH, dir_bytes, make_nasty_tree, tree_snapshot
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.pack import directories as directories_module
+from cvmfs_inject.pack import extract as extract_module
 from cvmfs_inject.pack.extract import ExtractResult, decompressed, extract
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.pack.packer import pack
@@ -82,6 +83,14 @@ class Scene:
     def outside_state(self) -> dict[str, str]:
         return {k: v for k, v in dir_bytes(self.base).items()
                 if not (k == "target/" or k.startswith("target/"))}
+
+
+@pytest.fixture(autouse=True, params=["forked", "in-process"])
+def applier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the file-system half in a forked child (`pack.offload`), and in
+    this process (where forking is unsafe)."""
+    monkeypatch.setattr(extract_module, "can_fork", lambda: request.param == "forked")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -249,6 +258,11 @@ def refused_cases(outside: str = OUTSIDE) -> list:
     return [
         pytest.param([E("cvmfs/../../escape", data=b"x")], id="dotdot-escape"),
         pytest.param([E("cvmfs/a/../../x", data=b"x")], id="dotdot-inside-then-out"),
+        # after a name whose parent was checked: "/x" has the same parent, "" (a shortcut)
+        pytest.param([E("cvmfs/ok", data=b"x"), E("cvmfs//cvmfs-inject-escape", data=b"x")],
+                     id="absolute-after-top-level-name"),
+        pytest.param([E("cvmfs/a/ok", data=b"x"), E("cvmfs/a/..", data=b"x")],
+                     id="dotdot-after-name-in-same-directory"),
         pytest.param([E("cvmfs/../outside/victim", data=b"pwned")], id="dotdot-onto-victim"),
         pytest.param([E("cvmfs/link", "symlink", link=outside),
                       E("cvmfs/link/pwned", data=b"x")], id="file-through-abs-symlink"),

@@ -38,6 +38,7 @@ from cvmfs_inject.pack.writes import MAX_DEPTH, Writes
 PERMISSIONS = 0o777
 # operations handed over at a time: at most this many, or this many bytes of file data
 BATCH, BATCH_BYTES = 4096, 1 << 20
+_ODD_COMPONENTS = (b"", b".", b"..")
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
 
@@ -79,13 +80,20 @@ class _Reading:
             self.warn(f"{shown}: skipped ({why})")
 
     def hand_over(self) -> None:
+        """Send the operations so far (applied, or marshalled, before `send` returns: the
+        list is emptied for the next batch)."""
         if self.operations:
             self.applier.send(self.operations)
-        self.operations, self.data_bytes = [], 0
+            self.operations.clear()
+        self.data_bytes = 0
 
     def run(self) -> None:
         prefix, top, whiteouts = self.prefix, self.prefix.rstrip(b"/"), self.whiteouts
-        add = self.operations.append
+        add, skip = self.operations.append, len(prefix)
+        # the parent of the last name `relative` checked: a name right below it whose last
+        # component is neither empty, "." nor ".." needs no check (most names of a stream;
+        # "/x" has the parent "" too, but a slash)
+        checked: bytes | None = None
         directory, symlink, hardlink = tarstream.DIRECTORY, tarstream.SYMLINK, tarstream.HARDLINK
         for member in self.stream.members():
             name = member.name
@@ -105,7 +113,11 @@ class _Reading:
                 if whiteouts and hides_mount_point(name, top):
                     add((writes.WHITEOUT, OPAQUE, member.name))
                 continue
-            rel = relative(name, prefix, member.name)
+            rel = name[skip:]
+            parent, slash, last = rel.rpartition(b"/")
+            if parent != checked or (slash and not parent) or last in _ODD_COMPONENTS:
+                rel = relative(name, prefix, member.name)
+                checked = rel.rpartition(b"/")[0]
             if rel.count(b"/") >= MAX_DEPTH:
                 raise InputError(f"layer member {show_name(member.name)} is more than {MAX_DEPTH} "
                                  "directories deep")
@@ -134,7 +146,6 @@ class _Reading:
             self.result.entries += 1
             if len(self.operations) >= BATCH or self.data_bytes >= BATCH_BYTES:
                 self.hand_over()
-                add = self.operations.append
         self.hand_over()
 
     def file(self, rel: bytes, member: Member) -> None:
@@ -205,7 +216,8 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
                     # valid tar.
                     reading.stream.drain()
                 except Exception:
-                    applier.settle()  # an earlier member's error comes first
+                    reading.hand_over()  # an earlier member's error comes first
+                    applier.settle()
                     raise
                 applier.finish()
         except OSError as exc:

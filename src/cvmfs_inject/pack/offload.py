@@ -120,10 +120,15 @@ class Applier:
         self._pid = 0
 
     def _frame(self, kind: int, payload: bytes = b"") -> None:
-        view = memoryview(_FRAME.pack(kind, len(payload)) + payload)
+        """Header and payload in one system call, without joining them (a copy)."""
+        parts = [memoryview(_FRAME.pack(kind, len(payload))), memoryview(payload)]
         try:
-            while view:
-                view = view[os.write(self._into, view):]
+            while parts:
+                written = os.writev(self._into, parts)
+                while parts and written >= len(parts[0]):
+                    written -= len(parts.pop(0))
+                if parts:
+                    parts[0] = parts[0][written:]
         except BrokenPipeError:  # the child stopped: its answer says why
             self._answer()
 

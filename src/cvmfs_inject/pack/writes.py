@@ -97,7 +97,8 @@ class Writes:
                 self.whiteout(rel, op[2])
                 continue
             if rel:
-                directories.parent_of(rel, op[4] or self._shown(kind, rel))
+                if rel.rpartition(b"/")[0] not in directories.known:  # the usual case first
+                    directories.parent_of(rel, op[4] or self._shown(kind, rel))
             elif kind == DIRECTORY:
                 directories.attributes(b"", op[2], op[3])
                 self._has_root = True

@@ -1,0 +1,185 @@
+"""pack.offload and pack.writes: the file-system half of an extraction in a forked child,
+and the directory times shared with a helper (pack.directories)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import signal
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import EPOCH, tree_snapshot
+
+from cvmfs_inject.errors import InputError
+from cvmfs_inject.oci.media import MediaType
+from cvmfs_inject.pack import directories as directories_module
+from cvmfs_inject.pack import extract as extract_module
+from cvmfs_inject.pack import writes
+from cvmfs_inject.pack.directories import DirectoryTable
+from cvmfs_inject.pack.extract import decompressed, extract
+from cvmfs_inject.pack.offload import Applier
+from cvmfs_inject.pack.writes import Writes
+
+
+def _layer(members: list[tuple[str, str, bytes | str, int]]) -> bytes:
+    """A tar of (name, kind, data or link target, mode) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for i, (name, kind, payload, mode) in enumerate(members):
+            info = tarfile.TarInfo(name)
+            info.mode, info.mtime = mode, EPOCH - i
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, str(payload)
+            if kind == "file":
+                assert isinstance(payload, bytes)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+            else:
+                archive.addfile(info)
+    return buf.getvalue()
+
+
+def _writes(target: Path) -> Writes:
+    return Writes(os.open(target, os.O_RDONLY | os.O_DIRECTORY), b"cvmfs/", 0o755, False)
+
+
+def _children() -> set[int]:
+    """This process's children, reaped or not (other tests' fixtures may have some)."""
+    pids: set[int] = set()
+    for listing in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        pids.update(int(pid) for pid in listing.read_text().split())
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_child_left() -> Iterator[None]:
+    """Every child a test forks is reaped by the time it ends."""
+    before = _children()
+    yield
+    assert _children() <= before
+
+
+def test_the_child_applies_operations_in_another_process(tmp_path: Path) -> None:
+    with Applier(_writes(tmp_path), fork=True) as applier:
+        assert applier.forked
+        applier.send([(writes.DIRECTORY, b"d", 0o755, EPOCH, None),
+                      (writes.FILE, b"d/f", 0o640, EPOCH, None, b"data"),
+                      (writes.HARDLINK, b"d/g", b"d/f", b"cvmfs/d/f", None),
+                      (writes.SYMLINK, b"s", b"d/f", EPOCH, None)])
+        applier.finish()
+    assert (tmp_path / "d" / "g").read_bytes() == b"data"
+    assert os.stat(tmp_path / "d" / "g").st_nlink == 2
+    assert os.stat(tmp_path / "d").st_mtime == EPOCH
+    assert os.readlink(tmp_path / "s") == "d/f"
+
+
+def test_a_child_that_was_killed_is_an_input_error(tmp_path: Path) -> None:
+    with Applier(_writes(tmp_path), fork=True) as applier:
+        os.kill(applier._pid, signal.SIGKILL)
+        with pytest.raises(InputError, match="ended without a word"):
+            for _ in range(64):  # the pipe takes a batch or two before it breaks
+                applier.send([(writes.FILE, b"f", 0o644, EPOCH, None, bytes(1 << 16))])
+            applier.finish()
+
+
+def test_the_childs_error_reaches_this_process(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with Applier(_writes(tmp_path), fork=True) as applier, \
+            pytest.raises(InputError, match="'cvmfs/d' would replace a directory"):
+        applier.send([(writes.FILE, b"d", 0o644, EPOCH, None, b"x")])
+        applier.finish()
+
+
+def test_leaving_with_an_error_stops_the_child(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), Applier(_writes(tmp_path), fork=True) as applier:
+        applier.send([(writes.FILE, b"f", 0o644, EPOCH, None, b"x")])
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "in-process"])
+def test_an_earlier_members_error_comes_before_a_later_one_found_by_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: bool) -> None:
+    """The child finds the first (on disk), this process the second (by its name): the
+    first is the one reported, as in one process."""
+    monkeypatch.setattr(extract_module, "can_fork", lambda: forked)
+    layer = _layer([("cvmfs/link", "symlink", "/tmp", 0o777),
+                    ("cvmfs/link/f", "file", b"x", 0o644),
+                    ("cvmfs/../escape", "file", b"x", 0o644)])
+    with pytest.raises(InputError, match="written through a symlink"):
+        extract(io.BytesIO(layer), str(tmp_path), "/cvmfs")
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "in-process"])
+def test_a_big_file_goes_over_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        forked: bool) -> None:
+    monkeypatch.setattr(extract_module, "can_fork", lambda: forked)
+    big = os.urandom(3 * extract_module.BATCH_BYTES + 5)
+    layer = _layer([("cvmfs/small", "file", b"s", 0o600), ("cvmfs/big", "file", big, 0o640),
+                    ("cvmfs/d/", "dir", b"", 0o750), ("cvmfs/d/after", "file", b"a", 0o644),
+                    ("cvmfs/s", "symlink", "d/after", 0o777)])
+    result = extract(decompressed(io.BytesIO(gzip.compress(layer, mtime=0)),
+                                  MediaType.OCI_LAYER_GZIP), str(tmp_path), "/cvmfs")
+    assert result.entries == 5
+    assert (tmp_path / "big").read_bytes() == big
+    assert os.stat(tmp_path / "big").st_mtime == EPOCH - 1
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o750
+    assert (tmp_path / "s").read_bytes() == b"a"
+
+
+def test_the_inflating_threads_start_at_the_first_read() -> None:
+    """So that extract can fork between opening the stream and reading it."""
+    before = threading.active_count()
+    stream = decompressed(io.BytesIO(gzip.compress(b"x" * 10, mtime=0)),
+                          MediaType.OCI_LAYER_GZIP, diff_id=None)
+    assert threading.active_count() == before
+    assert stream.read(100) == b"x" * 10
+    stream.close()
+
+
+def _nested_layer() -> bytes:
+    members: list[tuple[str, str, bytes | str, int]] = [("cvmfs/", "dir", b"", 0o751)]
+    for top in range(6):
+        members.append((f"cvmfs/t{top}/", "dir", b"", 0o555 if top == 2 else 0o750))
+        for sub in range(4):
+            members.append((f"cvmfs/t{top}/s{sub}/", "dir", b"", 0o500 if sub == 1 else 0o755))
+            members.append((f"cvmfs/t{top}/s{sub}/f", "file", b"x", 0o644))
+    return _layer(members)
+
+
+def test_directory_times_shared_with_a_helper_are_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modes that take the owner's rights (0555, 0500) come after every time is set."""
+    monkeypatch.setattr(extract_module, "can_fork", lambda: False)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    extract(io.BytesIO(_nested_layer()), str(alone), "/cvmfs")
+    monkeypatch.setattr(extract_module, "can_fork", lambda: True)
+    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    result = extract(io.BytesIO(_nested_layer()), str(shared), "/cvmfs")
+    assert result.has_root and result.entries == 54
+    assert tree_snapshot(shared) == tree_snapshot(alone)
+    assert os.stat(shared / "t2").st_mode & 0o777 == 0o555
+    assert os.stat(shared / "t0" / "s0").st_mtime == EPOCH - 2
+
+
+def test_a_helper_setting_directory_times_says_what_went_wrong(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    table = DirectoryTable(root, 0o755)
+    for name in (b"a", b"b", b"c", b"d"):
+        os.mkdir(name, dir_fd=root)
+        table.attributes(name, 0o755, EPOCH)
+    os.rmdir(tmp_path / "a")  # in the helper's half
+    with pytest.raises(OSError, match="No such file or directory"):
+        table.apply(share=True)
+    assert os.stat(tmp_path / "d").st_mtime == EPOCH  # this process's half was done
