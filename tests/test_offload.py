@@ -80,6 +80,19 @@ def test_the_child_applies_operations_in_another_process(tmp_path: Path) -> None
     assert os.readlink(tmp_path / "s") == "d/f"
 
 
+def test_when_the_system_cannot_fork_the_operations_are_applied_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with Applier(_writes(tmp_path), fork=True) as applier:
+        assert not applier.forked
+        applier.send([(writes.FILE, b"f", 0o640, EPOCH, None, b"data")])
+        applier.finish()
+    assert (tmp_path / "f").read_bytes() == b"data"
+
+
 def test_a_child_that_was_killed_is_an_input_error(tmp_path: Path) -> None:
     with Applier(_writes(tmp_path), fork=True) as applier:
         os.kill(applier._pid, signal.SIGKILL)

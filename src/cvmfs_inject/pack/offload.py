@@ -71,11 +71,19 @@ class Applier:
         self.close()
 
     def _fork(self) -> None:
+        """Fork the child; when the system cannot (no processes or memory left), the
+        operations are applied here instead."""
         operations, self._into = os.pipe()
         self._answers, answer = os.pipe()
         with contextlib.suppress(OSError):  # the default 64 KiB works too
             fcntl.fcntl(self._into, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (operations, self._into, self._answers, answer):
+                os.close(fd)
+            self._into = self._answers = -1
+            return
         if pid == 0:
             os.close(self._into)
             os.close(self._answers)
