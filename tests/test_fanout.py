@@ -14,7 +14,7 @@ import pytest
 from helpers import make_nasty_tree
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack import fanout, walker
+from cvmfs_inject.pack import fanout, units, walker
 from cvmfs_inject.pack.fanout import FannedWalk
 from cvmfs_inject.pack.options import PackOptions
 from cvmfs_inject.stack.diff import PendingScan
@@ -23,7 +23,7 @@ from cvmfs_inject.stack.diff import PendingScan
 @pytest.fixture(autouse=True)
 def two_cpus(monkeypatch):
     """Helpers are forked on a one-CPU machine too, so that these tests test them."""
-    monkeypatch.setattr(fanout, "_cpus", lambda: 2)
+    monkeypatch.setattr(fanout, "usable_cpus", lambda: 2)
 
 
 def record(path: str, name: str, fd: int, tar_name: bytes, st: os.stat_result) -> tuple:
@@ -298,9 +298,9 @@ def test_the_plain_walk_for_a_wide_top_or_a_small_ticket_pipe(tmp_path, monkeypa
     root = random_tree(tmp_path / "tree", 6)
     options = PackOptions()
     expected = plain(root, options)
-    monkeypatch.setattr(fanout, "MAX_SKELETON", 5)
+    monkeypatch.setattr(units, "MAX_SKELETON", 5)
     assert fanned(root, options, min_units=1) == (*expected, 0)
-    monkeypatch.setattr(fanout, "MAX_SKELETON", 10000)
+    monkeypatch.setattr(units, "MAX_SKELETON", 10000)
     real_pipe = os.pipe
 
     def small_pipe():

@@ -582,7 +582,7 @@ def test_a_stacked_update_scans_with_helpers_and_reports_each_skip_once(cli, tmp
         real_start(self)
         helpers.append(self.helpers)
 
-    monkeypatch.setattr(fanout, "_cpus", lambda: 2)
+    monkeypatch.setattr(fanout, "usable_cpus", lambda: 2)
     monkeypatch.setattr(fanout.FannedWalk, "start", start)
     assert threading.active_count() == 1  # else no helper is forked (fanout.start)
     result = cli("--json", "inject", f"{layout}:s1", tree, "--state", state, "--max-layers",

@@ -5,8 +5,8 @@ Python around them, and one walk uses one core. On the bench's 20k tree (81k ent
 scan of a stack update took about half of the update, and on a tree of a million entries
 the walk was more than half of the packer's main thread.
 
-How: this process first walks the top of the tree itself (`SKELETON_DEPTH` levels), the
-*skeleton*. The content of each directory at that depth is a *unit*. Units are claimed
+How: this process first walks the top of the tree itself, the *skeleton*; the content of
+each directory at its depth is a *unit* (`pack.units`, which holds the walks). Units are claimed
 through tickets (their numbers, 4 bytes each, written into a pipe before the fork: a read
 of 4 bytes takes exactly one), by the helpers from the start and by this process once its
 caller asks for records. The record of each entry (`record`, a tuple of bytes, ints and
@@ -28,35 +28,62 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import stat
-import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn, cast
 
-from cvmfs_inject.pack.headers import TarHeaders
+from cvmfs_inject.pack.forking import fork_is_safe, usable_cpus
 from cvmfs_inject.pack.inbox import END, FAILED, MORE, Batch, Inbox, Record, send
 from cvmfs_inject.pack.options import PackOptions, Warn
-from cvmfs_inject.pack.walker import TreeWalker
+from cvmfs_inject.pack.units import RecordOf, Units
 
-# (path, name, descriptor of its directory, tar name, lstat) -> the entry's record
-RecordOf = Callable[[str, str, int, bytes, os.stat_result], Record]
-
-SKELETON_DEPTH = 2  # a shrinkwrap tree: /cvmfs/<repository>/<top directory>, .data/<00..ff>
 MIN_UNITS = 4  # fewer units than this: the walk is short, a fork is not worth it
 MAX_UNITS = 16384  # the tickets fit in the 64 KiB a pipe holds on Linux
 MAX_HELPERS = 3
-# the skeleton holds its records until the helpers are forked: past this many entries (a
-# wide top directory) the walk is the plain one, which holds none
-MAX_SKELETON = 10000
 BATCH = 4096  # records a helper sends at a time: a huge unit is never held whole
 _TICKET = 4
 
 
-def _cpus() -> int:
+def _ticket_pipe(units: int) -> int | None:
+    """The read end of a pipe holding every unit's ticket, or None when they do not fit
+    (a pipe may hold less than 64 KiB: pipe-user-pages-soft)."""
+    tickets = b"".join(i.to_bytes(_TICKET, "little") for i in range(units))
+    read, write = os.pipe()
+    os.set_blocking(write, False)
     try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        written = os.write(write, tickets)
+    except BlockingIOError:
+        written = 0
+    finally:
+        os.close(write)
+    if written < len(tickets):
+        os.close(read)
+        return None
+    return read
+
+
+def _fork_helpers(count: int, life: Callable[[int], NoReturn], inherited: list[int]
+                  ) -> tuple[list[int], list[int]]:
+    """(pids, read ends of their pipes) of up to `count` helpers, each living `life` with
+    the write end of its own pipe, after closing `inherited` and the other helpers'
+    pipes; fewer when the system refuses a fork (this process walks what they do not)."""
+    pids: list[int] = []
+    pipes: list[int] = []
+    for _ in range(count):
+        out, into = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(out)
+            os.close(into)
+            break
+        if pid == 0:
+            for fd in [out, *pipes, *inherited]:
+                os.close(fd)
+            life(into)
+        os.close(into)
+        pids.append(pid)
+        pipes.append(out)
+    return pids, pipes
 
 
 class FannedWalk:
@@ -72,14 +99,13 @@ class FannedWalk:
     def __init__(self, options: PackOptions, root: str, mount: bytes, record: RecordOf,
                  note: Warn, *, min_units: int = MIN_UNITS, ahead: int | None = None,
                  gated: bool = False) -> None:
-        self._options, self._root, self._mount = options, root, mount
-        self._record, self._note, self._min_units = record, note, min_units
+        self._walks = Units(options, root, mount, record, note)
+        self._note, self._min_units = note, min_units
         self._ahead = ahead
         self._gate = -1  # with `gated`: the helpers wait for a byte each here (`release`)
         self._gated = gated
         # records, notes, and [unit, record of its directory]; None: one plain walk
         self._skeleton: list[Record | str | list[Any]] | None = None
-        self._units: list[str] = []
         self._tickets = -1
         self._helpers: list[int] = []
         # units this process claimed, and their walks begun ahead, in batches (None: not yet)
@@ -99,62 +125,34 @@ class FannedWalk:
     def start(self) -> None:
         """Walk the skeleton and fork the helpers, which begin at once. Any failure here
         leaves the plain walk, which meets the same failure in its place."""
-        helpers = min(_cpus() - 1, MAX_HELPERS)
+        helpers = min(usable_cpus() - 1, MAX_HELPERS)
         if self._ahead is not None:  # while the caller waits for one helper's unit, the
             helpers = min(helpers, 1)  # batches of others would pass the bound
-        if helpers < 1 or threading.active_count() > 1 or not hasattr(os, "fork"):
+        if helpers < 1 or not fork_is_safe():
             return
         try:
-            skeleton = self._walk_skeleton()
+            skeleton = self._walks.skeleton()
         except Exception:  # the plain walk raises it again, in its place
             return
-        if skeleton is None or not self._min_units <= len(self._units) <= MAX_UNITS:
+        units = len(self._walks.names)
+        if skeleton is None or not self._min_units <= units <= MAX_UNITS:
             return
-        tickets = b"".join(i.to_bytes(_TICKET, "little") for i in range(len(self._units)))
-        read, write = os.pipe()
-        os.set_blocking(write, False)  # a pipe may hold less than 64 KiB (pipe-user-pages-soft)
-        try:
-            written = os.write(write, tickets)
-        except BlockingIOError:
-            written = 0
-        finally:
-            os.close(write)
-        if written < len(tickets):
-            os.close(read)
+        read = _ticket_pipe(units)
+        if read is None:
             return
         self._tickets, self._skeleton = read, skeleton
         gate = -1
         if self._gated:
             gate, self._gate = os.pipe()
-        pipes: list[int] = []
-        for _ in range(helpers):
-            out, into = os.pipe()
-            try:
-                pid = os.fork()
-            except OSError:  # no helper, or fewer: this process walks what they do not
-                os.close(out)
-                os.close(into)
-                break
-            if pid == 0:
-                os.close(out)
-                for fd in pipes:
-                    os.close(fd)
-                if self._gate >= 0:
-                    os.close(self._gate)
-                self._helper(into, gate)
-            os.close(into)
-            self._helpers.append(pid)
-            pipes.append(out)
+        self._helpers, pipes = _fork_helpers(helpers, lambda into: self._helper(into, gate),
+                                             [self._gate] if self._gate >= 0 else [])
         if gate >= 0:
             os.close(gate)
         self._inbox.start(pipes)
 
     def __iter__(self) -> Iterator[Record]:
         if self._skeleton is None:
-            walker = TreeWalker(self._options, TarHeaders(), self._note)
-            record = self._record
-            for entry in walker.stats_of(self._root, self._mount):
-                yield record(*entry)
+            yield from self._walks.whole()
             return
         note = self._note
         for item in self._skeleton:
@@ -195,68 +193,6 @@ class FannedWalk:
             os.close(self._tickets)
             self._tickets = -1
 
-    def _walk_skeleton(self) -> list[Record | str | list[Any]] | None:
-        """The top of the tree, or None when it is too wide to hold (`MAX_SKELETON`)."""
-        items: list[Record | str | list[Any]] = []
-        walker = TreeWalker(self._options, TarHeaders(), items.append)
-        record, skip = self._record, len(self._root) + 1
-        for entry in walker.stats_of(self._root, self._mount, depth=SKELETON_DEPTH):
-            if len(items) >= MAX_SKELETON:
-                return None
-            path, st = entry[0], entry[4]
-            rel = path[skip:]
-            if stat.S_ISDIR(st.st_mode) and rel.count("/") == SKELETON_DEPTH - 1:
-                items.append([len(self._units), record(*entry)])
-                self._units.append(rel)
-            else:
-                items.append(record(*entry))
-        return items
-
-    def _batches(self, unit: int, size: int) -> Iterator[tuple[Batch, bool]]:
-        """The unit walked in this process, in batches of `size` records (0: one batch),
-        the last one flagged True. A batch is sent when the entry after it is found, so the
-        notes made before that entry end the batch."""
-        records: list[Record] = []
-        notes: list[tuple[int, str]] = []
-        walker = TreeWalker(self._options, TarHeaders(),
-                            lambda message: notes.append((len(records), message)))
-        record, last = self._record, None
-        for entry in walker.stats_of(self._root, self._mount, start=self._units[unit]):
-            if len(records) == size and size:
-                yield (records, notes, last), False
-                records, notes = [], []
-            records.append(record(*entry))
-            last = entry[0]
-        yield (records, notes, last), True
-
-    def _walk_here(self, unit: int, head: Record | None, after: str | None
-                   ) -> Iterator[Record]:
-        """The unit walked in this process as it is needed: its directory's record `head`
-        once the directory is listed (None: given out already), then its records. `after`:
-        the path of the last entry a helper's batches gave out (with the notes up to the
-        entry after it); the walk goes on past it in walk order (names sorted directory by
-        directory), so a tree that changed meanwhile never yields a name twice."""
-        past = after is None
-
-        def note(message: str) -> None:
-            if past:
-                self._note(message)
-
-        walker = TreeWalker(self._options, TarHeaders(), note)
-        record = self._record
-        entries = walker.stats_of(self._root, self._mount, start=self._units[unit])
-        if head is not None:
-            yield head
-        if after is not None:
-            given = after.split("/")
-            for entry in entries:
-                if entry[0].split("/") > given:
-                    past = True
-                    yield record(*entry)
-                    break
-        for entry in entries:
-            yield record(*entry)
-
     def _unit(self, unit: int, head: Record) -> Iterator[Record]:
         """The records of the unit's directory and of all below it: as one walk gives
         them, a failure to list the directory comes before its record."""
@@ -264,7 +200,7 @@ class FannedWalk:
         while True:
             frame = self._next_frame(unit)
             if frame is None or frame[1] is None:  # walked here (again, if a helper failed)
-                yield from self._walk_here(unit, head if first else None, after)
+                yield from self._walks.streamed(unit, head if first else None, after)
                 return
             if first:
                 yield head
@@ -314,11 +250,11 @@ class FannedWalk:
         inbox = self._inbox
         for unit, walk in self._mine.items():
             if self._ahead is None:  # whole
-                walk = self._batches(unit, 0)
+                walk = self._walks.batches(unit, 0)
             elif not inbox.room():
                 return False
             elif walk is None:
-                walk = self._mine[unit] = self._batches(unit, BATCH)
+                walk = self._mine[unit] = self._walks.batches(unit, BATCH)
             kind, batch = self._step(unit, walk)
             inbox.put(unit, kind, batch)
             return True
@@ -350,7 +286,7 @@ class FannedWalk:
                 os._exit(0)  # the walk ended (or failed) before it needed helpers
             while (unit := self._claim()) is not None:
                 try:
-                    for batch, last in self._batches(unit, BATCH):
+                    for batch, last in self._walks.batches(unit, BATCH):
                         send(into, unit, END if last else MORE, batch)
                 except Exception:  # this process's caller walks it again
                     send(into, unit, FAILED)

@@ -20,9 +20,11 @@ from operator import attrgetter
 from pathlib import Path
 
 from cvmfs_inject.errors import CvmfsInjectError, InputError
-from cvmfs_inject.pack.fanout import FannedWalk, Record, RecordOf
+from cvmfs_inject.pack.fanout import FannedWalk
+from cvmfs_inject.pack.inbox import Record
 from cvmfs_inject.pack.options import CHUNK, PackOptions, Warn
 from cvmfs_inject.pack.packer import check_tree
+from cvmfs_inject.pack.units import RecordOf
 from cvmfs_inject.stack.index import DIR, FILE, LINK, Node, estimate
 
 

@@ -1,0 +1,24 @@
+"""When a command may fork a helper process (`pack.fanout`, `pack.offload`).
+
+A fork copies only the thread that calls it: a lock another thread held at that moment
+stays locked in the child for good. So helpers are forked only while the command has one
+thread, and only when there is another CPU for them to use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a batch system may limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def fork_is_safe() -> bool:
+    """The system forks, and this process has no other thread."""
+    return hasattr(os, "fork") and threading.active_count() == 1
