@@ -89,7 +89,7 @@ class Scene:
 def applier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test twice: the file-system half in a forked child (`pack.offload`), and in
     this process (where forking is unsafe)."""
-    monkeypatch.setattr(extract_module, "can_fork", lambda: request.param == "forked")
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: request.param == "forked")
     return str(request.param)
 
 

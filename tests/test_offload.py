@@ -121,7 +121,7 @@ def test_an_earlier_members_error_comes_before_a_later_one_found_by_name(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: bool) -> None:
     """The child finds the first (on disk), this process the second (by its name): the
     first is the one reported, as in one process."""
-    monkeypatch.setattr(extract_module, "can_fork", lambda: forked)
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: forked)
     layer = _layer([("cvmfs/link", "symlink", "/tmp", 0o777),
                     ("cvmfs/link/f", "file", b"x", 0o644),
                     ("cvmfs/../escape", "file", b"x", 0o644)])
@@ -132,7 +132,7 @@ def test_an_earlier_members_error_comes_before_a_later_one_found_by_name(
 @pytest.mark.parametrize("forked", [True, False], ids=["forked", "in-process"])
 def test_a_big_file_goes_over_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         forked: bool) -> None:
-    monkeypatch.setattr(extract_module, "can_fork", lambda: forked)
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: forked)
     big = os.urandom(3 * extract_module.BATCH_BYTES + 5)
     layer = _layer([("cvmfs/small", "file", b"s", 0o600), ("cvmfs/big", "file", big, 0o640),
                     ("cvmfs/d/", "dir", b"", 0o750), ("cvmfs/d/after", "file", b"a", 0o644),
@@ -169,11 +169,11 @@ def _nested_layer() -> bytes:
 def test_directory_times_shared_with_a_helper_are_the_same(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Modes that take the owner's rights (0555, 0500) come after every time is set."""
-    monkeypatch.setattr(extract_module, "can_fork", lambda: False)
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: False)
     alone = tmp_path / "alone"
     alone.mkdir()
     extract(io.BytesIO(_nested_layer()), str(alone), "/cvmfs")
-    monkeypatch.setattr(extract_module, "can_fork", lambda: True)
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: True)
     monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -29,8 +29,9 @@ from typing import IO, Any
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.pack import tarstream, writes
+from cvmfs_inject.pack.forking import fork_is_safe, usable_cpus
 from cvmfs_inject.pack.inflate import decompressed
-from cvmfs_inject.pack.offload import Applier, can_fork
+from cvmfs_inject.pack.offload import Applier
 from cvmfs_inject.pack.tarstream import REGULAR, Member, TarStream, show_name
 from cvmfs_inject.pack.whiteouts import OPAQUE, hides_mount_point
 from cvmfs_inject.pack.writes import MAX_DEPTH, Writes
@@ -194,6 +195,12 @@ class _Reading:
         return (writes.HARDLINK, rel, source, member.linkname, shown)
 
 
+def writes_apart() -> bool:
+    """Whether the writes run in a forked child (`pack.offload`): forking is safe, and
+    there is a CPU for each half."""
+    return fork_is_safe() and usable_cpus() > 1
+
+
 def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
             warn: Callable[[str], None] | None = None, *, whiteouts: bool = False
             ) -> ExtractResult:
@@ -208,7 +215,8 @@ def extract(fileobj: IO[bytes], target_dir: str, mount_point: str,
     umask = os.umask(0)  # files get their mode at creation: no chmod a file
     try:
         try:
-            with Applier(Writes(root, prefix, 0o755 & ~umask, whiteouts), can_fork()) as applier:
+            with Applier(Writes(root, prefix, 0o755 & ~umask, whiteouts),
+                         writes_apart()) as applier:
                 reading = _Reading(TarStream(fileobj.read, READ_CHUNK), prefix, applier, warn,
                                    whiteouts)
                 try:

@@ -25,7 +25,6 @@ import marshal
 import os
 import signal
 import struct
-import threading
 from typing import Any, NoReturn
 
 from cvmfs_inject.errors import InputError
@@ -35,18 +34,6 @@ _FRAME = struct.Struct("<Bq")  # kind, length of the marshalled batch that follo
 _OPERATIONS, _FINISH, _SETTLE = 0, 1, 2
 _PIPE_BYTES = 1 << 20  # the pipe's buffer, when the system allows it: fewer switches
 _READ = 1 << 20
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def can_fork() -> bool:
-    """Forking is safe (no other thread may hold a lock the child needs) and worth it."""
-    return hasattr(os, "fork") and threading.active_count() == 1 and _cpus() > 1
 
 
 class Applier:
