@@ -196,3 +196,57 @@ def test_a_helper_setting_directory_times_says_what_went_wrong(
     with pytest.raises(OSError, match="No such file or directory"):
         table.apply(share=True)
     assert os.stat(tmp_path / "d").st_mtime == EPOCH  # this process's half was done
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_descriptor_is_left_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: True)
+    good = _layer([("cvmfs/f", "file", b"x", 0o644)])
+    bad = _layer([("cvmfs/d/", "dir", b"", 0o755), ("cvmfs/d", "file", b"x", 0o644)])
+    before = _descriptors()
+    for i in range(5):
+        (tmp_path / f"good{i}").mkdir()
+        extract(io.BytesIO(good), str(tmp_path / f"good{i}"), "/cvmfs")
+        (tmp_path / f"bad{i}").mkdir()
+        with pytest.raises(InputError, match="would replace a directory"):
+            extract(io.BytesIO(bad), str(tmp_path / f"bad{i}"), "/cvmfs")
+    assert _descriptors() == before
+
+
+def test_the_childs_error_is_not_replaced_while_more_is_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child stops at the second member; this process is still sending batches, and
+    the one it was building goes nowhere: the error raised is the child's."""
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: True)
+    members: list[tuple[str, str, bytes | str, int]] = [
+        ("cvmfs/d/", "dir", b"", 0o755), ("cvmfs/d", "file", b"x", 0o644)]
+    members += [(f"cvmfs/f{i}", "file", b"y", 0o644) for i in range(30000)]
+    with pytest.raises(InputError, match="'cvmfs/d' would replace a directory"):
+        extract(io.BytesIO(_layer(members)), str(tmp_path), "/cvmfs")
+
+
+@pytest.mark.parametrize("second_mode", [0o750, 0o555])
+def test_a_directory_given_twice_far_apart_gets_the_same_attributes_when_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second_mode: int) -> None:
+    """Its first member's row has left the bounded cache when the second comes, so both
+    rows stay (the first is applied last, and wins); the process that sets a row's
+    attributes is chosen by its path, so both rows are set by one, in order. A mode that
+    takes the owner's rights keeps the whole table in one process."""
+    monkeypatch.setattr(directories_module, "_KNOWN_DIRECTORIES", 4)
+    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+    members: list[tuple[str, str, bytes | str, int]] = [("cvmfs/x/", "dir", b"", 0o755)]
+    members += [(f"cvmfs/d{i}/", "dir", b"", 0o755) for i in range(40)]
+    members += [("cvmfs/x/", "dir", b"", second_mode)]
+    layer = _layer(members)
+    trees = {}
+    for forked in (False, True):
+        monkeypatch.setattr(extract_module, "writes_apart", lambda forked=forked: forked)
+        target = tmp_path / str(forked)
+        target.mkdir()
+        extract(io.BytesIO(layer), str(target), "/cvmfs")
+        trees[forked] = tree_snapshot(target)
+    assert trees[True] == trees[False]
+    assert trees[True]["x"]["mtime"] == EPOCH  # the first member's

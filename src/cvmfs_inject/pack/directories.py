@@ -38,6 +38,10 @@ class DirectoryTable:
         self._parents = array("q")
         self._modes = array("H")
         self._times = array("d")
+        # per row, which process sets it when the work is shared (`apply`): by the hash of
+        # its path, so the rows of a path given twice are set by one, in their order
+        self._halves = bytearray()
+        self._restricting = False  # a row's mode takes rights from the owner
         self._removed: list[tuple[bytes, int]] = []  # (directory, rows before it went)
 
     def parent_of(self, rel: bytes, member: bytes) -> None:
@@ -78,6 +82,9 @@ class DirectoryTable:
         self._parents.append(parent_row)
         self._modes.append(mode)
         self._times.append(mtime)
+        self._halves.append(hash(rel) & 1)
+        if mode != MADE_WITH_MODE and mode & 0o700 != 0o700:
+            self._restricting = True
         self.remember(rel, len(self._modes) - 1)
 
     def _path(self, row: int, paths: dict[int, bytes]) -> bytes:
@@ -108,35 +115,29 @@ class DirectoryTable:
     def apply(self, share: bool = False) -> None:
         """Every directory's mode and time, deepest first (tar's delayed attributes).
 
-        With `share` (this process has no other thread), a forked helper sets the times of
-        the first half of the rows meanwhile: on a million directories this is a 2 s tail
-        that nothing else overlaps. Then a mode that takes rights from the directory's
-        owner is set only after every time is (the helper could not reach below it)."""
+        With `share` (this process has no other thread), a forked helper sets the rows of
+        one half (`_halves`) meanwhile: on a million directories this is a 2 s tail that
+        nothing else overlaps. Not when a mode takes rights from a directory's owner: the
+        other process could be locked out below it, so the order of one process holds."""
         rows = len(self._modes)
-        if not share or rows < SHARED_FROM:
-            self._set(rows, 0, restricting=None)
+        if not share or rows < SHARED_FROM or self._restricting:
+            self._set(None)
             return
-        middle = rows // 2
-        helper = _fork(lambda: self._set(middle, 0, restricting=False))
+        helper = _fork(lambda: self._set(0))
         try:
-            self._set(rows, middle, restricting=False)
+            self._set(1)
         finally:
             problem = _reap(helper)
         if problem:
             raise OSError(problem)
-        self._set(rows, 0, restricting=True)
 
-    def _set(self, stop: int, start: int, restricting: bool | None) -> None:
-        """The rows from `stop` down to `start`: all of them (None), only those whose mode
-        takes rights from the owner (True), or all the others (False)."""
-        modes, times, root = self._modes, self._times, self.root
+    def _set(self, half: int | None) -> None:
+        """The rows of `half` (None: all), last row first."""
+        modes, times, halves, root = self._modes, self._times, self._halves, self.root
         paths: dict[int, bytes] = {}
-        for i in range(stop - 1, start - 1, -1):
+        for i in range(len(modes) - 1, -1, -1):
             mode = modes[i]
-            if mode == _SUPERSEDED:
-                continue
-            if restricting is not None and restricting != (mode != MADE_WITH_MODE
-                                                            and mode & 0o700 != 0o700):
+            if mode == _SUPERSEDED or (half is not None and halves[i] != half):
                 continue
             if len(paths) > _KNOWN_DIRECTORIES:
                 paths = {}

@@ -42,14 +42,15 @@ class Applier:
 
     def __init__(self, writes: Writes, fork: bool) -> None:
         self._writes = writes
-        self._pid = 0
+        self._forked = False
+        self._pid = 0  # the child, until it is reaped
         self._into = self._answers = -1
         if fork:
             self._fork()
 
     @property
     def forked(self) -> bool:
-        return self._pid > 0
+        return self._forked
 
     def __enter__(self) -> Applier:
         return self
@@ -75,15 +76,15 @@ class Applier:
             os.close(self._into)
             os.close(self._answers)
             self._child(operations, answer)
-        self._pid = pid
+        self._forked, self._pid = True, pid
         os.close(operations)
         os.close(answer)
 
     def send(self, operations: list[tuple[Any, ...]]) -> None:
-        if not self._pid:
+        if not self._forked:
             self._writes.apply(operations)
-            return
-        self._frame(_OPERATIONS, marshal.dumps(operations))
+        elif self._pid:  # else the child stopped, and its error is being raised
+            self._frame(_OPERATIONS, marshal.dumps(operations))
 
     def settle(self) -> None:
         """Raise the error of an operation sent so far, if one failed."""
@@ -93,22 +94,25 @@ class Applier:
 
     def finish(self) -> None:
         """The directories' modes and times (`Writes.finish`), once all is applied."""
-        if not self._pid:
+        if not self._forked:
             self._writes.finish()
             return
+        if not self._pid:
+            raise InputError("cannot extract layer: the process writing its files stopped")
         self._frame(_FINISH)
         self._answer()
 
     def close(self) -> None:
         """Stop the child if it still runs (killed: what it made is the caller's to
         remove), and close what this side holds."""
-        if not self._pid:
-            self._writes.close()
-            return
         for fd in (self._into, self._answers):
             if fd >= 0:
                 os.close(fd)
         self._into = self._answers = -1
+        if not self._forked:
+            self._writes.close()
+        if not self._pid:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._pid, signal.SIGKILL)
         os.waitpid(self._pid, 0)
@@ -136,15 +140,16 @@ class Applier:
             raise InputError("cannot extract layer: the process writing its files ended "
                              f"without a word (wait status {status})")
         kind, message = marshal.loads(_read_exactly(self._answers, _FRAME.unpack(head)[1]))
+        if kind == "settled":
+            return
+        os.waitpid(self._pid, 0)  # finished, or stopped by an error: the child exits
+        self._pid = 0
         if kind == "input":
             raise InputError(message)
         if kind == "os":
             raise InputError(f"cannot extract layer: {message}")
         if kind == "bug":
             raise RuntimeError(f"the process writing the layer's files failed: {message}")
-        if kind == "finished":  # the child exits
-            os.waitpid(self._pid, 0)
-            self._pid = 0
 
     def _child(self, operations: int, answer: int) -> NoReturn:
         """The child's life: apply batches until told to finish, answer, exit without
