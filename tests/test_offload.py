@@ -250,3 +250,39 @@ def test_a_directory_given_twice_far_apart_gets_the_same_attributes_when_shared(
         trees[forked] = tree_snapshot(target)
     assert trees[True] == trees[False]
     assert trees[True]["x"]["mtime"] == EPOCH  # the first member's
+
+
+def test_children_reaped_by_the_system_are_fine(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command started with SIGCHLD ignored has its children reaped for it: waitpid
+    then finds none."""
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: True)
+    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        (tmp_path / "good").mkdir()
+        extract(io.BytesIO(_nested_layer()), str(tmp_path / "good"), "/cvmfs")
+        (tmp_path / "bad").mkdir()
+        bad = _layer([("cvmfs/d/", "dir", b"", 0o755), ("cvmfs/d", "file", b"x", 0o644)])
+        with pytest.raises(InputError, match="would replace a directory"):
+            extract(io.BytesIO(bad), str(tmp_path / "bad"), "/cvmfs")
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert os.stat(tmp_path / "good" / "t2").st_mode & 0o777 == 0o555
+
+
+def test_directory_times_without_a_helper_when_the_system_cannot_fork(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    table = DirectoryTable(root, 0o755)
+    for name in (b"a", b"b", b"c", b"d"):
+        os.mkdir(name, dir_fd=root)
+        table.attributes(name, 0o755, EPOCH)
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    table.apply(share=True)
+    assert all(os.stat(tmp_path / name).st_mtime == EPOCH for name in "abcd")

@@ -9,6 +9,7 @@ from array import array
 from collections.abc import Callable
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.forking import reap
 from cvmfs_inject.pack.tarstream import show_name
 
 _KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
@@ -123,7 +124,11 @@ class DirectoryTable:
         if not share or rows < SHARED_FROM or self._restricting:
             self._set(None)
             return
-        helper = _fork(lambda: self._set(0))
+        try:
+            helper = _fork(lambda: self._set(0))
+        except OSError:  # no process left to fork: all of it here
+            self._set(None)
+            return
         try:
             self._set(1)
         finally:
@@ -153,7 +158,12 @@ class DirectoryTable:
 def _fork(work: Callable[[], None]) -> tuple[int, int]:
     """(pid, pipe) of a child doing `work`; it writes what went wrong into the pipe."""
     reader, writer = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(reader)
+        os.close(writer)
+        raise
     if pid == 0:
         code = 0
         try:
@@ -174,7 +184,7 @@ def _reap(helper: tuple[int, int]) -> str:
         said = os.read(reader, 4096)
     finally:
         os.close(reader)
-    _, status = os.waitpid(pid, 0)
+    status = reap(pid)
     if status and not said:
         return f"a process setting directory times ended with wait status {status}"
     return said.decode(errors="replace")

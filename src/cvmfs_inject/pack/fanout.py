@@ -31,7 +31,7 @@ import signal
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn, cast
 
-from cvmfs_inject.pack.forking import fork_is_safe, usable_cpus
+from cvmfs_inject.pack.forking import fork_is_safe, reap, usable_cpus
 from cvmfs_inject.pack.inbox import END, FAILED, MORE, Batch, Inbox, Record, send
 from cvmfs_inject.pack.options import PackOptions, Warn
 from cvmfs_inject.pack.units import RecordOf, Units
@@ -182,7 +182,7 @@ class FannedWalk:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in self._helpers:
-            os.waitpid(pid, 0)
+            reap(pid)
         self._helpers = []
         self._inbox.close()
         for walk in self._mine.values():

@@ -22,3 +22,12 @@ def usable_cpus() -> int:
 def fork_is_safe() -> bool:
     """The system forks, and this process has no other thread."""
     return hasattr(os, "fork") and threading.active_count() == 1
+
+
+def reap(pid: int) -> int:
+    """Wait for the child `pid` to end; its wait status (0 when the system reaped it
+    already: a command started with SIGCHLD ignored has its children reaped for it)."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0

@@ -28,6 +28,7 @@ import struct
 from typing import Any, NoReturn
 
 from cvmfs_inject.errors import InputError
+from cvmfs_inject.pack.forking import reap
 from cvmfs_inject.pack.writes import Writes
 
 _FRAME = struct.Struct("<Bq")  # kind, length of the marshalled batch that follows
@@ -115,7 +116,7 @@ class Applier:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._pid, signal.SIGKILL)
-        os.waitpid(self._pid, 0)
+        reap(self._pid)
         self._pid = 0
 
     def _frame(self, kind: int, payload: bytes = b"") -> None:
@@ -135,14 +136,14 @@ class Applier:
         """The child's answer to `_FINISH` or `_SETTLE`, or the error it stopped with."""
         head = _read_exactly(self._answers, _FRAME.size)
         if len(head) < _FRAME.size:
-            _, status = os.waitpid(self._pid, 0)
+            status = reap(self._pid)
             self._pid = 0
             raise InputError("cannot extract layer: the process writing its files ended "
                              f"without a word (wait status {status})")
         kind, message = marshal.loads(_read_exactly(self._answers, _FRAME.unpack(head)[1]))
         if kind == "settled":
             return
-        os.waitpid(self._pid, 0)  # finished, or stopped by an error: the child exits
+        reap(self._pid)  # finished, or stopped by an error: the child exits
         self._pid = 0
         if kind == "input":
             raise InputError(message)
