@@ -9,6 +9,7 @@ import os
 import signal
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cvmfs_inject.errors import InputError
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.pack import directories as directories_module
 from cvmfs_inject.pack import extract as extract_module
-from cvmfs_inject.pack import writes
+from cvmfs_inject.pack import forking, writes
 from cvmfs_inject.pack.directories import DirectoryTable
 from cvmfs_inject.pack.extract import decompressed, extract
 from cvmfs_inject.pack.offload import Applier
@@ -286,3 +287,64 @@ def test_directory_times_without_a_helper_when_the_system_cannot_fork(
     monkeypatch.setattr(os, "fork", no_fork)
     table.apply(share=True)
     assert all(os.stat(tmp_path / name).st_mtime == EPOCH for name in "abcd")
+
+
+def _resend_layer(big_first: bool) -> bytes:
+    members: list[tuple[str, str, bytes | str, int]] = []
+    if big_first:
+        members.append(("cvmfs/big", "file", bytes(extract_module.BATCH_BYTES + 10), 0o644))
+    members += [("cvmfs/a", "file", b"x", 0o644), ("cvmfs/a/", "dir", b"", 0o755),
+                ("cvmfs/l", "symlink", "/tmp", 0o777), ("cvmfs/l/x", "file", b"x", 0o644)]
+    return _layer(members)
+
+
+@pytest.mark.parametrize("big_first", [False, True], ids=["small", "after-a-big-file"])
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "in-process"])
+def test_a_batch_that_failed_is_not_sent_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                forked: bool, big_first: bool) -> None:
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: forked)
+    with pytest.raises(InputError, match="'cvmfs/l/x' would be written through a symlink"):
+        extract(io.BytesIO(_resend_layer(big_first)), str(tmp_path), "/cvmfs")
+
+
+@pytest.mark.parametrize("size", [100, 3 * (1 << 20)], ids=["small", "big"])
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "in-process"])
+def test_a_refused_member_cut_off_is_refused_not_truncated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked: bool, size: int) -> None:
+    """As in one process: the member's parent is checked before its data is read."""
+    monkeypatch.setattr(extract_module, "writes_apart", lambda: forked)
+    layer = _layer([("cvmfs/l", "symlink", "/tmp", 0o777),
+                    ("cvmfs/l/x", "file", b"z" * size, 0o644)])
+    cut = layer[:layer.index(b"z" * 64) + size // 2]  # inside the data of cvmfs/l/x
+    with pytest.raises(InputError, match="'cvmfs/l/x' would be written through a symlink"):
+        extract(io.BytesIO(cut), str(tmp_path), "/cvmfs")
+
+
+def test_a_writing_child_dies_with_its_parent() -> None:
+    """So a command killed with SIGKILL leaves nothing writing into its staging directory
+    while the next command sweeps it."""
+    reader, writer = os.pipe()
+    parent = os.fork()
+    if parent == 0:
+        me = os.getpid()
+        child = os.fork()
+        if child == 0:
+            forking.die_with_parent(me)
+            time.sleep(30)
+            os._exit(0)
+        os.write(writer, str(child).encode())
+        os._exit(0)
+    os.close(writer)
+    child = int(os.read(reader, 32))
+    os.close(reader)
+    os.waitpid(parent, 0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"process {child} outlived its parent")

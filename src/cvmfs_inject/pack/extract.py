@@ -87,8 +87,10 @@ class _Reading:
         """Send the operations so far (applied, or marshalled, before `send` returns: the
         list is emptied for the next batch)."""
         if self.operations:
-            self.applier.send(self.operations)
-            self.operations.clear()
+            try:
+                self.applier.send(self.operations)
+            finally:  # sent, or failed where it failed: never sent again
+                self.operations.clear()
         self.data_bytes = 0
 
     def run(self) -> None:
@@ -158,13 +160,26 @@ class _Reading:
         shown = None if member.name == self.prefix + rel else member.name
         mode, mtime = member.mode & PERMISSIONS, member.mtime
         if member.size <= BATCH_BYTES:
-            pieces = list(self.stream.data())
+            try:
+                pieces = list(self.stream.data())
+            except InputError:  # cut off: the member's own refusal, if any, comes first
+                self.operations.append((writes.FILE_START, rel, mode, mtime, shown, b""))
+                raise
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             self.operations.append((writes.FILE, rel, mode, mtime, shown, data))
             self.data_bytes += len(data)
             return
         first = True
-        for piece in self.stream.data():
+        pieces = self.stream.data()
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                break
+            except InputError:  # cut off: the member's own refusal, if any, comes first
+                if first:
+                    self.operations.append((writes.FILE_START, rel, mode, mtime, shown, b""))
+                raise
             if first:
                 self.operations.append((writes.FILE_START, rel, mode, mtime, shown, piece))
                 first = False

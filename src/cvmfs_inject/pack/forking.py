@@ -7,8 +7,12 @@ thread, and only when there is another CPU for them to use.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import threading
+
+_PR_SET_PDEATHSIG = 1
 
 
 def usable_cpus() -> int:
@@ -31,3 +35,17 @@ def reap(pid: int) -> int:
         return os.waitpid(pid, 0)[1]
     except ChildProcessError:
         return 0
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked child that writes: be killed when `parent` (the pid that forked it,
+    taken before the fork) dies, on Linux. A command killed with SIGKILL then leaves no
+    child writing into its staging directory while the next command sweeps it. Without
+    prctl, the child still stops at the end of its pipe."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)

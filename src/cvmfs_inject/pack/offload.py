@@ -28,7 +28,7 @@ import struct
 from typing import Any, NoReturn
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack.forking import reap
+from cvmfs_inject.pack.forking import die_with_parent, reap
 from cvmfs_inject.pack.writes import Writes
 
 _FRAME = struct.Struct("<Bq")  # kind, length of the marshalled batch that follows
@@ -66,6 +66,7 @@ class Applier:
         self._answers, answer = os.pipe()
         with contextlib.suppress(OSError):  # the default 64 KiB works too
             fcntl.fcntl(self._into, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError:
@@ -76,7 +77,7 @@ class Applier:
         if pid == 0:
             os.close(self._into)
             os.close(self._answers)
-            self._child(operations, answer)
+            self._child(operations, answer, parent)
         self._forked, self._pid = True, pid
         os.close(operations)
         os.close(answer)
@@ -152,11 +153,12 @@ class Applier:
         if kind == "bug":
             raise RuntimeError(f"the process writing the layer's files failed: {message}")
 
-    def _child(self, operations: int, answer: int) -> NoReturn:
+    def _child(self, operations: int, answer: int, parent: int) -> NoReturn:
         """The child's life: apply batches until told to finish, answer, exit without
         unwinding into the caller's code."""
         code, reply = 0, ("finished", "")
         try:
+            die_with_parent(parent)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
             source = os.fdopen(operations, "rb", buffering=_READ)
             while True:
