@@ -185,15 +185,21 @@ def test_directory_times_shared_with_a_helper_are_the_same(
     assert os.stat(shared / "t0" / "s0").st_mtime == EPOCH - 2
 
 
-def test_a_helper_setting_directory_times_says_what_went_wrong(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+def _four_directories(tmp_path: Path) -> DirectoryTable:
+    """A table of the directories a, b, c and d made in `tmp_path`."""
     root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     table = DirectoryTable(root, 0o755)
     for name in (b"a", b"b", b"c", b"d"):
         os.mkdir(name, dir_fd=root)
         table.attributes(name, 0o755, EPOCH)
-    os.rmdir(tmp_path / "a")  # in the helper's half
+    return table
+
+
+def test_a_helper_setting_directory_times_says_what_went_wrong(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
+    table = _four_directories(tmp_path)
+    os.rmdir(tmp_path / "a")  # in either half: the helper's problem, or this process's
     with pytest.raises(OSError, match="No such file or directory"):
         table.apply(share=True)
     assert os.stat(tmp_path / "d").st_mtime == EPOCH  # this process's half was done
@@ -275,11 +281,7 @@ def test_children_reaped_by_the_system_are_fine(tmp_path: Path,
 def test_directory_times_without_a_helper_when_the_system_cannot_fork(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(directories_module, "SHARED_FROM", 2)
-    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    table = DirectoryTable(root, 0o755)
-    for name in (b"a", b"b", b"c", b"d"):
-        os.mkdir(name, dir_fd=root)
-        table.attributes(name, 0o755, EPOCH)
+    table = _four_directories(tmp_path)
 
     def no_fork() -> int:
         raise BlockingIOError(11, "Resource temporarily unavailable")
