@@ -350,3 +350,16 @@ def test_a_writing_child_dies_with_its_parent() -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"process {child} outlived its parent")
+
+
+def test_freed_memory_goes_back_every_few_mebibytes_of_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed 1 MiB chunks in its heap: without the trims, unpack's peak RSS
+    grew with the size of the files (67 MiB on a 2 GB tree, 47 MiB with them)."""
+    calls: list[int] = []
+    monkeypatch.setattr(extract_module, "_MALLOC_TRIM", calls.append)
+    monkeypatch.setattr(extract_module, "TRIM_BYTES", 1 << 20)
+    members: list[tuple[str, str, bytes | str, int]] = [
+        (f"cvmfs/f{i}", "file", bytes(1 << 19), 0o644) for i in range(8)]
+    extract(io.BytesIO(_layer(members)), str(tmp_path), "/cvmfs")
+    assert len(calls) >= 3

@@ -20,6 +20,7 @@ own buffers.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import posixpath
 from collections.abc import Callable
@@ -43,6 +44,22 @@ PERMISSIONS = 0o777
 # operations handed over at a time: at most this many, or this many bytes of file data
 BATCH, BATCH_BYTES = 4096, 1 << 20
 _ODD_COMPONENTS = (b"", b".", b"..")
+# Every this many bytes of file data, freed memory goes back to the system: the stream's
+# 1 MiB chunks come from the heap once glibc's mmap threshold has risen past them, and the
+# heap kept what big files left (67 MiB peak on a 2 GB tree, 39 MiB with the threshold
+# fixed, which made unpack 30 % slower).
+TRIM_BYTES = 16 << 20
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
 
@@ -75,7 +92,7 @@ class _Reading:
         self.warn, self.whiteouts = warn, whiteouts
         self.result = ExtractResult()
         self.operations: list[tuple[Any, ...]] = []
-        self.data_bytes = 0
+        self.data_bytes = self.since_trim = 0
 
     def skip(self, name: bytes, why: str) -> None:
         shown = os.fsdecode(name)
@@ -91,6 +108,10 @@ class _Reading:
                 self.applier.send(self.operations)
             finally:  # sent, or failed where it failed: never sent again
                 self.operations.clear()
+        self.since_trim += self.data_bytes
+        if self.since_trim >= TRIM_BYTES and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+            self.since_trim = 0
         self.data_bytes = 0
 
     def run(self) -> None:
