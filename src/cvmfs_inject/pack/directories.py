@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Callable
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack.forking import die_with_parent, reap
+from cvmfs_inject.pack.forking import die_with_parent, fork_with_pipe, reap
 from cvmfs_inject.pack.tarstream import show_name
 
 _KNOWN_DIRECTORIES = 1 << 16  # the cache of made directories is cleared past this size
@@ -157,26 +157,18 @@ class DirectoryTable:
 
 def _fork(work: Callable[[], None]) -> tuple[int, int]:
     """(pid, pipe) of a child doing `work`; it writes what went wrong into the pipe."""
-    reader, writer = os.pipe()
     parent = os.getpid()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(reader)
-        os.close(writer)
-        raise
+    pid, pipe = fork_with_pipe()
     if pid == 0:
         code = 0
         try:
             die_with_parent(parent)
-            os.close(reader)
             work()
         except BaseException as exc:  # said through the pipe, never unwound into the caller
             code = 1
-            os.write(writer, str(exc).encode()[:4096] or b"failed")
+            os.write(pipe, str(exc).encode()[:4096] or b"failed")
         os._exit(code)
-    os.close(writer)
-    return pid, reader
+    return pid, pipe
 
 
 def _reap(helper: tuple[int, int]) -> str:

@@ -31,7 +31,7 @@ import signal
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn, cast
 
-from cvmfs_inject.pack.forking import fork_is_safe, reap, usable_cpus
+from cvmfs_inject.pack.forking import fork_is_safe, fork_with_pipe, reap, usable_cpus
 from cvmfs_inject.pack.inbox import END, FAILED, MORE, Batch, Inbox, Record, send
 from cvmfs_inject.pack.options import PackOptions, Warn
 from cvmfs_inject.pack.units import RecordOf, Units
@@ -69,20 +69,16 @@ def _fork_helpers(count: int, life: Callable[[int], NoReturn], inherited: list[i
     pids: list[int] = []
     pipes: list[int] = []
     for _ in range(count):
-        out, into = os.pipe()
         try:
-            pid = os.fork()
+            pid, pipe = fork_with_pipe()
         except OSError:
-            os.close(out)
-            os.close(into)
             break
         if pid == 0:
-            for fd in [out, *pipes, *inherited]:
+            for fd in [*pipes, *inherited]:
                 os.close(fd)
-            life(into)
-        os.close(into)
+            life(pipe)
         pids.append(pid)
-        pipes.append(out)
+        pipes.append(pipe)
     return pids, pipes
 
 

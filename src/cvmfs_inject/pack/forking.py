@@ -28,6 +28,24 @@ def fork_is_safe() -> bool:
     return hasattr(os, "fork") and threading.active_count() == 1
 
 
+def fork_with_pipe() -> tuple[int, int]:
+    """Fork a child that sends to this process through a pipe of its own: (0, write end)
+    in the child, (its pid, read end) here, the other end closed on each side. OSError,
+    with both ends closed, when the system refuses the fork."""
+    reader, writer = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(reader)
+        os.close(writer)
+        raise
+    if pid == 0:
+        os.close(reader)
+        return 0, writer
+    os.close(writer)
+    return pid, reader
+
+
 def reap(pid: int) -> int:
     """Wait for the child `pid` to end; its wait status (0 when the system reaped it
     already: a command started with SIGCHLD ignored has its children reaped for it)."""
