@@ -33,6 +33,7 @@ from cvmfs_inject.errors import (
 )
 from cvmfs_inject.registry.client import RegistryClient
 from cvmfs_inject.registry.credentials import Credentials, load_credentials, read_credentials_stdin
+from cvmfs_inject.registry.upload import with_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -623,3 +624,14 @@ def test_chunked_push_of_200mb_keeps_memory_flat(registry: Registry, tmp_path: P
         data = blob_data_path(registry, digest)
         if data.exists():
             data.unlink()  # 200 MB of disk; nothing else uses this digest
+
+
+@pytest.mark.parametrize(("location", "expected"), [
+    ("http://r/v2/a/blobs/uploads/u1", "http://r/v2/a/blobs/uploads/u1?digest=sha256%3Aab"),
+    ("/v2/a/blobs/uploads/u1?_state=x%3Dy&empty=",
+     "/v2/a/blobs/uploads/u1?_state=x%3Dy&empty=&digest=sha256%3Aab"),
+    ("/u?digest=sha256%3Aold&b=1", "/u?b=1&digest=sha256%3Aab"),
+])
+def test_upload_location_gets_the_digest_beside_the_registry_state(location: str,
+                                                                   expected: str) -> None:
+    assert with_digest(location, "sha256:ab") == expected

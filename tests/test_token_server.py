@@ -10,8 +10,10 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
+import requests
 
 from cvmfs_inject.registry import auth
 
@@ -153,3 +155,25 @@ def test_a_registry_message_is_printed_on_one_line_without_control_characters(
     assert result.code == TOOL, result.err
     assert result.err.count("\n") == 1 and "\x1b" not in result.err
     assert "boom\\nsecond line \\x1b[31mred" in result.err
+
+
+@pytest.mark.parametrize(("challenge", "expected"), [
+    ('Bearer realm="https://auth.example/token",service="registry.example",'
+     'scope="repository:a/b:pull,push"',
+     {"realm": "https://auth.example/token", "service": "registry.example",
+      "scope": "repository:a/b:pull,push"}),
+    ('Bearer Realm="https://a/t", scope="repository:x:pull"',  # names are case-insensitive
+     {"realm": "https://a/t", "scope": "repository:x:pull"}),
+    ('Bearer realm=""', {"realm": ""}),
+    ("Bearer", {}),
+])
+def test_challenge_parameters(challenge: str, expected: dict[str, str]) -> None:
+    assert auth.challenge_parameters(challenge) == expected
+
+
+def test_a_bearer_challenge_without_realm_is_not_answered() -> None:
+    """No realm, no token server to ask: the 401 stands (exit 6 from the caller)."""
+    answer = SimpleNamespace(headers={
+        "WWW-Authenticate": 'Bearer service="s",scope="repository:a:pull"'})
+    authenticator = auth.Authenticator("r.example", requests.Session(), None, True, True, None)
+    assert authenticator.answer(answer, "a", None) is False  # type: ignore[arg-type]

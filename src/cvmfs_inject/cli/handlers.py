@@ -2,8 +2,8 @@
 function that does the work, and render its typed result. No handler chooses a backend:
 the library does (`image.backends`), so tests reach every choice without the CLI.
 
-Command modules are imported by the handler that needs them: the registry modules (oras,
-requests) and jsonschema were 0.3 s and 15 MiB of every local inject.
+Command modules are imported by the handler that needs them: the registry modules
+(requests) and jsonschema were 0.3 s and 15 MiB of every local inject.
 """
 
 from __future__ import annotations

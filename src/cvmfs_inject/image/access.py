@@ -21,7 +21,7 @@ from cvmfs_inject.registry.ledger import BlobLedger
 from cvmfs_inject.skopeo.auth import credentials_authfile
 from cvmfs_inject.skopeo.command import RegistryOptions, Skopeo
 
-if TYPE_CHECKING:  # the registry client (oras, requests) loads only for registry refs
+if TYPE_CHECKING:  # the registry client (requests) loads only for registry refs
     from cvmfs_inject.registry.client import RegistryClient
     from cvmfs_inject.registry.credentials import Credentials
 

@@ -24,7 +24,7 @@ from cvmfs_inject.layout.archive import delta_note
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.refs import ImageRef, check_tag
 
-if TYPE_CHECKING:  # the registry modules (oras, requests) load only for registry refs
+if TYPE_CHECKING:  # the registry modules (requests) load only for registry refs
     from cvmfs_inject.image.remote import UploadProgress
 
 

@@ -2,8 +2,8 @@
 
 Basic challenges get the Basic header; Bearer challenges get a token from the realm (the
 distribution token protocol: GET realm?service=&scope=, with the Basic header when there
-are credentials), one per repository scope, kept for later requests. The token request is
-ours, not oras-py's: it has timeouts, reads at most `MAX_TOKEN_ANSWER` bytes within
+are credentials), one per repository scope, kept for later requests. The token request
+has timeouts, reads at most `MAX_TOKEN_ANSWER` bytes within
 `TOKEN_DEADLINE` seconds, and takes only a JSON object with a string token, so a hostile or
 broken token server costs one line and exit 6, never a hang or the machine's memory.
 """
@@ -16,7 +16,6 @@ import re
 import threading
 import time
 
-import oras.auth.utils
 import requests
 import urllib3.exceptions
 
@@ -29,6 +28,14 @@ TOKEN_TIMEOUT = (30.0, 60.0)  # connect, and each read
 TOKEN_DEADLINE = 120.0  # the whole answer
 # a bearer token goes into a header: printable ASCII, no spaces (never echoed in errors)
 _TOKEN = re.compile(r"[\x21-\x7e]+")
+# a challenge's parameters: realm="...",service="...",scope="..." (RFC 7235 quoted strings;
+# a scope holds commas and colons, never a quote)
+_PARAMETER = re.compile(r'([A-Za-z]+)="([^"]*)"')
+
+
+def challenge_parameters(challenge: str) -> dict[str, str]:
+    """The quoted parameters of a ``WWW-Authenticate`` challenge, by lower-case name."""
+    return {name.lower(): value for name, value in _PARAMETER.findall(challenge)}
 
 
 class Authenticator:
@@ -55,8 +62,9 @@ class Authenticator:
     def answer(self, resp: requests.Response, repo: str, sent: str | None) -> bool:
         """Answer a 401/403 challenge; True when there is a new header worth retrying with.
 
-        A ``Basic`` challenge gets the Basic header (oras-py's TokenAuth would fetch a
-        token from the realm string); only ``Bearer`` asks a token server.
+        A ``Basic`` challenge gets the Basic header (a client that treats every challenge as
+        a Bearer one, like oras-py's TokenAuth, would fetch a token from the realm string);
+        only ``Bearer`` asks a token server.
         """
         challenge = resp.headers.get("WWW-Authenticate", "")
         scheme = challenge.split(" ", 1)[0].lower()
@@ -67,16 +75,18 @@ class Authenticator:
             return True
         if scheme != "bearer":
             return False
-        parsed = oras.auth.utils.parse_auth_header(challenge)
-        if not parsed.realm:
+        parameters = challenge_parameters(challenge)
+        realm = parameters.get("realm")
+        if not realm:
             return False
         try:
-            token = self._within_deadline(parsed.realm, parsed.service, parsed.scope)
+            token = self._within_deadline(realm, parameters.get("service"),
+                                          parameters.get("scope"))
         except requests.exceptions.SSLError as exc:
             raise tls_error(self.registry, exc) from None
         except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.TimeoutError,
                 urllib3.exceptions.ProtocolError) as exc:  # urllib3's: the body is read raw
-            raise ToolError(f"{self.registry}: token server {parsed.realm} unreachable: "
+            raise ToolError(f"{self.registry}: token server {realm} unreachable: "
                             f"{short_reason(exc)}") from None
         except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
             raise ToolError(f"{self.registry}: the token server gave an invalid answer for "

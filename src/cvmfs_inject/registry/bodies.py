@@ -1,5 +1,5 @@
 """Upload bodies: windows of a file, or of another registry's download, that requests
-streams in small blocks (oras-py gap: its uploads read whole files or chunks into memory).
+streams in small blocks (oras-py's uploads read whole files or chunks into memory).
 
 A file source can re-create any window, so a request can be replayed after an auth
 challenge; a stream source is read once. Both hash what they send, so the digest of a
@@ -44,7 +44,7 @@ class Window:
 
 
 class FileWindow(Window):
-    """Bytes [offset, offset+length) of an open file as a requests body (oras-py gap).
+    """Bytes [offset, offset+length) of an open file as a requests body.
 
     requests sends an object with ``__len__`` and ``read`` with a Content-Length header and
     urllib3 pulls it in small blocks, so no chunk is ever held in memory as a whole. Every

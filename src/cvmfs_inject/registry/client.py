@@ -69,5 +69,5 @@ class RegistryClient(Pusher):
 
     @property
     def session(self) -> requests.Session:
-        """The underlying requests session (oras-py's), e.g. to mount adapters or hooks."""
+        """The underlying requests session, e.g. to mount adapters or hooks."""
         return self.transport.session

@@ -1,11 +1,12 @@
 """Writing to a registry (ggcr's `remote` pusher): manifests by tag or digest, blobs
 uploaded from a file or streamed from another registry, and cross-repository mounts.
 
-oras-py gaps filled here: blob mount (``POST ...?mount=&from=``), cancelling the upload
-session a registry opens when it refuses to mount; streaming uploads (oras-py reads whole
-files or chunks into memory) that honour ``OCI-Chunk-Min-Length`` and the ``Range``
-answers; Docker v2s2 manifests PUT with their own media type (oras-py always sends the
-OCI type). A failed upload is started over from a new session a few times.
+What a generic client (oras-py) lacks and this does: blob mount (``POST
+...?mount=&from=``), cancelling the upload session a registry opens when it refuses to
+mount; streaming uploads (oras-py reads whole files or chunks into memory) that honour
+``OCI-Chunk-Min-Length`` and the ``Range`` answers; Docker v2s2 manifests PUT with their
+own media type (oras-py always sends the OCI type). A failed upload is started over from
+a new session a few times.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Pusher(Fetcher):
         return digest
 
     def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
-        """Cross-repository mount (oras-py gap): True when the registry linked the blob.
+        """Cross-repository mount: True when the registry linked the blob.
 
         A registry that cannot or will not mount opens an upload session instead (202);
         that session is cancelled so no dangling upload is left behind.

@@ -2,17 +2,17 @@
 registry host with its TLS settings, authentication on challenge, the request loop, and
 the mapping of network trouble and error answers to our errors.
 
-Built on oras-py (`oras.provider.Registry`), which provides the `requests.Session` (cookies
-disabled: Harbor and friends treat cookies as a browser and start CSRF dances) and its TLS
-`verify` setting, and the parsing of a ``WWW-Authenticate: Bearer realm=...`` challenge;
-the token requests are ours (`registry.auth`: timeouts and a bounded answer).
+Built on a `requests.Session` with cookies disabled (Harbor and friends treat a client
+that keeps cookies as a browser and start CSRF dances); challenges and token requests are
+`registry.auth`'s (timeouts and a bounded answer).
 
-Our own request loop replaces `Registry.do_request` (oras-py gap): its retry decorator
-sleeps 3, 5, 11, 29, 83 s on *any* exception (also on a plain authentication failure) and
-replays request bodies that a streamed upload has already consumed; it answers a ``Basic``
-challenge by asking the *realm string* for a bearer token; it has no timeouts. Ours answers
-a challenge once, keeps one bearer token per repository scope, replays only bodies it can
-re-create, and leaves retrying whole uploads to the pusher.
+The request loop answers a challenge once, keeps one bearer token per repository scope,
+replays only bodies it can re-create, and leaves retrying whole uploads to the pusher. (It
+was built on oras-py once, whose `Registry.do_request` sleeps 3, 5, 11, 29, 83 s on *any*
+exception, replays bodies a streamed upload has consumed, asks a ``Basic`` challenge's
+realm string for a bearer token and has no timeouts: none of that is wanted, and what
+oras-py still gave, a session and a challenge parser, cost 50 ms of import, jsonschema's
+with it, on every registry command.)
 
 Secrets: passwords and tokens live only in request headers and in the Authenticator.
 They never appear in log records, exception messages or reprs.
@@ -24,13 +24,11 @@ import contextlib
 import os
 import tempfile
 import weakref
+from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import oras.auth
-import oras.auth.utils
-import oras.provider
 import requests
 import requests.utils
 
@@ -149,10 +147,8 @@ class Transport:
                 self._bundle = verify = _ca_bundle(cas)
                 self._cleanup = weakref.finalize(self, _unlink_quietly, self._bundle)
 
-        # oras-py provides the session (cookies off) and its TLS verify wiring.
-        self._oras = oras.provider.Registry(hostname=api_host, insecure=not tls_verify,
-                                            tls_verify=verify, auth_backend="token")
-        self.session: requests.Session = self._oras.session
+        self.session = requests.Session()
+        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         # Also passed on every request: a session-level verify loses against
         # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE in the environment (requests' merge order).
         self._verify, self._cert = verify, cert

@@ -1,4 +1,4 @@
-"""One upload session of the distribution API (oras-py gap: streaming): POST, then one
+"""One upload session of the distribution API, streamed: POST, then one
 PUT, or PATCHes of a chunk each and a final PUT, honouring OCI-Chunk-Min-Length and the
 Range answers. The bodies stream from a file or another download (`registry.bodies`).
 """
@@ -6,8 +6,8 @@ Range answers. The bodies stream from a file or another download (`registry.bodi
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import oras.utils
 import requests
 import urllib3.exceptions
 
@@ -19,9 +19,18 @@ from cvmfs_inject.registry.transport import Transport
 log = logging.getLogger(__name__)
 
 
+def with_digest(location: str, digest: str) -> str:
+    """The upload's location with ``digest=`` in its query, beside what the registry put
+    there (its upload state)."""
+    parts = urlsplit(location)
+    query = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True)
+             if key != "digest"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("digest", digest)])))
+
+
 def upload(transport: Transport, repo: str, digest: str, size: int, source: Source,
            name: str, *, monolithic_limit: int, chunk_size: int) -> None:
-    """One upload session: POST, then a PUT or PATCHes + PUT (oras-py gap: streaming)."""
+    """One upload session: POST, then a PUT or PATCHes + PUT."""
     resp = transport.request("POST", f"/v2/{repo}/blobs/uploads/", repo=repo)
     if resp.status_code != 202:
         raise transport.fail(resp, f"start upload of {digest} to {repo}")
@@ -30,7 +39,7 @@ def upload(transport: Transport, repo: str, digest: str, size: int, source: Sour
     octets = {"Content-Type": "application/octet-stream"}
     try:
         if size <= monolithic_limit:
-            url = oras.utils.append_url_params(location, {"digest": digest})
+            url = with_digest(location, digest)
             resp = transport.request("PUT", url, repo=repo, headers=octets,
                                      body=source.body(0, size) if size else b"")
             if resp.status_code == 400 and "DIGEST_INVALID" in _peek(resp):
@@ -67,7 +76,7 @@ def upload(transport: Transport, repo: str, digest: str, size: int, source: Sour
         if local is not None and local != digest:
             raise IntegrityError(f"{name} does not match {digest}: its content hashes "
                                  f"to {local}")
-        url = oras.utils.append_url_params(location, {"digest": digest})
+        url = with_digest(location, digest)
         resp = transport.request("PUT", url, repo=repo, headers=octets)
         if resp.status_code not in (201, 204):
             raise transport.fail(resp, f"finish upload of {digest} to {repo}",
