@@ -24,6 +24,7 @@ from helpers import assert_same_tree, dir_bytes, unique_repo
 from readers import podman_rootfs, umoci_unpack
 
 from cvmfs_inject.demo.sample import build_sample_image
+from cvmfs_inject.stack.cache import MAX_INDEX_BYTES, IndexCache
 
 PAST = 1_600_000_000
 
@@ -287,20 +288,23 @@ def _gzip_bomb(path: Path, inflated: int) -> None:
 
 
 def test_hostile_cache_files_are_treated_as_absent(cli, tmp_path, stacked):
-    """A FIFO (would block a reader), a gzip bomb (would fill memory) and a symlink in place
-    of cache files: each is ignored and its index rebuilt from the layer."""
+    """A FIFO (would block a reader), a gzip bomb in the old format's place (would fill
+    memory), a file past the size an index can have (sparse: would fill memory) and a
+    symlink in place of cache files: each is ignored and its index rebuilt from the
+    layer."""
     layout, tree, state = stacked
     _change(tree, "add")
     inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
     _change(tree, "remove")
     expected = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s3")
     fifo, bomb, link = sorted((state / "index").iterdir())
-    os.replace(link, tmp_path / "elsewhere.json.gz")
-    link.symlink_to(tmp_path / "elsewhere.json.gz")
+    os.replace(link, tmp_path / "elsewhere.index")
+    link.symlink_to(tmp_path / "elsewhere.index")
     fifo.unlink()
     os.mkfifo(fifo)
-    _gzip_bomb(bomb, 512 << 20)
-    assert bomb.stat().st_size < 1 << 20
+    os.truncate(bomb, MAX_INDEX_BYTES + 1)
+    _gzip_bomb(bomb.with_suffix(".json.gz"), 512 << 20)
+    assert bomb.with_suffix(".json.gz").stat().st_size < 1 << 20
     report = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s4")
     assert report["stack"]["downloaded"] > 0
     assert report["layer"] == expected["layer"]
@@ -529,7 +533,7 @@ def test_a_layer_that_is_not_its_diff_id_is_refused_not_indexed(cli, tmp_path):
     error = result.err.strip().splitlines()[-1]  # after the note that it reads the layer
     assert error.startswith("cvmfs-inject: error:") and "diff_id" in error
     assert dir_bytes(layout) == before
-    assert not list((tmp_path / "state").rglob("*.json.gz"))
+    assert not [path for path in (tmp_path / "state").rglob("*") if not path.is_dir()]
 
 
 def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, registry,
@@ -638,22 +642,56 @@ def test_format_3_cache_files_are_read_only_when_made_by_packing(tmp_path):
     """Format 3 rebuilt indexes from layers ignoring a whiteout of the mount point: such a
     file (no host mtime on any file) is a miss; one made by packing is still read."""
     from cvmfs_inject.stack.cache import IndexCache
-    from cvmfs_inject.stack.index import DIR, FILE, LayerIndex, Node
+    from cvmfs_inject.stack.index import DIR, FILE, LayerIndex
 
     cache = IndexCache(tmp_path)
     diff_id = "sha256:" + "a" * 64
+    migrated = tmp_path / "index" / f"{diff_id.replace(':', '-')}.index"
 
     def stored(mtime_ns: int, format_name: str) -> LayerIndex | None:
-        nodes = {b"": Node(DIR, 0o755, 0, 0, 0, 1), b"f": Node(FILE, 0o644, 0, 0, 1, 1,
-                                                                mtime_ns=mtime_ns)}
-        cache.put(LayerIndex(diff_id, "/cvmfs", nodes))
-        path = next((tmp_path / "index").iterdir())
-        doc = json.loads(gzip.decompress(path.read_bytes()))
-        doc["format"] = format_name
-        path.write_bytes(gzip.compress(json.dumps(doc).encode()))
+        """A file as versions before format 5 wrote it: gzip'd JSON columns."""
+        doc = {"format": format_name, "diff_id": diff_id, "mount_point": "/cvmfs", "count": 2,
+               "opaque": [], "paths": "\0f", "kinds": DIR + FILE, "targets": "\0",
+               "groups": "\0", "digests": "\0", "modes": [0o755, 0o644], "uids": [0, 0],
+               "gids": [0, 0], "sizes": [0, 1], "mtimes": [1, 1], "mtimes_ns": [0, mtime_ns]}
+        (tmp_path / "index").mkdir(exist_ok=True)
+        migrated.unlink(missing_ok=True)
+        (tmp_path / "index" / f"{diff_id.replace(':', '-')}.json.gz").write_bytes(
+            gzip.compress(json.dumps(doc).encode()))
         return cache.get(diff_id, "/cvmfs")
 
     assert stored(1_000_000_123, "cvmfs-inject tree index 3") is not None
+    assert migrated.exists()  # written again as format 5
     assert stored(0, "cvmfs-inject tree index 3") is None
     assert stored(0, "cvmfs-inject tree index 4") is not None
     assert stored(1, "cvmfs-inject tree index 2") is None
+
+
+def test_an_index_file_reads_back_whole_and_a_damaged_one_is_a_miss(tmp_path):
+    """Format 5 keeps every field of every node (odd bytes in names, large numbers, opaque
+    directories); a flipped byte, a cut, or another layer's or mount point's file is a miss."""
+    from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
+
+    diff_id = "sha256:" + "b" * 64
+    nodes = {b"": Node(DIR, 0o755, 0, 0, 0, 1),
+             b"d\xff\xfe name": Node(DIR, 0o1777, 7, 8, 0, -5),
+             b"d\xff\xfe name/f": Node(FILE, 0o4755, 2**32 - 2, 3, 2**40, 2**33, b"",
+                                     b"d\xff\xfe name/f", "c" * 64, 2**62),
+             b"d\xff\xfe name/g": Node(FILE, 0o644, 0, 0, 2**40, 2**33, b"",
+                                     b"d\xff\xfe name/f", "c" * 64, 1),
+             b"l": Node(LINK, 0o777, 0, 0, 0, 3, b"../\x80x"),
+             b"gone": Node(WHITEOUT, 0, 0, 0, 0, 0)}
+    index = LayerIndex(diff_id, "/cvmfs", nodes, {b"d\xff\xfe name"})
+    cache = IndexCache(tmp_path)
+    cache.put(index)
+    assert cache.get(diff_id, "/cvmfs") == index
+    assert cache.get(diff_id, "/other") is None
+    path = next((tmp_path / "index").iterdir())
+    data = path.read_bytes()
+    path.rename(path.with_name("sha256-" + "c" * 64 + ".index"))
+    assert cache.get("sha256:" + "c" * 64, "/cvmfs") is None  # it names another layer
+    for damaged in (data[:-1], data[:-9] + bytes([data[-9] ^ 1]) + data[-8:], data + b"x"):
+        path.write_bytes(damaged)
+        assert cache.get(diff_id, "/cvmfs") is None
+    cache.put(LayerIndex(diff_id, "/cvmfs", {b"": Node(DIR, 0o755, 0, 0, 0, 2**64)}))
+    assert cache.get(diff_id, "/cvmfs") is None  # past int64: not cached (the damaged stays)

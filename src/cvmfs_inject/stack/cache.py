@@ -1,10 +1,13 @@
 """The local cache of tree indexes (`--state DIR`), one file per layer, named by its diff_id.
 
 A cache is a convenience, never a source of truth: a file that is missing, unreadable,
-truncated (gzip's CRC and length), of another format or naming another layer is treated as
-absent, and the index is rebuilt from the layer. Files are written temp + fsync + rename,
-so concurrent commands each leave a whole file (the same layer gives the same index,
-apart from the host times recorded by the command that packed it).
+truncated or damaged (the CRC and lengths of `stack.indexfile`), of another format or
+naming another layer is treated as absent, and the index is rebuilt from the layer. Files
+are written temp + fsync + rename, so concurrent commands each leave a whole file (the same
+layer gives the same index, apart from the host times recorded by the command that packed
+it). Files of formats 3 and 4 (gzip'd JSON, `<diff_id>.json.gz`) written by earlier
+versions are still read: rebuilding a packed index from its layer would lose the host
+times that keep the quick check from reading files.
 """
 
 from __future__ import annotations
@@ -19,22 +22,24 @@ import zlib
 from itertools import repeat
 from pathlib import Path
 
+from cvmfs_inject.stack import indexfile
 from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
 
-FORMAT = "cvmfs-inject tree index 4"
+_FORMAT_4 = "cvmfs-inject tree index 4"
 # Format 3 differs only in indexes rebuilt from a layer: they ignored a whiteout of the
 # mount point (or of a directory above it) in a layer another tool made. Indexes made by
 # packing never hold one, and they have a host mtime on every file: those are still read,
 # so that no stack has to be read back for its index.
 _PACKED_FORMAT_3 = "cvmfs-inject tree index 3"
-# Columns, not a row per entry: one JSON string per text column (names joined by NUL, which
-# no name holds) and one list per number column load about four times faster.
+# Format 4's columns: one JSON string per text column (names joined by NUL) and one list
+# per number column.
 _NAMES = ("paths", "targets", "groups")  # bytes, through the filesystem encoding
 _INTS = ("modes", "uids", "gids", "sizes", "mtimes", "mtimes_ns")
 _KINDS = frozenset((FILE, DIR, LINK, WHITEOUT))
 STATE_ENV = "XDG_CACHE_HOME"
 # what a cache file may inflate to: its size times a ratio real indexes stay well under
 _INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
+MAX_INDEX_BYTES = 1 << 32  # 30 million entries: a bigger file is not an index of ours
 
 
 def default_state_dir() -> Path:
@@ -47,16 +52,26 @@ class IndexCache:
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "index"
 
-    def _path(self, diff_id: str) -> Path:
-        return self.directory / (diff_id.replace(":", "-") + ".json.gz")
+    def _path(self, diff_id: str, suffix: str = ".index") -> Path:
+        return self.directory / (diff_id.replace(":", "-") + suffix)
 
     def get(self, diff_id: str, mount_point: str) -> LayerIndex | None:
         """The cached index of a layer, or None when there is no good one."""
         try:
-            doc = json.loads(_read_gzip(self._path(diff_id)))
+            return indexfile.decode(_read_regular(self._path(diff_id)), diff_id, mount_point)
+        except (OSError, ValueError, RecursionError):
+            index = self._get_json(diff_id, mount_point)
+        if index is not None:  # written again in format 5, which loads three times faster
+            self.put(index)
+        return index
+
+    def _get_json(self, diff_id: str, mount_point: str) -> LayerIndex | None:
+        """An index in a file of format 3 or 4."""
+        try:
+            doc = json.loads(_read_gzip(self._path(diff_id, ".json.gz")))
         except (OSError, EOFError, ValueError, zlib.error, RecursionError):
             return None
-        if not (isinstance(doc, dict) and doc.get("format") in (FORMAT, _PACKED_FORMAT_3)
+        if not (isinstance(doc, dict) and doc.get("format") in (_FORMAT_4, _PACKED_FORMAT_3)
                 and doc.get("diff_id") == diff_id and doc.get("mount_point") == mount_point):
             return None
         try:
@@ -71,8 +86,10 @@ class IndexCache:
     def put(self, index: LayerIndex) -> None:
         """Store an index atomically; a cache that cannot be written costs time later,
         so failing to write it is not an error."""
-        data = gzip.compress(json.dumps(_document(index), separators=(",", ":")).encode(), 1,
-                             mtime=0)
+        try:
+            data = indexfile.encode(index)
+        except OverflowError:
+            return
         with contextlib.suppress(OSError):
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
@@ -88,15 +105,31 @@ class IndexCache:
                 raise
 
 
-def _read_gzip(path: Path) -> bytes:
-    """A cache file's content; ValueError for anything but a regular file (a FIFO would
-    block, a symlink leads elsewhere) or one that inflates past what an index can be (a
-    gzip bomb: an index compresses about 10:1, gzip can reach 1000:1)."""
+def _opened(path: Path) -> tuple[int, os.stat_result]:
+    """A cache file opened for reading; ValueError for anything but a regular file (a FIFO
+    would block, a symlink leads elsewhere)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    return fd, info
+
+
+def _read_regular(path: Path) -> bytes:
+    """A cache file's bytes; ValueError past MAX_INDEX_BYTES."""
+    fd, info = _opened(path)
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > MAX_INDEX_BYTES:
+            raise ValueError("too big")
+        return f.read(MAX_INDEX_BYTES + 1)
+
+
+def _read_gzip(path: Path) -> bytes:
+    """A gzip'd cache file's content; ValueError for one that inflates past what an index
+    can be (a gzip bomb: an index compresses about 10:1, gzip can reach 1000:1)."""
+    fd, info = _opened(path)
     with os.fdopen(fd, "rb") as raw:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
         limit = _INFLATE_FLOOR + _INFLATE_RATIO * info.st_size
         with gzip.GzipFile(fileobj=raw, mode="rb") as f:
             data = f.read(limit + 1)
@@ -105,30 +138,11 @@ def _read_gzip(path: Path) -> bytes:
     return data
 
 
-def _joined(names: list[bytes]) -> str:
-    return b"\0".join(names).decode("utf-8", "surrogateescape")
-
-
 def _split(text: str, count: int) -> list[bytes]:
     names = text.encode("utf-8", "surrogateescape").split(b"\0") if count else []
     if len(names) != count:
         raise ValueError("column length")
     return names
-
-
-def _document(index: LayerIndex) -> dict[str, object]:
-    nodes = list(index.nodes.values())
-    doc: dict[str, object] = {
-        "format": FORMAT, "diff_id": index.diff_id, "mount_point": index.mount_point,
-        "count": len(nodes), "opaque": [os.fsdecode(path) for path in sorted(index.opaque)],
-        "paths": _joined(list(index.nodes)), "kinds": "".join(n.kind for n in nodes),
-        "targets": _joined([n.target for n in nodes]),
-        "groups": _joined([n.group for n in nodes]),
-        "digests": "\0".join(n.digest for n in nodes)}
-    for name, field in zip(_INTS, ("mode", "uid", "gid", "size", "mtime", "mtime_ns"),
-                           strict=True):
-        doc[name] = [getattr(n, field) for n in nodes]
-    return doc
 
 
 def _loaded(doc: dict[str, object]) -> LayerIndex:
