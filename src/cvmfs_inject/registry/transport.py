@@ -11,8 +11,8 @@ replays only bodies it can re-create, and leaves retrying whole uploads to the p
 was built on oras-py once, whose `Registry.do_request` sleeps 3, 5, 11, 29, 83 s on *any*
 exception, replays bodies a streamed upload has consumed, asks a ``Basic`` challenge's
 realm string for a bearer token and has no timeouts: none of that is wanted, and what
-oras-py still gave, a session and a challenge parser, cost 50 ms of import, jsonschema's
-with it, on every registry command.)
+oras-py still gave, a session and a challenge parser, cost 50 ms of import on every
+registry command, jsonschema's with it, which only a sink checking documents needs.)
 
 Secrets: passwords and tokens live only in request headers and in the Authenticator.
 They never appear in log records, exception messages or reprs.
