@@ -106,3 +106,25 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path,
     done = subprocess.run(argv, stdout=write, stderr=subprocess.PIPE, text=True, check=False)
     os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_the_script_ends_after_exit_functions_and_flushing(tmp_path: Path) -> None:
+    """`entry._end` skips Python's teardown, not what it must do: the exit functions run
+    (a finalizer's temporary file goes), buffered output is written, the code is kept."""
+    marker = tmp_path / "ran"
+    code = ("import atexit, pathlib, sys; from cvmfs_inject import entry; "
+            f"atexit.register(pathlib.Path({str(marker)!r}).touch); "
+            "print('buffered', end=''); sys.stderr.write('err'); entry._end(3)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "buffered", "err")
+    assert marker.exists()
+    gone = ("import sys; from cvmfs_inject import entry\n"
+            "class Gone:\n"
+            "    def flush(self):\n"
+            "        raise BrokenPipeError\n"
+            "sys.stdout = Gone()\n"
+            "entry._end(0)\n")
+    reader_gone = subprocess.run([sys.executable, "-c", gone], capture_output=True, text=True,
+                                 check=False)
+    assert (reader_gone.returncode, reader_gone.stderr) == (141, "")  # as SIGPIPE would
