@@ -30,10 +30,12 @@ from cvmfs_inject.stack.index import DIR, FILE, LINK, Node, estimate
 
 @dataclass
 class Scan:
-    """The tree as it would be packed: a node per entry, in tar order."""
+    """The tree as it would be packed: a node per entry, in tar order; and the names of
+    each hard-link group (two names or more), by the group's first name."""
 
     root: str
     nodes: dict[bytes, Node]
+    groups: dict[bytes, list[bytes]] = field(default_factory=dict)
 
     def path(self, rel: bytes) -> str:
         return self.root + "/" + os.fsdecode(rel) if rel else self.root
@@ -82,20 +84,31 @@ class PendingScan:
         root = str(tree).rstrip("/") or "/"
         nodes: dict[bytes, Node] = {b"": Node(DIR, stat.S_IMODE(st.st_mode), 0, 0, 0,
                                               options.clamp(st.st_mtime))}
-        firsts: dict[int, bytes] = {}
+        names_of: dict[int, list[bytes]] = {}  # a multiply-linked inode's names, in order
         new = tuple.__new__  # a Node per entry: skip NamedTuple's Python-level __new__
         try:
             for rel, kind, perms, uid, gid, size, mtime, link, inode, mtime_ns in self._walk:
-                group = firsts.setdefault(inode, rel) if inode else b""
+                if inode:
+                    names = names_of.get(inode)
+                    if names is None:
+                        group = rel
+                        names_of[inode] = [rel]
+                    else:
+                        group = names[0]
+                        names.append(rel)
+                else:
+                    group = b""
                 nodes[rel] = new(Node, (kind, perms, uid, gid, size, mtime, link, group, "",
                                         mtime_ns))
         finally:
             self._walk.close()
-        sizes = Counter(node.group for node in nodes.values() if node.group)
-        for rel, node in nodes.items():  # a group of one name (other links outside DIR) is none
-            if node.group and sizes[node.group] == 1:
-                nodes[rel] = node._replace(group=b"")
-        return Scan(root, nodes)
+        groups: dict[bytes, list[bytes]] = {}
+        for names in names_of.values():
+            if len(names) > 1:
+                groups[names[0]] = names
+            else:  # a group of one name (its other links are outside DIR) is none
+                nodes[names[0]] = nodes[names[0]]._replace(group=b"")
+        return Scan(root, nodes, groups)
 
 
 def _record_of(options: PackOptions) -> RecordOf:
@@ -182,15 +195,14 @@ def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
         elif not _same(before, node, path, new, checksum, epoch):
             delta.changed += node.kind != DIR
             marked.add(path)
-    for path, before in old.items():
-        if path in nodes:
-            continue
+    for path in old.keys() - nodes.keys():
+        before = old[path]
         delta.removed += before.kind != DIR
         parent = path.rpartition(b"/")[0]
         now, then = nodes.get(parent), old.get(parent)
         if now is not None and now.kind == DIR and then is not None and then.kind == DIR:
             gone.add(path)  # else an ancestor's whiteout or replacement hides it
-    _whole_groups(old, nodes, marked)
+    _whole_groups(old, new, marked)
     emit = delta.emit
     for path in marked | gone | {b""}:
         if path in marked:
@@ -228,21 +240,14 @@ def _same(before: Node, node: Node, path: bytes, new: Scan, checksum: bool,
     return not before.mtime_ns or before.mtime_ns == node.mtime_ns
 
 
-def _whole_groups(old: dict[bytes, Node], nodes: dict[bytes, Node], marked: set[bytes]
-                  ) -> None:
+def _whole_groups(old: dict[bytes, Node], new: Scan, marked: set[bytes]) -> None:
     """Mark every name of a hard-link group one of whose names is marked, or whose
-    membership changed (a name joined or left it)."""
-    members: dict[bytes, list[bytes]] = {}
+    membership changed. A name that joined a group, or moved to it from another, is
+    marked already: its group is part of the quick check. A name that left shows in
+    the count of the group's names before and now."""
+    nodes = new.nodes
     changed = {group for path in marked if (group := nodes[path].group)}
-    before_of = old.get
-    for path, node in nodes.items():
-        group = node.group
-        if group:
-            members.setdefault(group, []).append(path)
-            before = before_of(path)
-            if before is None or before.group != group:
-                changed.add(group)
     old_sizes = Counter(map(attrgetter("group"), old.values()))
-    for group, paths in members.items():
+    for group, paths in new.groups.items():
         if group in changed or old_sizes[group] != len(paths):
             marked.update(paths)
