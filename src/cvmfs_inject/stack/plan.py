@@ -29,12 +29,20 @@ class Plan:
         self.prefix = os.fsencode(mount_point.strip("/")) + b"/"
         self.entries = self.hardlinks = 0
 
+    def _nodes(self) -> Iterator[tuple[bytes, Node]]:
+        """The entries the layer holds, in the scan's (tar) order: a delta's are found by
+        sorting its few paths by their components (depth first, names sorted: the walk's
+        order), not by a pass over the whole scan."""
+        nodes = self.scan.nodes
+        if self.delta is None:
+            return iter(nodes.items())
+        return ((rel, nodes[rel]) for rel in sorted(self.delta.emit, key=_components))
+
     def __call__(self, headers: TarHeaders) -> Iterator[Entry]:
-        prefix, scan, delta = self.prefix, self.scan, self.delta
-        emit = None if delta is None else delta.emit
+        prefix, scan = self.prefix, self.scan
         yield from self._whiteouts(headers, b"")
-        for rel, node in scan.nodes.items():
-            if not rel or (emit is not None and rel not in emit):
+        for rel, node in self._nodes():
+            if not rel:
                 continue
             self.entries += 1
             name = prefix + rel
@@ -68,9 +76,7 @@ class Plan:
         scan, delta = self.scan, self.delta
         index = LayerIndex(diff_id, self.mount_point)
         nodes = index.nodes
-        for rel, node in scan.nodes.items():
-            if delta is not None and rel not in delta.emit:
-                continue
+        for rel, node in self._nodes():
             if node.kind == FILE and not node.digest:
                 first = node.group or rel
                 digest = digests.get(scan.path(first), "")
@@ -85,3 +91,7 @@ class Plan:
                     elif nodes[path].kind == DIR:
                         index.opaque.add(path)
         return index
+
+
+def _components(path: bytes) -> list[bytes]:
+    return path.split(b"/")
