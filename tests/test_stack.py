@@ -695,3 +695,35 @@ def test_an_index_file_reads_back_whole_and_a_damaged_one_is_a_miss(tmp_path):
         assert cache.get(diff_id, "/cvmfs") is None
     cache.put(LayerIndex(diff_id, "/cvmfs", {b"": Node(DIR, 0o755, 0, 0, 0, 2**64)}))
     assert cache.get(diff_id, "/cvmfs") is None  # past int64: not cached (the damaged stays)
+
+
+@pytest.mark.parametrize("changes", [
+    ("content", "add", "new-release", "remove", "dir-to-symlink"),
+    ("group-gains-a-name", "remove-tree", "file-to-dir", "group-loses-a-name", "mode"),
+    ("symlink-to-dir", "group-content", "dir-to-file", "empty-dir-removed", "mtime"),
+])
+def test_a_merge_diffs_only_what_may_differ_from_the_base(cli, tmp_path, changes):
+    """The diff of a merge (the tree against the base alone) looks only at the paths the
+    diff against the whole stack was unsure of and the deltas' paths: it gives what the
+    diff of every path gives, after each change of a stack growing past its deltas."""
+    from cvmfs_inject.pack.options import PackOptions
+    from cvmfs_inject.stack.diff import diff, scan, unsure_below
+    from cvmfs_inject.stack.index import union
+
+    layout, state = tmp_path / "layout", tmp_path / "state"
+    build_sample_image(layout, "v1")
+    tree = build_tree(tmp_path / "tree")
+    inject(cli, f"{layout}:v1", tree, state, "--max-layers", "9", "--compact-ratio", "10")
+    for change in changes:
+        _change(tree, change)
+        labels = json.loads(cli("--json", "inspect", f"{layout}:v1").out)["images"][0]["labels"]
+        stack = labels.get("io.cvmfs-inject.stack", labels["cvmfs_injection_tar"]).split(",")
+        indexes = [IndexCache(state).get(diff_id, "/cvmfs") for diff_id in stack]
+        scanned = scan(tree, PackOptions())
+        against_stack = diff(union(indexes), scanned)
+        every = diff(union(indexes[:1]), scanned)
+        only = diff(union(indexes[:1]), scanned, only=unsure_below(against_stack, indexes[1:]))
+        assert (only.emit, only.whiteouts, only.added, only.changed, only.removed) == (
+            every.emit, every.whiteouts, every.added, every.changed, every.removed)
+        assert len(only.unsure) <= len(every.unsure)
+        inject(cli, f"{layout}:v1", tree, state, "--max-layers", "9", "--compact-ratio", "10")

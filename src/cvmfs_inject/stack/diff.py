@@ -15,6 +15,7 @@ import hashlib
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -25,7 +26,7 @@ from cvmfs_inject.pack.inbox import Record
 from cvmfs_inject.pack.options import CHUNK, PackOptions, Warn
 from cvmfs_inject.pack.packer import check_tree
 from cvmfs_inject.pack.units import RecordOf
-from cvmfs_inject.stack.index import DIR, FILE, LINK, Node, estimate
+from cvmfs_inject.stack.index import DIR, FILE, LINK, LayerIndex, Node, estimate
 
 
 @dataclass
@@ -151,6 +152,7 @@ class Delta:
     removed: int = 0
     tar_bytes: int = 0
     touched: int = 0  # entries changed, added or whited out, directories included
+    unsure: list[bytes] = field(default_factory=list)  # paths the quick check did not pass
 
     @property
     def empty(self) -> bool:
@@ -169,22 +171,30 @@ def file_digest(path: str) -> str:
 
 
 def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
-         epoch: int | None = None) -> Delta:
+         epoch: int | None = None, only: Iterable[bytes] | None = None) -> Delta:
     """The delta that turns the tree `old` (a union of indexes) into the scanned tree.
 
-    Digests of files read on the way are put into the scan's nodes, for their index."""
+    `only`: the scanned paths that may differ from `old`, the others being known to pass
+    the quick check (a merge diffs against the base the tree a first diff compared with
+    the whole stack: only the paths that one found unsure, or that a delta holds, can
+    differ; `Delta.unsure`). Digests of files read on the way are put into the scan's
+    nodes, for their index."""
     delta = Delta()
     nodes = new.nodes
     marked: set[bytes] = set()
     gone: set[bytes] = set()  # paths to white out
     quick = not checksum
-    for path, node in nodes.items():
+    unsure = delta.unsure
+    scanned = nodes.items() if only is None else (
+        (path, nodes[path]) for path in only if path in nodes)
+    for path, node in scanned:
         before = old.get(path)
         # what `_same` says of most entries, without its calls: equal as packed and, for a
         # file, at the same exact host time
         if quick and before is not None and before[:8] == node[:8] and (
                 node.kind != FILE or (before.mtime_ns and before.mtime_ns == node.mtime_ns)):
             continue
+        unsure.append(path)
         if before is None:
             delta.added += node.kind != DIR
             marked.add(path)
@@ -219,6 +229,14 @@ def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
     delta.touched = len(marked | gone)
     delta.tar_bytes = estimate((path, nodes[path]) for path in emit) + 512 * len(gone)
     return delta
+
+
+def unsure_below(delta: Delta, deltas: list[LayerIndex]) -> set[bytes]:
+    """The paths where the tree `delta` was diffed to may differ from the stack without
+    its `deltas` (its base): where it differed from the whole stack, or where a delta
+    holds an entry (every other path of the stack is the base's node itself, or hidden by
+    a delta and then absent from the stack, so unsure already)."""
+    return set(delta.unsure).union(*(index.nodes.keys() for index in deltas))
 
 
 def _same(before: Node, node: Node, path: bytes, new: Scan, checksum: bool,

@@ -24,7 +24,7 @@ from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
 from cvmfs_inject.pack.packer import PackResult, pack
 from cvmfs_inject.stack.cache import IndexCache, default_state_dir
-from cvmfs_inject.stack.diff import Delta, PendingScan, Scan, diff
+from cvmfs_inject.stack.diff import Delta, PendingScan, Scan, diff, unsure_below
 from cvmfs_inject.stack.index import DIR, LayerIndex, index_of_layer, union
 from cvmfs_inject.stack.options import StackOptions
 from cvmfs_inject.stack.plan import Plan
@@ -115,7 +115,7 @@ class StackUpdater:
             update.action, update.keep = "delta", len(indexes)
             self._pack(delta, update, f"delta {len(indexes)}")
             return update
-        merged = self._diff(union(indexes[:1]), update)
+        merged = self._diff(union(indexes[:1]), update, unsure_below(delta, indexes[1:]))
         if merged.tar_bytes > ratio * base_bytes:
             rebased = self._rebase("rebased")
             rebased.downloaded = update.downloaded
@@ -125,9 +125,11 @@ class StackUpdater:
             self._pack(merged, update, "deltas merged")
         return update
 
-    def _diff(self, old: dict[bytes, Any], update: StackUpdate) -> Delta:
+    def _diff(self, old: dict[bytes, Any], update: StackUpdate,
+              only: set[bytes] | None = None) -> Delta:
         epoch = self.options.source_date_epoch
-        delta = diff(old, self.scan, checksum=self.stack_options.checksum, epoch=epoch)
+        delta = diff(old, self.scan, checksum=self.stack_options.checksum, epoch=epoch,
+                     only=only)
         update.added, update.changed, update.removed = delta.added, delta.changed, delta.removed
         return delta
 
