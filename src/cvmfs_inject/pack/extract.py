@@ -20,7 +20,6 @@ own buffers.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import posixpath
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import IO, Any
 
 from cvmfs_inject.errors import InputError
 from cvmfs_inject.layout.blobs import READ_CHUNK
-from cvmfs_inject.pack import tarstream, writes
+from cvmfs_inject.pack import libc, tarstream, writes
 from cvmfs_inject.pack.forking import fork_is_safe, usable_cpus
 from cvmfs_inject.pack.inflate import decompressed
 from cvmfs_inject.pack.offload import Applier
@@ -51,15 +50,7 @@ _ODD_COMPONENTS = (b"", b".", b"..")
 TRIM_BYTES = 16 << 20
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None elsewhere."""
-    try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
-    except (AttributeError, OSError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = libc.function("malloc_trim")
 
 __all__ = ["PERMISSIONS", "ExtractResult", "decompressed", "extract"]  # decompressed: tests
 

@@ -7,10 +7,11 @@ thread, and only when there is another CPU for them to use.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import threading
+
+from cvmfs_inject.pack import libc
 
 _PR_SET_PDEATHSIG = 1
 
@@ -60,9 +61,8 @@ def die_with_parent(parent: int) -> None:
     taken before the fork) dies, on Linux. A command killed with SIGKILL then leaves no
     child writing into its staging directory while the next command sweeps it. Without
     prctl, the child still stops at the end of its pipe."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
+    prctl = libc.function("prctl")
+    if prctl is None:
         return
     prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # it died before the call

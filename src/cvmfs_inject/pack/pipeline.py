@@ -7,8 +7,6 @@ worker use two cores. The chunks are a fixed set of buffers going round between 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import hashlib
 import queue
@@ -18,6 +16,7 @@ from typing import Protocol
 import zstandard
 from isal import isal_zlib
 
+from cvmfs_inject.pack import libc
 from cvmfs_inject.pack.options import CHUNK, PackOptions
 
 QUEUE_DEPTH = 8
@@ -163,5 +162,6 @@ def steady_malloc() -> None:
     2 GB tree). A fixed threshold keeps them in mmap, returned to the system on free.
     Elsewhere than glibc this is a no-op.
     """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    mallopt = libc.function("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
