@@ -128,3 +128,14 @@ def test_the_script_ends_after_exit_functions_and_flushing(tmp_path: Path) -> No
     reader_gone = subprocess.run([sys.executable, "-c", gone], capture_output=True, text=True,
                                  check=False)
     assert (reader_gone.returncode, reader_gone.stderr) == (141, "")  # as SIGPIPE would
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_the_script_runs_with_stdout_or_stderr_closed(tmp_path: Path, closed: int) -> None:
+    """Started with fd 1 or 2 closed (`>&-`), Python has no sys.stdout or sys.stderr: the
+    command still ends with its own exit code, not a traceback."""
+    build_sample_image(tmp_path / "l", "v1")
+    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", "inspect",
+                           f"{tmp_path / 'l'}:v1"], capture_output=True, check=False,
+                          preexec_fn=lambda: os.close(closed))
+    assert done.returncode == 0, done.stderr

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -24,7 +25,7 @@ from helpers import assert_same_tree, dir_bytes, unique_repo
 from readers import podman_rootfs, umoci_unpack
 
 from cvmfs_inject.demo.sample import build_sample_image
-from cvmfs_inject.stack.cache import MAX_INDEX_BYTES, IndexCache
+from cvmfs_inject.stack.cache import IndexCache
 
 PAST = 1_600_000_000
 
@@ -302,7 +303,7 @@ def test_hostile_cache_files_are_treated_as_absent(cli, tmp_path, stacked):
     link.symlink_to(tmp_path / "elsewhere.index")
     fifo.unlink()
     os.mkfifo(fifo)
-    os.truncate(bomb, MAX_INDEX_BYTES + 1)
+    os.truncate(bomb, 8 << 30)  # sparse: what its header says no longer fits its size
     _gzip_bomb(bomb.with_suffix(".json.gz"), 512 << 20)
     assert bomb.with_suffix(".json.gz").stat().st_size < 1 << 20
     report = inject(cli, f"{layout}:s2", tree, state, "--max-layers", "4", "--tag", "s4")
@@ -693,8 +694,73 @@ def test_an_index_file_reads_back_whole_and_a_damaged_one_is_a_miss(tmp_path):
     for damaged in (data[:-1], data[:-9] + bytes([data[-9] ^ 1]) + data[-8:], data + b"x"):
         path.write_bytes(damaged)
         assert cache.get(diff_id, "/cvmfs") is None
+    header_end = data.index(b"\n", len(b"cvmfs-inject tree index 5\n")) + 1
+    for at in range(header_end):  # the header's every bit: a miss, or the same index
+        for bit in range(8):
+            path.write_bytes(data[:at] + bytes([data[at] ^ 1 << bit]) + data[at + 1:])
+            assert cache.get(diff_id, "/cvmfs") in (None, index), (at, bit)
+    body = bytearray(data[header_end:])  # a path twice, with a CRC that fits
+    at = body.index(b"d\xff\xfe name/g")
+    body[at:at + len(b"d\xff\xfe name/g")] = b"d\xff\xfe name/f"
+    header = json.loads(data[len(b"cvmfs-inject tree index 5\n"):header_end])
+    assert cache.get(diff_id, "/cvmfs") is None
+    header["crc"] = zlib.crc32(body)
+    path.write_bytes(data[:len(b"cvmfs-inject tree index 5\n")] + json.dumps(header).encode()
+                     + b"\n" + bytes(body))
+    assert cache.get(diff_id, "/cvmfs") is None
     cache.put(LayerIndex(diff_id, "/cvmfs", {b"": Node(DIR, 0o755, 0, 0, 0, 2**64)}))
     assert cache.get(diff_id, "/cvmfs") is None  # past int64: not cached (the damaged stays)
+
+
+def test_a_stacked_update_runs_under_a_memory_limit(tmp_path, stacked):
+    """HPC nodes often cap address space (`ulimit -v`): reading a cache file sets aside
+    only what the file holds, and an update runs under 2 GiB."""
+    import resource
+
+    layout, tree, state = stacked
+    _change(tree, "add")
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", "--json", "inject",
+                           f"{layout}:s1", str(tree), "--state", str(state), "--max-layers",
+                           "4", "--tag", "s2"], capture_output=True, text=True, check=False,
+                          preexec_fn=capped)
+    assert done.returncode == 0, done.stderr
+    stack = json.loads(done.stdout)["stack"]
+    assert (stack["action"], stack["downloaded"]) == ("delta", 0)
+
+
+def test_a_delta_holds_its_entries_in_the_walk_order(tmp_path):
+    """A delta sorts its paths as the walk does: names as strings, a byte that is not
+    UTF-8 (a surrogate) after two-byte UTF-8, '-' and '.' before '/'. A hard link must
+    come after its target (GNU tar and our unpack refuse it otherwise)."""
+    from cvmfs_inject.pack.options import PackOptions
+    from cvmfs_inject.stack.diff import diff, scan
+    from cvmfs_inject.stack.index import DIR, Node
+    from cvmfs_inject.stack.plan import Plan
+
+    root = tmp_path / "tree"
+    for name in (b"d", b"d/a", b"d/a/b", b"d/a-b", b"d/a.b", b"d/ a", b"d/z" * 3):
+        os.makedirs(os.path.join(bytes(root), name), exist_ok=True)
+    for name in (b"d/\xc3\xa9", b"d/a/b/f", b"d/a-b/f", b"d/\xe2\x82\xac"):
+        with open(os.path.join(bytes(root), name), "wb") as f:
+            f.write(name)
+    os.link(os.path.join(bytes(root), b"d/\xc3\xa9"), os.path.join(bytes(root), b"d/\x80"))
+    os.link(os.path.join(bytes(root), b"d/\xc3\xa9"), os.path.join(bytes(root), b"d/a/\xff"))
+    scanned = scan(root, PackOptions())
+    everything = diff({b"": Node(DIR, 0, 0, 0, 0, 0)}, scanned)
+    assert len(everything.emit) == len(scanned.nodes)
+    delta = [header for header, _, _ in Plan(scanned, everything, "/cvmfs")(_tar_headers())]
+    whole = [header for header, _, _ in Plan(scanned, None, "/cvmfs")(_tar_headers())]
+    assert delta == whole  # the headers (PAX records with the names), in order
+
+
+def _tar_headers():
+    from cvmfs_inject.pack.headers import TarHeaders
+
+    return TarHeaders()
 
 
 @pytest.mark.parametrize("changes", [

@@ -165,6 +165,7 @@ def test_a_registry_message_is_printed_on_one_line_without_control_characters(
     ('Bearer Realm="https://a/t", scope="repository:x:pull"',  # names are case-insensitive
      {"realm": "https://a/t", "scope": "repository:x:pull"}),
     ('Bearer realm=""', {"realm": ""}),
+    ('Bearer realm="https://good/t",x_realm="https://evil/t"', {"realm": "https://good/t"}),
     ("Bearer", {}),
 ])
 def test_challenge_parameters(challenge: str, expected: dict[str, str]) -> None:

@@ -19,6 +19,9 @@ from typing import NoReturn
 
 
 def main() -> int:
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:  # started with it closed (`>&-`): write nowhere
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (until the end)
     try:
         from cvmfs_inject.cli import main as cli_main
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ TOKEN_DEADLINE = 120.0  # the whole answer
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 # a challenge's parameters: realm="...",service="...",scope="..." (RFC 7235 quoted strings;
 # a scope holds commas and colons, never a quote)
-_PARAMETER = re.compile(r'([A-Za-z]+)="([^"]*)"')
+_PARAMETER = re.compile(r'(?:^|[\s,])([A-Za-z]+)="([^"]*)"')
 
 
 def challenge_parameters(challenge: str) -> dict[str, str]:

@@ -39,7 +39,6 @@ _KINDS = frozenset((FILE, DIR, LINK, WHITEOUT))
 STATE_ENV = "XDG_CACHE_HOME"
 # what a cache file may inflate to: its size times a ratio real indexes stay well under
 _INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
-MAX_INDEX_BYTES = 1 << 32  # 30 million entries: a bigger file is not an index of ours
 
 
 def default_state_dir() -> Path:
@@ -58,7 +57,9 @@ class IndexCache:
     def get(self, diff_id: str, mount_point: str) -> LayerIndex | None:
         """The cached index of a layer, or None when there is no good one."""
         try:
-            return indexfile.decode(_read_regular(self._path(diff_id)), diff_id, mount_point)
+            fd, info = _opened(self._path(diff_id))
+            with os.fdopen(fd, "rb") as f:
+                return indexfile.read(f, info.st_size, diff_id, mount_point)
         except (OSError, ValueError, RecursionError):
             index = self._get_json(diff_id, mount_point)
         if index is not None:  # written again in format 5, which loads three times faster
@@ -88,7 +89,7 @@ class IndexCache:
         so failing to write it is not an error."""
         try:
             data = indexfile.encode(index)
-        except OverflowError:
+        except (OverflowError, UnicodeEncodeError):
             return
         with contextlib.suppress(OSError):
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -114,15 +115,6 @@ def _opened(path: Path) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise ValueError("not a regular file")
     return fd, info
-
-
-def _read_regular(path: Path) -> bytes:
-    """A cache file's bytes; ValueError past MAX_INDEX_BYTES."""
-    fd, info = _opened(path)
-    with os.fdopen(fd, "rb") as f:
-        if info.st_size > MAX_INDEX_BYTES:
-            raise ValueError("too big")
-        return f.read(MAX_INDEX_BYTES + 1)
 
 
 def _read_gzip(path: Path) -> bytes:

@@ -31,8 +31,8 @@ class Plan:
 
     def _nodes(self) -> Iterator[tuple[bytes, Node]]:
         """The entries the layer holds, in the scan's (tar) order: a delta's are found by
-        sorting its few paths by their components (depth first, names sorted: the walk's
-        order), not by a pass over the whole scan."""
+        sorting its few paths by their components as the walk sorts them (depth first,
+        names sorted), not by a pass over the whole scan."""
         nodes = self.scan.nodes
         if self.delta is None:
             return iter(nodes.items())
@@ -93,5 +93,8 @@ class Plan:
         return index
 
 
-def _components(path: bytes) -> list[bytes]:
-    return path.split(b"/")
+def _components(path: bytes) -> list[str]:
+    """What the walk sorts a directory's names by: strings (`os.listdir`), in which a
+    byte that is not UTF-8 becomes a surrogate, U+DC80-U+DCFF, after every other name
+    (a byte sort would put it before a name of two-byte UTF-8, as \x80 < \xc3)."""
+    return os.fsdecode(path).split("/")
