@@ -793,3 +793,29 @@ def test_a_merge_diffs_only_what_may_differ_from_the_base(cli, tmp_path, changes
             every.emit, every.whiteouts, every.added, every.changed, every.removed)
         assert len(only.unsure) <= len(every.unsure)
         inject(cli, f"{layout}:v1", tree, state, "--max-layers", "9", "--compact-ratio", "10")
+
+
+def test_a_delta_that_is_byte_for_byte_the_base_keeps_the_image_updatable(cli, tmp_path):
+    """Every file's mtime loses its fraction of a second (a tree extracted again from a
+    ustar archive): the delta holds every entry, headers unchanged, so it is the base's
+    very layer and the stack names one diff_id twice. The next updates find the stack."""
+    layout, state, tree = tmp_path / "layout", tmp_path / "state", tmp_path / "tree"
+    build_sample_image(layout, "v1")
+    deltas = ("--max-layers", "4", "--compact-ratio", "10")  # never re-packed as a base
+    for name in ("a/f", "a/b/g", "c/h"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(name.encode())
+    for path in [tree, *tree.rglob("*")]:
+        os.utime(path, ns=(PAST * 10**9 + 500_000_000,) * 2)
+    base = inject(cli, f"{layout}:v1", tree, state, *deltas, "--tag", "s1")
+    for path in [tree, *tree.rglob("*")]:
+        os.utime(path, ns=(PAST * 10**9,) * 2)
+    again = inject(cli, f"{layout}:s1", tree, state, *deltas, "--tag", "s2")
+    assert again["stack"]["action"] == "delta"
+    assert again["layer"]["diff_id"] == base["layer"]["diff_id"]
+    (tree / "c/new").write_bytes(b"new")
+    later = inject(cli, f"{layout}:s2", tree, state, *deltas, "--tag", "s3")
+    assert later["stack"]["action"] == "delta" and later["stack"]["layers"] == 3
+    result = cli("unpack", f"{layout}:s3", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert_same_tree(tree, tmp_path / "out")

@@ -178,12 +178,23 @@ def stack_of(manifest: Manifest, config: ImageConfig, where: str) -> Stack:
     if not listed:
         return Stack(position, [base])
     diff_ids = listed.split(",") if isinstance(listed, str) else []
-    if (len(diff_ids) < 2 or diff_ids[0] != base
-            or config.diff_ids[position:position + len(diff_ids)] != diff_ids):
+    position = _topmost(config.diff_ids, diff_ids) if diff_ids[:1] == [base] else None
+    if len(diff_ids) < 2 or position is None:
         raise InputError(f"{where}: label {LABEL_STACK} does not name the layers above the "
                          f"one {LABEL_TAR} names, in order; the image was changed by "
                          "another tool. Remove both labels to inject as a new layer.")
     return Stack(position, diff_ids)
+
+
+def _topmost(diff_ids: list[str], run: list[str]) -> int | None:
+    """Where `run` lies in `diff_ids`, the topmost place if it lies in several. A delta
+    can be byte for byte the base (every entry changed in a way the tar headers do not
+    show: mtimes that lost their fraction of a second), so the base's diff_id can come
+    twice in a stack, and the base is not simply its last occurrence."""
+    for start in range(len(diff_ids) - len(run), -1, -1):
+        if diff_ids[start:start + len(run)] == run:
+            return start
+    return None
 
 
 def edit_stack(manifest: Manifest, config: ImageConfig, stack: Stack, keep: int,
