@@ -3,9 +3,9 @@
 Basic challenges get the Basic header; Bearer challenges get a token from the realm (the
 distribution token protocol: GET realm?service=&scope=, with the Basic header when there
 are credentials), one per repository scope, kept for later requests. The token request
-has timeouts, reads at most `MAX_TOKEN_ANSWER` bytes within
-`TOKEN_DEADLINE` seconds, and takes only a JSON object with a string token, so a hostile or
-broken token server costs one line and exit 6, never a hang or the machine's memory.
+has timeouts, reads at most `MAX_TOKEN_ANSWER` bytes within `TOKEN_DEADLINE` seconds, and
+takes only a JSON object with a string token, so a hostile or broken token server costs
+one line and exit 6, never a hang or the machine's memory.
 """
 
 from __future__ import annotations

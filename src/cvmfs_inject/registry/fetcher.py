@@ -1,7 +1,7 @@
 """Reading from a registry (ggcr's `remote` fetcher): manifests as raw bytes, blobs small
 (configs, in memory) or streamed, every one checked against its digest and size.
 
-HEAD of a blob reports errors instead of "not 200 means absent" (as oras-py does), and
+HEAD of a blob reports errors (oras-py reads any answer but 200 as "absent"), and
 downloads stream in chunks and are verified at their end.
 """
 
