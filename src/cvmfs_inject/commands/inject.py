@@ -31,7 +31,6 @@ from cvmfs_inject.image.edit import (
 )
 from cvmfs_inject.image.sink import ImageSink, publish
 from cvmfs_inject.image.source import Image, ImageSource, Resolved, resolve
-from cvmfs_inject.oci import schema
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
@@ -225,8 +224,7 @@ def _inject_stack(source: ImageSource, sink: ImageSink, scan: PendingScan,
     notes = scan.notes
     created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
     edits: dict[str, EditResult | None] = {}
-    if sink.ref.is_registry:  # it checks the documents it takes (jsonschema)
-        schema.preload()
+    sink.prepare_check()
     with cycle_collection_paused():  # the updater, a temporary, is freed inside it too
         updates = _stack_updates(StackUpdater(source, sink.store, scan,
                                               options, stack_options, progress, warn),

@@ -55,6 +55,9 @@ class LayoutSink:
     def store(self) -> Layout:
         return self.layout
 
+    def prepare_check(self) -> None:
+        """Nothing to load: `check` reads nothing."""
+
     def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
         """A layout takes any document (nothing is read); `validate` is the place to judge
         them."""

@@ -21,7 +21,7 @@ from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.media import MediaType
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
-from cvmfs_inject.oci.schema import check_document
+from cvmfs_inject.oci.schema import check_document, preload
 from cvmfs_inject.registry.client import RegistryClient
 from cvmfs_inject.registry.ledger import BlobLedger
 
@@ -144,6 +144,9 @@ class RegistrySink:
         self._upload_progress = upload_progress
         self._present: set[str] = set()
         self.uploaded = 0  # bytes of new blobs and of manifests sent
+
+    def prepare_check(self) -> None:
+        preload()
 
     def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
         problems = []

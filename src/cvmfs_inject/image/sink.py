@@ -38,6 +38,11 @@ class ImageSink(Protocol):
         """The local store new blobs and documents are written into before `publish`."""
         ...
 
+    def prepare_check(self) -> None:
+        """Load now what `check` needs, while the caller's other work runs (a stacked
+        update calls it while its scan's helper walks)."""
+        ...
+
     def check(self, documents: list[Descriptor], read: Callable[[Descriptor], bytes]) -> None:
         """Refuse new documents (`read` gives their bytes) this sink must not take (raise),
         before anything is written."""

@@ -316,8 +316,9 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
 
 
 def preload() -> None:
-    """Import jsonschema now, not at the first check (45 ms): a stacked update does it while
-    its scan's helper walks, as after the scan the command runs on one core."""
+    """Import jsonschema now, not at the first check (45 ms): a registry sink does it for a
+    stacked update while the scan's helper walks, as after the scan the command runs on
+    one core (`ImageSink.prepare_check`)."""
     import jsonschema  # noqa: F401
 
 
