@@ -19,11 +19,10 @@ import os
 import stat
 import tempfile
 import zlib
-from itertools import repeat
 from pathlib import Path
 
 from cvmfs_inject.stack import indexfile
-from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
+from cvmfs_inject.stack.index import LayerIndex
 
 _FORMAT_4 = "cvmfs-inject tree index 4"
 # Format 3 differs only in indexes rebuilt from a layer: they ignored a whiteout of the
@@ -31,11 +30,6 @@ _FORMAT_4 = "cvmfs-inject tree index 4"
 # packing never hold one, and they have a host mtime on every file: those are still read,
 # so that no stack has to be read back for its index.
 _PACKED_FORMAT_3 = "cvmfs-inject tree index 3"
-# Format 4's columns: one JSON string per text column (names joined by NUL) and one list
-# per number column.
-_NAMES = ("paths", "targets", "groups")  # bytes, through the filesystem encoding
-_INTS = ("modes", "uids", "gids", "sizes", "mtimes", "mtimes_ns")
-_KINDS = frozenset((FILE, DIR, LINK, WHITEOUT))
 STATE_ENV = "XDG_CACHE_HOME"
 # what a cache file may inflate to: its size times a ratio real indexes stay well under
 _INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
@@ -76,7 +70,7 @@ class IndexCache:
                 and doc.get("diff_id") == diff_id and doc.get("mount_point") == mount_point):
             return None
         try:
-            index = _loaded(doc)
+            index = indexfile.from_json(doc)
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
         if doc["format"] == _PACKED_FORMAT_3 and not any(
@@ -128,39 +122,3 @@ def _read_gzip(path: Path) -> bytes:
     if len(data) > limit:
         raise ValueError("inflates too far")
     return data
-
-
-def _split(text: str, count: int) -> list[bytes]:
-    names = text.encode("utf-8", "surrogateescape").split(b"\0") if count else []
-    if len(names) != count:
-        raise ValueError("column length")
-    return names
-
-
-def _loaded(doc: dict[str, object]) -> LayerIndex:
-    """The index a document holds; ValueError/TypeError when it is not whole."""
-    count = doc["count"]
-    if not isinstance(count, int):
-        raise TypeError("count")
-    paths, targets, groups = (_split(doc[name], count) for name in _NAMES)  # type: ignore[arg-type]
-    kinds, digests = doc["kinds"], doc["digests"]
-    if not (isinstance(kinds, str) and isinstance(digests, str) and len(kinds) == count
-            and set(kinds) <= _KINDS):
-        raise ValueError("kinds")
-    digest_list = digests.split("\0") if count else []
-    numbers = [doc[name] for name in _INTS]
-    for column in numbers:
-        if not (isinstance(column, list) and len(column) == count
-                and set(map(type, column)) <= {int}):
-            raise ValueError("numbers")
-    if len(digest_list) != count:
-        raise ValueError("digests")
-    modes, uids, gids, sizes, mtimes, mtimes_ns = numbers
-    rows = zip(kinds, modes, uids, gids, sizes, mtimes, targets, groups, digest_list,
-               mtimes_ns, strict=True)
-    opaque = doc["opaque"]
-    if not (isinstance(opaque, list) and all(isinstance(path, str) for path in opaque)):
-        raise ValueError("opaque")
-    return LayerIndex(str(doc["diff_id"]), str(doc["mount_point"]),
-                      dict(zip(paths, map(tuple.__new__, repeat(Node), rows), strict=True)),
-                      {os.fsencode(path) for path in opaque})

@@ -1,4 +1,5 @@
-"""The file of a cached tree index (format 5): a header line, then the index in columns.
+"""The file of a cached tree index (format 5): a header line, then the index in columns;
+and the documents of formats 3 and 4 that earlier versions wrote (`from_json`).
 
 Why this shape: an update loads its stack's indexes on its critical path, and the base's
 holds every entry of the tree. Format 4 (gzip'd JSON columns) took 0.14 s for the 81,000
@@ -21,11 +22,12 @@ CRC did; what the header holds besides is checked against the request and the co
 from __future__ import annotations
 
 import json
+import os
 import sys
 import zlib
 from array import array
 from itertools import repeat
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from cvmfs_inject.stack.index import DIR, FILE, LINK, WHITEOUT, LayerIndex, Node
 
@@ -77,26 +79,13 @@ def read(f: BinaryIO, size: int, diff_id: str, mount_point: str) -> LayerIndex:
             and (count or not any(lengths[:_TEXT - 1]))
             and len(MAGIC) + len(line) + sum(lengths) == size):
         raise ValueError("header")
-    body = f.read(sum(lengths))
+    body = f.read(size - len(MAGIC) - len(line))
     if len(body) != sum(lengths) or header.get("crc") != zlib.crc32(body):
         raise ValueError("columns")
-    return _index(memoryview(body), lengths, count, diff_id, mount_point)
-
-
-def _index(body: memoryview, lengths: list[int], count: int, diff_id: str, mount_point: str
-           ) -> LayerIndex:
-    columns, offset = [], 0
+    view, columns, offset = memoryview(body), [], 0
     for length in lengths:
-        columns.append(body[offset:offset + length])
+        columns.append(view[offset:offset + length])
         offset += length
-    paths, targets, groups = (_split(columns[i], count) for i in (0, 2, 3))
-    kinds = bytes(columns[1]).decode("ascii")
-    if len(kinds) != count or not set(kinds) <= _KINDS:
-        raise ValueError("kinds")
-    digests = bytes(columns[4]).decode("ascii").split("\0") if count else []
-    if len(digests) != count:
-        raise ValueError("digests")
-    opaque = set(bytes(columns[5]).split(b"\0")) if columns[5] else set()
     numbers = []
     for column in columns[_TEXT:]:
         values = array("q")
@@ -104,17 +93,61 @@ def _index(body: memoryview, lengths: list[int], count: int, diff_id: str, mount
         if sys.byteorder != "little":
             values.byteswap()
         numbers.append(values.tolist())
+    paths, kinds, targets, groups, digests, opaque = map(bytes, columns[:_TEXT])
+    return _index(diff_id, mount_point, count, paths, kinds.decode("ascii"), targets, groups,
+                  digests.decode("ascii"), numbers,
+                  set(opaque.split(b"\0")) if opaque else set())
+
+
+def from_json(doc: dict[str, object]) -> LayerIndex:
+    """The index a document of format 3 or 4 holds (gzip'd JSON of columns: one string
+    per text column, names joined by NUL, one list per number column); ValueError or
+    TypeError when it is not whole."""
+    count, opaque = doc["count"], doc["opaque"]
+    if not isinstance(count, int):
+        raise TypeError("count")
+    texts = [doc[name] for name in ("paths", "kinds", "targets", "groups", "digests")]
+    if not all(isinstance(text, str) for text in texts):
+        raise TypeError("text columns")
+    numbers = [doc[name] for name in ("modes", "uids", "gids", "sizes", "mtimes", "mtimes_ns")]
+    for column in numbers:
+        if not (isinstance(column, list) and len(column) == count
+                and set(map(type, column)) <= {int}):
+            raise ValueError("numbers")
+    if not (isinstance(opaque, list) and all(isinstance(path, str) for path in opaque)):
+        raise ValueError("opaque")
+    paths, kinds, targets, groups, digests = cast(list[str], texts)
+    return _index(str(doc["diff_id"]), str(doc["mount_point"]), count, _encoded(paths), kinds,
+                  _encoded(targets), _encoded(groups), digests, cast(list[list[int]], numbers),
+                  {os.fsencode(path) for path in opaque})
+
+
+def _encoded(names: str) -> bytes:
+    return names.encode("utf-8", "surrogateescape")
+
+
+def _index(diff_id: str, mount_point: str, count: int, paths: bytes, kinds: str,
+           targets: bytes, groups: bytes, digests: str, numbers: list[list[int]],
+           opaque: set[bytes]) -> LayerIndex:
+    """An index from its columns, each checked to hold `count` entries: names NUL-joined,
+    a letter per kind, the number columns in `Node`'s order."""
+    if len(kinds) != count or not set(kinds) <= _KINDS:
+        raise ValueError("kinds")
+    digest_list = digests.split("\0") if count else []
+    if len(digest_list) != count:
+        raise ValueError("digests")
     modes, uids, gids, sizes, mtimes, mtimes_ns = numbers
-    rows = zip(kinds, modes, uids, gids, sizes, mtimes, targets, groups, digests, mtimes_ns,
-               strict=True)
-    nodes = dict(zip(paths, map(tuple.__new__, repeat(Node), rows), strict=True))
+    rows = zip(kinds, modes, uids, gids, sizes, mtimes, _split(targets, count),
+               _split(groups, count), digest_list, mtimes_ns, strict=True)
+    nodes = dict(zip(_split(paths, count), map(tuple.__new__, repeat(Node), rows),
+                     strict=True))
     if len(nodes) != count:
         raise ValueError("a path twice")
     return LayerIndex(diff_id, mount_point, nodes, opaque)
 
 
-def _split(column: memoryview, count: int) -> list[bytes]:
-    names = bytes(column).split(b"\0") if count else []
+def _split(column: bytes, count: int) -> list[bytes]:
+    names = column.split(b"\0") if count else []
     if len(names) != count:
         raise ValueError("column length")
     return names
