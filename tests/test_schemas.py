@@ -491,6 +491,12 @@ def test_schema_files_are_standalone_2020_12(name: str) -> None:
         assert ref.removeprefix("#/$defs/") in schema["$defs"], ref
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in SCHEMA_DIR.glob("*.json")))
+def test_every_shipped_schema_is_a_valid_schema(name: str) -> None:
+    """The code compiles them without this check (`schema._validator`): it is made here."""
+    Draft202012Validator.check_schema(json.loads((SCHEMA_DIR / name).read_text()))
+
+
 def test_every_kind_has_a_schema() -> None:
     for kind in KINDS:
         assert schemas._schema_name(kind, {}, None) in SCHEMA_FILES

@@ -324,8 +324,10 @@ def preload() -> None:
 
 @functools.cache
 def _validator(name: str) -> Any:
-    """Load, self-check and compile one schema once. OCI schemas assert their formats, as
-    the official ones do; in the Docker ones ``format`` stays an annotation.
+    """Load and compile one schema once. OCI schemas assert their formats, as the official
+    ones do; in the Docker ones ``format`` stays an annotation. The schemas are not checked
+    against the metaschema here: that took 0.03-0.05 s of every push, and the files ship
+    with the code, so `tests/test_schemas.py` checks each of them once.
 
     jsonschema is imported here, on first use: commands that check no document (a local
     inject) do not pay for it."""
@@ -335,7 +337,6 @@ def _validator(name: str) -> Any:
         schema = json.loads((_schema_dir() / name).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load schema {name}: {e}; the installation is incomplete") from e
-    Draft202012Validator.check_schema(schema)
     cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
     return cls(schema, format_checker=format_checker() if name.startswith("oci-") else None)
 
