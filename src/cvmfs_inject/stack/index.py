@@ -19,6 +19,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import IO, NamedTuple
 
 from cvmfs_inject.errors import InputError
@@ -90,6 +91,11 @@ def union(layers: Iterable[LayerIndex]) -> dict[bytes, Node]:
     lower ones (the OCI image spec's changeset rules)."""
     tree: dict[bytes, Node] = {}
     for layer in layers:
+        if not tree:  # nothing below to hide: the layer's entries less its whiteouts
+            tree = dict(layer.nodes)
+            if WHITEOUT in map(itemgetter(0), tree.values()):
+                tree = {path: node for path, node in tree.items() if node.kind != WHITEOUT}
+            continue
         gone: list[bytes] = []  # lower paths that go, and all below them
         emptied = list(layer.opaque)  # lower directories whose content goes
         for path, node in layer.nodes.items():
