@@ -104,12 +104,13 @@ class StackUpdater:
             return self._rebase("base" if not stack.diff_ids else "rebased")
         update = StackUpdate("unchanged")
         indexes = [self._index(image, stack, i, update) for i in range(len(stack.diff_ids))]
+        # sized before the diff waits for the scan: meanwhile the helpers walk
+        base_bytes = indexes[0].tar_bytes()
+        deltas_bytes = sum(index.tar_bytes() for index in indexes[1:])
         delta = self._diff(union(indexes), update)
         if delta.empty and len(indexes) <= limit:
             update.keep = len(indexes)
             return update
-        base_bytes = indexes[0].tar_bytes()
-        deltas_bytes = sum(index.tar_bytes() for index in indexes[1:])
         if (not delta.empty and len(indexes) < limit
                 and deltas_bytes + delta.tar_bytes <= ratio * base_bytes):
             update.action, update.keep = "delta", len(indexes)
