@@ -9,6 +9,7 @@ mtimes are the tree's own.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -619,9 +620,9 @@ def test_the_cycle_collector_is_paused_only_while_stacks_are_decided(cli, stacke
     seen: list[bool] = []
     real_result = PendingScan.result
 
-    def result(self):
+    def result(self, against=None):
         seen.append(gc.isenabled())
-        return real_result(self)
+        return real_result(self, against)
 
     monkeypatch.setattr(PendingScan, "result", result)
     _change(tree, "add")
@@ -793,6 +794,50 @@ def test_a_merge_diffs_only_what_may_differ_from_the_base(cli, tmp_path, changes
             every.emit, every.whiteouts, every.added, every.changed, every.removed)
         assert len(only.unsure) <= len(every.unsure)
         inject(cli, f"{layout}:v1", tree, state, "--max-layers", "9", "--compact-ratio", "10")
+
+
+@pytest.mark.parametrize("changes", [
+    ("content", "add", "new-release", "remove", "dir-to-symlink"),
+    ("group-gains-a-name", "remove-tree", "file-to-dir", "group-loses-a-name", "mode"),
+    ("symlink-to-dir", "group-content", "dir-to-file", "empty-dir-removed", "mtime"),
+])
+def test_a_scan_checked_as_it_comes_gives_the_diff_of_every_path(cli, tmp_path, changes):
+    """The entries a scan quick-checks against the stack's tree while it is finished are
+    the only ones the diff then looks at: it gives what the diff of every path gives. A
+    file whose other link is outside the tree (a group of one name, known only at the
+    end of the scan) is checked again then."""
+    from cvmfs_inject.pack.options import PackOptions
+    from cvmfs_inject.stack.diff import PendingScan, diff, scan
+    from cvmfs_inject.stack.index import union
+
+    layout, state = tmp_path / "layout", tmp_path / "state"
+    build_sample_image(layout, "v1")
+    tree = build_tree(tmp_path / "tree")
+    lone = "rel/a/name with spaces é.txt"  # no change touches it
+    os.link(tree / lone, tmp_path / "outside")  # two links, one of them in the tree
+    stamp(tree)
+    inject(cli, f"{layout}:v1", tree, state, "--max-layers", "9", "--compact-ratio", "10")
+    looked = 0
+    for change in changes:
+        _change(tree, change)
+        labels = json.loads(cli("--json", "inspect", f"{layout}:v1").out)["images"][0]["labels"]
+        stack = labels.get("io.cvmfs-inject.stack", labels["cvmfs_injection_tar"]).split(",")
+        stack_tree = union(IndexCache(state).get(diff_id, "/cvmfs") for diff_id in stack)
+        with PendingScan(tree, PackOptions()) as pending:
+            checked = pending.result(against=stack_tree)
+        assert checked.checked is not None and checked.checked[0] is stack_tree
+        unsure = checked.checked[1]
+        assert checked.nodes[lone.encode()].group == b"" and lone.encode() not in unsure
+        assert len(unsure) < len(checked.nodes)
+        every, only = diff(stack_tree, scan(tree, PackOptions())), diff(stack_tree, checked)
+        assert (only.emit, only.whiteouts, only.added, only.changed, only.removed) == (
+            every.emit, every.whiteouts, every.added, every.changed, every.removed)
+        assert set(only.unsure) == set(every.unsure) <= set(unsure)
+        trusting = diff(stack_tree, dataclasses.replace(checked, checked=(stack_tree, {})))
+        assert not trusting.unsure  # it looked at none of them
+        looked += len(every.unsure)
+        inject(cli, f"{layout}:v1", tree, state, "--max-layers", "9", "--compact-ratio", "10")
+    assert looked
 
 
 def test_a_delta_that_is_byte_for_byte_the_base_keeps_the_image_updatable(cli, tmp_path):

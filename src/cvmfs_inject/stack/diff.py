@@ -30,11 +30,14 @@ from cvmfs_inject.stack.index import DIR, FILE, LINK, LayerIndex, Node, estimate
 @dataclass
 class Scan:
     """The tree as it would be packed: a node per entry, in tar order; and the names of
-    each hard-link group (two names or more), by the group's first name."""
+    each hard-link group (two names or more), by the group's first name. `checked`: the
+    tree the scan's entries were quick-checked against as they came, and the paths that
+    did not pass (`PendingScan.result`)."""
 
     root: str
     nodes: dict[bytes, Node]
     groups: dict[bytes, list[bytes]] = field(default_factory=dict)
+    checked: tuple[dict[bytes, Node], dict[bytes, None]] | None = None
 
     def path(self, rel: bytes) -> str:
         return self.root + "/" + os.fsdecode(rel) if rel else self.root
@@ -71,13 +74,16 @@ class PendingScan:
     def __exit__(self, *_: object) -> None:
         self._walk.close()
 
-    def result(self) -> Scan:
-        """lstat every entry the packer would pack (same exclusions, same skips)."""
+    def result(self, against: dict[bytes, Node] | None = None) -> Scan:
+        """lstat every entry the packer would pack (same exclusions, same skips). With
+        `against` (given when the scan is first finished), each entry is quick-checked
+        against that tree as it comes, while the helpers still walk, and `diff` of that
+        tree then looks only at the entries that did not pass (`Scan.checked`)."""
         if self._scan is None:
-            self._scan = self._finish()
+            self._scan = self._finish(against)
         return self._scan
 
-    def _finish(self) -> Scan:
+    def _finish(self, against: dict[bytes, Node] | None) -> Scan:
         tree, options = self._tree, self._options
         st = check_tree(tree)
         root = str(tree).rstrip("/") or "/"
@@ -85,6 +91,10 @@ class PendingScan:
                                               options.clamp(st.st_mtime))}
         names_of: dict[int, list[bytes]] = {}  # a multiply-linked inode's names, in order
         new = tuple.__new__  # a Node per entry: skip NamedTuple's Python-level __new__
+        unsure: dict[bytes, None] = {}  # in scan order, as a full diff meets them
+        before_of = (against or {}).get
+        if against is not None and not _passes(before_of(b""), nodes[b""]):
+            unsure[b""] = None
         try:
             for rel, kind, perms, uid, gid, size, mtime, link, inode, mtime_ns in self._walk:
                 if inode:
@@ -97,8 +107,10 @@ class PendingScan:
                         names.append(rel)
                 else:
                     group = b""
-                nodes[rel] = new(Node, (kind, perms, uid, gid, size, mtime, link, group, "",
-                                        mtime_ns))
+                node = nodes[rel] = new(Node, (kind, perms, uid, gid, size, mtime, link,
+                                               group, "", mtime_ns))
+                if against is not None and not _passes(before_of(rel), node):
+                    unsure[rel] = None
         finally:
             self._walk.close()
         groups: dict[bytes, list[bytes]] = {}
@@ -106,8 +118,17 @@ class PendingScan:
             if len(names) > 1:
                 groups[names[0]] = names
             else:  # a group of one name (its other links are outside DIR) is none
-                nodes[names[0]] = nodes[names[0]]._replace(group=b"")
-        return Scan(root, nodes, groups)
+                rel = names[0]
+                nodes[rel] = nodes[rel]._replace(group=b"")
+                if against is not None and _passes(before_of(rel), nodes[rel]):
+                    unsure.pop(rel, None)  # checked with the group it seemed to have
+        return Scan(root, nodes, groups, None if against is None else (against, unsure))
+
+
+def _passes(before: Node | None, node: Node) -> bool:
+    """The quick check: equal as packed and, for a file, at the same exact host time."""
+    return before is not None and before[:8] == node[:8] and (
+        node.kind != FILE or bool(before.mtime_ns and before.mtime_ns == node.mtime_ns))
 
 
 def _record_of(options: PackOptions) -> RecordOf:
@@ -179,6 +200,8 @@ def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
     nodes, for their index."""
     delta = Delta()
     nodes = new.nodes
+    if only is None and not checksum and new.checked is not None and new.checked[0] is old:
+        only = new.checked[1]  # every other entry passed the quick check as it was scanned
     marked: set[bytes] = set()
     gone: set[bytes] = set()  # paths to white out
     left: set[bytes] = set()  # the groups removed paths belonged to
@@ -188,10 +211,7 @@ def diff(old: dict[bytes, Node], new: Scan, *, checksum: bool = False,
         (path, nodes[path]) for path in only if path in nodes)
     for path, node in scanned:
         before = old.get(path)
-        # what `_same` says of most entries, without its calls: equal as packed and, for a
-        # file, at the same exact host time
-        if quick and before is not None and before[:8] == node[:8] and (
-                node.kind != FILE or (before.mtime_ns and before.mtime_ns == node.mtime_ns)):
+        if quick and _passes(before, node):  # what `_same` says of most entries, at once
             continue
         unsure.append(path)
         if before is None:

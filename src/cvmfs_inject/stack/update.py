@@ -107,7 +107,9 @@ class StackUpdater:
         # sized before the diff waits for the scan: meanwhile the helpers walk
         base_bytes = indexes[0].tar_bytes()
         deltas_bytes = sum(index.tar_bytes() for index in indexes[1:])
-        delta = self._diff(union(indexes), update)
+        stack_tree = union(indexes)
+        self._scan.result(against=stack_tree)  # a no-op when an image before finished it
+        delta = self._diff(stack_tree, update)
         if delta.empty and len(indexes) <= limit:
             update.keep = len(indexes)
             return update
