@@ -330,33 +330,66 @@ def test_max_layers_1_compacts_a_stack_back_to_one_layer(cli, tmp_path, stacked)
     assert report["stack"]["action"] == "delta" and report["stack"]["downloaded"] == 0
 
 
-def test_a_stack_label_that_does_not_match_the_layers_is_refused(cli, tmp_path, stacked):
-    layout, tree, state = stacked
-    _change(tree, "add")
-    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+def _relabelled(layout: Path, tag: str, new_tag: str,
+                edit: Callable[[dict, list[str]], None]) -> None:
+    """Tag `new_tag` as `tag` with its config's labels changed by `edit(labels, diff_ids)`,
+    as a hand (or a hostile party) could."""
     from cvmfs_inject.layout.store import Layout
     from cvmfs_inject.oci.jsondoc import canonical_json
     from cvmfs_inject.oci.model import ImageConfig, Manifest
 
     store = Layout.open(layout)
-    top = store.resolve("s2")
+    top = store.resolve(tag)
     manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
     config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size), "c")
     doc = config.edit()
-    labels = doc["config"]["Labels"]
-    labels["io.cvmfs-inject.stack"] = ",".join(reversed(labels["io.cvmfs-inject.stack"]
-                                                        .split(",")))
+    edit(doc["config"]["Labels"], doc["rootfs"]["diff_ids"])
     new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
     mdoc = manifest.edit()
     mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
-    store.set_tag("bad", store.put_bytes(canonical_json(mdoc), manifest.media_type))
+    store.set_tag(new_tag, store.put_bytes(canonical_json(mdoc), manifest.media_type))
     shutil.rmtree(store.tmp_dir)  # our own writes' scratch space, which a command tidies
+
+
+def test_a_stack_label_that_does_not_match_the_layers_is_refused(cli, tmp_path, stacked):
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+
+    def reverse(labels: dict, _: list[str]) -> None:
+        stack = labels["io.cvmfs-inject.stack"].split(",")
+        labels["io.cvmfs-inject.stack"] = ",".join(reversed(stack))
+
+    _relabelled(layout, "s2", "bad", reverse)
     before = dir_bytes(layout)
     for args in (["inject", f"{layout}:bad", tree, "--max-layers", "4", "--state", state],
                  ["unpack", f"{layout}:bad", tmp_path / "out"]):
         result = cli(*args)
         assert result.code == 3, result.err
         assert "io.cvmfs-inject.stack" in result.err and result.err.count("\n") == 1
+    assert dir_bytes(layout) == before
+
+
+def test_labels_naming_a_base_image_layer_as_the_stack_are_refused(cli, tmp_path,
+                                                                   stacked):
+    """Labels edited to name a layer of the base image (not /cvmfs content) as the stack's
+    base: its index, rebuilt by reading it, shows what it is, and the update is refused
+    rather than replacing that layer with the tree (a layer of the base image lost)."""
+    layout, tree, state = stacked
+
+    def claim_the_base_image(labels: dict, diff_ids: list[str]) -> None:
+        labels["io.cvmfs-inject.stack"] = ",".join(diff_ids[:2])
+        labels["cvmfs_injection_tar"] = diff_ids[0]
+        labels["io.cvmfs-inject.tree-digest"] = diff_ids[1]
+
+    _relabelled(layout, "s1", "bad", claim_the_base_image)
+    _change(tree, "add")
+    before = dir_bytes(layout)
+    result = cli("inject", f"{layout}:bad", tree, "--max-layers", "4", "--state",
+                 tmp_path / "fresh-state", "--tag", "out")
+    assert result.code == 3, result.err
+    error = result.err.splitlines()[-1]  # after the warning that it reads the layer
+    assert error.startswith("cvmfs-inject: error: layer ") and "'etc/', outside /cvmfs" in error
     assert dir_bytes(layout) == before
 
 
