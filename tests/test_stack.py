@@ -281,6 +281,40 @@ def test_a_missing_or_corrupt_cache_is_rebuilt_from_the_layers(cli, tmp_path, st
     assert report["layer"] == expected["layer"]
 
 
+def test_the_cache_tells_a_damaged_file_from_none_and_an_unwritable_cache(cli, tmp_path,
+                                                                          stacked):
+    """A damaged index file is told as such, not as a first run; a cache that cannot be
+    written is told once (each update would read the layers again); temp files left by a
+    killed command are removed once older than any write takes, and only those."""
+    layout, tree, state = stacked
+    _change(tree, "add")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    base, top = (state / "index").iterdir()
+    base.write_bytes(base.read_bytes()[:-20])
+    top.unlink()
+    stale, fresh = state / "index/.tmp-killed", state / "index/.tmp-writing"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    os.utime(stale, (PAST, PAST))
+    _change(tree, "remove")
+    result = cli("inject", f"{layout}:s2", tree, "--state", state, "--max-layers", "4",
+                 "--tag", "s3")
+    assert result.code == 0, result.err
+    damaged = [line for line in result.err.splitlines() if "damaged or unreadable" in line]
+    missing = [line for line in result.err.splitlines() if "a first run here" in line]
+    assert len(damaged) == len(missing) == 1 and base.name[7:-6] in damaged[0]
+    assert not stale.exists() and fresh.exists()
+    unwritable = tmp_path / "a-file"
+    unwritable.write_bytes(b"")
+    _change(tree, "content")
+    result = cli("inject", f"{layout}:s3", tree, "--state", unwritable, "--max-layers", "4",
+                 "--tag", "s4")
+    assert result.code == 0, result.err
+    told = [line for line in result.err.splitlines() if "cannot save tree indexes" in line]
+    assert len(told) == 1 and str(unwritable) in told[0]
+    assert result.err.count("reading the layer once") == 3  # no index could be kept
+
+
 def _gzip_bomb(path: Path, inflated: int) -> None:
     """A small gzip file of `inflated` zero bytes (about 1000:1)."""
     with gzip.open(path, "wb", compresslevel=9) as f:

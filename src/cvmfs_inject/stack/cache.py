@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -31,6 +32,8 @@ _FORMAT_4 = "cvmfs-inject tree index 4"
 # so that no stack has to be read back for its index.
 _PACKED_FORMAT_3 = "cvmfs-inject tree index 3"
 STATE_ENV = "XDG_CACHE_HOME"
+_TEMP_PREFIX = ".tmp-"
+_STALE_TEMP_SECONDS = 3600  # a million-entry index is written in seconds
 # what a cache file may inflate to: its size times a ratio real indexes stay well under
 _INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
 
@@ -78,16 +81,23 @@ class IndexCache:
             return None  # rebuilt from a layer, or no file to tell
         return index
 
-    def put(self, index: LayerIndex) -> None:
-        """Store an index atomically; a cache that cannot be written costs time later,
-        so failing to write it is not an error."""
+    def holds_file(self, diff_id: str) -> bool:
+        """Whether there is a file for the layer, good or not (`get` says None for both):
+        a damaged one is worth telling apart from none."""
+        return any(os.path.lexists(self._path(diff_id, suffix))
+                   for suffix in (".index", ".json.gz"))
+
+    def put(self, index: LayerIndex) -> str | None:
+        """Store an index atomically. A cache that cannot be written costs time later, so
+        failing to write it is not an error: the reason is returned, to be told (None:
+        stored, or an index this format cannot hold, which is rebuilt when needed)."""
         try:
             data = indexfile.encode(index)
         except (OverflowError, UnicodeEncodeError):
-            return
-        with contextlib.suppress(OSError):
+            return None
+        try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
+            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.directory)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -98,6 +108,21 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+        except OSError as exc:
+            return f"{exc.filename or self.directory}: {exc.strerror or exc}"
+        self._remove_stale_temps()
+        return None
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of a command killed while it wrote (nothing else leaves one): those
+        older than any write takes, so none that a running command still writes."""
+        limit = time.time() - _STALE_TEMP_SECONDS
+        with contextlib.suppress(OSError), os.scandir(self.directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if (entry.name.startswith(_TEMP_PREFIX)
+                            and entry.stat(follow_symlinks=False).st_mtime < limit):
+                        os.unlink(entry.path)
 
 
 def _opened(path: Path) -> tuple[int, os.stat_result]:

@@ -83,6 +83,7 @@ class StackUpdater:
         self.cache = IndexCache(stack_options.state_dir or default_state_dir())
         self.progress, self.warn = progress, warn
         self._done: dict[tuple[str, ...], StackUpdate] = {}
+        self._unwritable = False  # told once
 
     @property
     def scan(self) -> Scan:
@@ -155,7 +156,7 @@ class StackUpdater:
         packed.entries, packed.hardlinks = plan.entries + 1, plan.hardlinks
         # also after `--max-layers 1` compacted a stack: the next stacked update of it
         # then finds the index instead of reading the layer again
-        self.cache.put(plan.index(packed.diff_id, digests))
+        self._cached(plan.index(packed.diff_id, digests))
         update.layers.append(layer)
         update.packed = packed
         counts = f"+{update.added} ~{update.changed} -{update.removed}"
@@ -170,9 +171,10 @@ class StackUpdater:
             return index
         desc = image.manifest.layers[stack.position + i]
         if self.warn:
-            self.warn(f"no index of layer {diff_id} in {self.cache.directory} (a first run "
-                      f"here, or a cleared cache): reading the layer once to make it "
-                      f"({desc.size:,} B)")
+            why = ("its file there is damaged or unreadable" if self.cache.holds_file(diff_id)
+                   else "a first run here, or a cleared cache")
+            self.warn(f"no index of layer {diff_id} in {self.cache.directory} ({why}): "
+                      f"reading the layer once to make it ({desc.size:,} B)")
         with self.source.open_blob(desc) as blob:
             stream = decompressed(cast(IO[bytes], blob), desc.media_type, diff_id,
                                   desc.digest)
@@ -182,6 +184,15 @@ class StackUpdater:
                 if stream is not blob:
                     stream.close()
         update.downloaded += desc.size
-        self.cache.put(index)
+        self._cached(index)
         return index
+
+    def _cached(self, index: LayerIndex) -> None:
+        """Put an index into the cache; say so once when the cache cannot be written (each
+        update would then read the stack's layers again)."""
+        failed = self.cache.put(index)
+        if failed and self.warn and not self._unwritable:
+            self._unwritable = True
+            self.warn(f"cannot save tree indexes in {self.cache.directory} ({failed}): the "
+                      "next update reads the stack's layers again; see --state")
 
