@@ -409,7 +409,7 @@ def test_labels_naming_a_base_image_layer_as_the_stack_are_refused(cli, tmp_path
     """Labels edited to name a layer of the base image (not /cvmfs content) as the stack's
     base: its index, rebuilt by reading it, shows what it is, and the update is refused
     rather than replacing that layer with the tree (a layer of the base image lost)."""
-    layout, tree, state = stacked
+    layout, tree, _ = stacked
 
     def claim_the_base_image(labels: dict, diff_ids: list[str]) -> None:
         labels["io.cvmfs-inject.stack"] = ",".join(diff_ids[:2])
