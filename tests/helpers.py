@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ EPOCH = 1_700_000_000
 def unique_repo(area: str, prefix: str) -> str:
     """A repository name no other test (or earlier run on the session registry) uses."""
     return f"{area}/{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (what a killed command's temp names carry)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def sha256(data: bytes) -> str:

@@ -10,21 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import make_nasty_tree
+from helpers import dead_pid, make_nasty_tree
 
 from cvmfs_inject import scratch
 from cvmfs_inject.demo.sample import build_sample_image
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_sweep_removes_only_what_dead_processes_of_this_id_space_left(tmp_path: Path) -> None:
     space = scratch._id_space()
-    dead, alive = _dead_pid(), os.getpid()
+    dead, alive = dead_pid(), os.getpid()
     names = {
         f"cvmfs-inject-run-{space}-{dead}-abcd_123": True,  # a killed run's layout: goes
         f".out.tar.cvmfs-inject-archive-{space}-{dead}-xyz12345.tmp": True,  # a killed push's

@@ -22,9 +22,10 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
-from helpers import assert_same_tree, dir_bytes, unique_repo
+from helpers import assert_same_tree, dead_pid, dir_bytes, unique_repo
 from readers import podman_rootfs, umoci_unpack
 
+from cvmfs_inject import scratch
 from cvmfs_inject.demo.sample import build_sample_image
 from cvmfs_inject.stack.cache import IndexCache
 
@@ -284,18 +285,19 @@ def test_a_missing_or_corrupt_cache_is_rebuilt_from_the_layers(cli, tmp_path, st
 def test_the_cache_tells_a_damaged_file_from_none_and_an_unwritable_cache(cli, tmp_path,
                                                                           stacked):
     """A damaged index file is told as such, not as a first run; a cache that cannot be
-    written is told once (each update would read the layers again); temp files left by a
-    killed command are removed once older than any write takes, and only those."""
+    written is told once (each update would read the layers again); the temp file a
+    killed command left is removed by the next write, that of a running one kept."""
     layout, tree, state = stacked
     _change(tree, "add")
     inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
     base, top = (state / "index").iterdir()
     base.write_bytes(base.read_bytes()[:-20])
     top.unlink()
-    stale, fresh = state / "index/.tmp-killed", state / "index/.tmp-writing"
+    space = scratch._id_space()
+    stale = state / f"index/.cvmfs-inject-index-{space}-{dead_pid()}-abcd1234.tmp"
+    fresh = state / f"index/.cvmfs-inject-index-{space}-{os.getpid()}-abcd1234.tmp"
     for path in (stale, fresh):
         path.write_bytes(b"partial")
-    os.utime(stale, (PAST, PAST))
     _change(tree, "remove")
     result = cli("inject", f"{layout}:s2", tree, "--state", state, "--max-layers", "4",
                  "--tag", "s3")

@@ -10,12 +10,11 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import EPOCH, dir_bytes, tree_snapshot, unique_repo
+from helpers import EPOCH, dead_pid, dir_bytes, tree_snapshot, unique_repo
 from test_unreadable import NOBODY, _run_unprivileged
 
 # loaded here, before a child drops to nobody, who may not read the Python under /root
@@ -263,9 +262,7 @@ def test_what_a_killed_unpack_left_goes_and_a_running_ones_stays(cli, tmp_path: 
     layout = injected(cli, tmp_path, {"repo/f": b"f"})
     target = tmp_path / "out"
     space = scratch._id_space()
-    child = subprocess.Popen(["true"])
-    child.wait()
-    killed = target / f".cvmfs-inject-unpack-{space}-{child.pid}-abcd_123"
+    killed = target / f".cvmfs-inject-unpack-{space}-{dead_pid()}-abcd_123"
     running = target / f".cvmfs-inject-unpack-{space}-{os.getpid()}-efgh_456"
     (killed / "repo" / "ro").mkdir(parents=True)
     (killed / "repo" / "ro" / "half").write_bytes(b"half")

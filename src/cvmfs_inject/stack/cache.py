@@ -17,11 +17,10 @@ import gzip
 import json
 import os
 import stat
-import tempfile
-import time
 import zlib
 from pathlib import Path
 
+from cvmfs_inject import scratch
 from cvmfs_inject.stack import indexfile
 from cvmfs_inject.stack.index import LayerIndex
 
@@ -32,8 +31,6 @@ _FORMAT_4 = "cvmfs-inject tree index 4"
 # so that no stack has to be read back for its index.
 _PACKED_FORMAT_3 = "cvmfs-inject tree index 3"
 STATE_ENV = "XDG_CACHE_HOME"
-_TEMP_PREFIX = ".tmp-"
-_STALE_TEMP_SECONDS = 3600  # a million-entry index is written in seconds
 # what a cache file may inflate to: its size times a ratio real indexes stay well under
 _INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
 
@@ -97,7 +94,8 @@ class IndexCache:
             return None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.directory)
+            # named so that the next write removes what a killed command left (`scratch`)
+            fd, tmp = scratch.make_file("index", self.directory, before=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -110,19 +108,7 @@ class IndexCache:
                 raise
         except OSError as exc:
             return f"{exc.filename or self.directory}: {exc.strerror or exc}"
-        self._remove_stale_temps()
         return None
-
-    def _remove_stale_temps(self) -> None:
-        """Temp files of a command killed while it wrote (nothing else leaves one): those
-        older than any write takes, so none that a running command still writes."""
-        limit = time.time() - _STALE_TEMP_SECONDS
-        with contextlib.suppress(OSError), os.scandir(self.directory) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if (entry.name.startswith(_TEMP_PREFIX)
-                            and entry.stat(follow_symlinks=False).st_mtime < limit):
-                        os.unlink(entry.path)
 
 
 def _opened(path: Path) -> tuple[int, os.stat_result]:
