@@ -229,6 +229,7 @@ def _inject_stack(source: ImageSource, sink: ImageSink, scan: PendingScan,
         updates = _stack_updates(StackUpdater(source, sink.store, scan,
                                               options, stack_options, progress, warn),
                                  resolved, stacks)
+        scan.release()
     for image in resolved.images:
         stack, where = stacks[image.descriptor.digest], f"{reference} ({image.platform})"
         update = updates[image.descriptor.digest]

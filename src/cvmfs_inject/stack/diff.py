@@ -55,6 +55,7 @@ class PendingScan:
     def __init__(self, tree: Path, options: PackOptions, warn: Warn | None = None) -> None:
         self._tree, self._options = tree, options
         self._scan: Scan | None = None
+        self._released = False
         self.notes: list[str] = []  # what the scan skipped, as `warn` was told
 
         def note(message: str) -> None:
@@ -79,9 +80,18 @@ class PendingScan:
         `against` (given when the scan is first finished), each entry is quick-checked
         against that tree as it comes, while the helpers still walk, and `diff` of that
         tree then looks only at the entries that did not pass (`Scan.checked`)."""
+        if self._released:
+            raise RuntimeError("the scan was released")
         if self._scan is None:
             self._scan = self._finish(against)
         return self._scan
+
+    def release(self) -> None:
+        """Drop the scan once the updates are decided, while the cyclic collector is still
+        paused (`stack.update.cycle_collection_paused`): its nodes, and the stack's tree
+        they were checked against, are then freed there, not first walked by the
+        collector's next pass (20-45 ms on an 81,000-entry tree)."""
+        self._scan, self._released = None, True
 
     def _finish(self, against: dict[bytes, Node] | None) -> Scan:
         tree, options = self._tree, self._options
