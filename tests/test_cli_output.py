@@ -130,6 +130,36 @@ def test_the_script_ends_after_exit_functions_and_flushing(tmp_path: Path) -> No
     assert (reader_gone.returncode, reader_gone.stderr) == (141, "")  # as SIGPIPE would
 
 
+def test_the_script_keeps_one_command_s_leftovers_to_its_exit(monkeypatch) -> None:
+    """In the console script (which ends with os._exit) the first leftovers are kept,
+    frozen out of the collector's passes, and freed by the exit; later ones (a batch's next
+    images) are freed at once, as they are everywhere outside the script."""
+    import gc
+    import weakref
+
+    from cvmfs_inject import leftover
+
+    class Nodes:
+        pass
+
+    monkeypatch.setattr(leftover, "_kept", [])
+    monkeypatch.setattr(leftover, "_keeping", False)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    frozen: list[bool] = []
+    outside = Nodes()
+    seen_outside = weakref.ref(outside)
+    leftover.done_with(outside)
+    del outside
+    assert seen_outside() is None and not frozen
+    leftover.keep_until_exit()
+    first, second = Nodes(), Nodes()
+    seen_first, seen_second = weakref.ref(first), weakref.ref(second)
+    leftover.done_with(first)
+    leftover.done_with(second)
+    del first, second
+    assert seen_first() is not None and seen_second() is None and frozen == [True]
+
+
 @pytest.mark.parametrize("closed", [1, 2])
 def test_the_script_runs_with_stdout_or_stderr_closed(tmp_path: Path, closed: int) -> None:
     """Started with fd 1 or 2 closed (`>&-`), Python has no sys.stdout or sys.stderr: the

@@ -24,9 +24,11 @@ def main() -> int:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (until the end)
     try:
         from cvmfs_inject.cli import main as cli_main
+        from cvmfs_inject.leftover import keep_until_exit
     except KeyboardInterrupt:
         print("cvmfs-inject: error: interrupted", file=sys.stderr)
         return 130
+    keep_until_exit()
     _end(cli_main())
 
 

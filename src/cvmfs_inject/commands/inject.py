@@ -31,6 +31,7 @@ from cvmfs_inject.image.edit import (
 )
 from cvmfs_inject.image.sink import ImageSink, publish
 from cvmfs_inject.image.source import Image, ImageSource, Resolved, resolve
+from cvmfs_inject.leftover import done_with
 from cvmfs_inject.oci.model import Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.pack.options import PackOptions, Progress, Warn
@@ -225,11 +226,12 @@ def _inject_stack(source: ImageSource, sink: ImageSink, scan: PendingScan,
     created_by = f"cvmfs-inject {__version__} inject --path {options.mount_point}"
     edits: dict[str, EditResult | None] = {}
     sink.prepare_check()
-    with cycle_collection_paused():  # the updater, a temporary, is freed inside it too
-        updates = _stack_updates(StackUpdater(source, sink.store, scan,
-                                              options, stack_options, progress, warn),
-                                 resolved, stacks)
-        scan.release()
+    with cycle_collection_paused():  # what the updates are done with goes inside it too
+        updater = StackUpdater(source, sink.store, scan, options, stack_options, progress,
+                               warn)
+        updates = _stack_updates(updater, resolved, stacks)
+        done_with(updater, scan.release())
+        del updater
     for image in resolved.images:
         stack, where = stacks[image.descriptor.digest], f"{reference} ({image.platform})"
         update = updates[image.descriptor.digest]

@@ -86,12 +86,14 @@ class PendingScan:
             self._scan = self._finish(against)
         return self._scan
 
-    def release(self) -> None:
-        """Drop the scan once the updates are decided, while the cyclic collector is still
-        paused (`stack.update.cycle_collection_paused`): its nodes, and the stack's tree
-        they were checked against, are then freed there, not first walked by the
-        collector's next pass (20-45 ms on an 81,000-entry tree)."""
-        self._scan, self._released = None, True
+    def release(self) -> Scan | None:
+        """Give up the scan once the updates are decided, while the cyclic collector is
+        still paused (`stack.update.cycle_collection_paused`): its nodes, and the stack's
+        tree they were checked against, are then freed there (or left to the exit:
+        `leftover`), not first walked by the collector's next pass (20-45 ms on an
+        81,000-entry tree)."""
+        scan, self._scan, self._released = self._scan, None, True
+        return scan
 
     def _finish(self, against: dict[bytes, Node] | None) -> Scan:
         tree, options = self._tree, self._options
