@@ -53,7 +53,7 @@ def registry_error(resp: requests.Response) -> str:
         body = b""
     try:
         errors = json.loads(body).get("errors") or []
-        parts = [f"{e.get('code', '?')}: {e.get('message', '')}".rstrip(": ")
+        parts = [f"{e.get('code', '?')}: {e.get('message', '')}".rstrip(": ") + _detail(e)
                  for e in errors if isinstance(e, dict)]
     except (ValueError, AttributeError):
         parts = []
@@ -67,6 +67,15 @@ def registry_error(resp: requests.Response) -> str:
             or "Docker-Distribution-API-Version" not in resp.headers):
         return f"{head} (the registry probably speaks https: drop --no-tls-verify)"
     return f"{head} {resp.reason or ''}".rstrip()
+
+
+def _detail(error: dict[str, object]) -> str:
+    """An error's detail when it is a short string, as the blob a MANIFEST_BLOB_UNKNOWN
+    names (other details, of any JSON shape, are left out of a one-line message)."""
+    detail = error.get("detail")
+    if isinstance(detail, str) and 0 < len(detail) <= 100 and detail.isprintable():
+        return f" ({detail})"
+    return ""
 
 
 def tls_error(registry: str, exc: BaseException) -> ToolError:
