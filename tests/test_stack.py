@@ -458,6 +458,9 @@ def test_registry_direct_updates_move_only_the_new_layer(cli, registry, tmp_path
     assert report["stack"]["action"] == "delta"
     assert uploaded == {report["layer"]["digest"], config}
     assert not downloaded & {layer["digest"] for layer in inspected["layers"]}  # configs only
+    asked = {uri.rsplit("/", 1)[1] for method, uri in registry.requests()[start:]
+             if method == "HEAD" and "/blobs/" in uri}
+    assert asked == uploaded  # the layers the image read from this repository lists: none
     assert report["written"] < report["layer"]["size"] + 4096  # the layer and documents
     result = cli("unpack", "--no-tls-verify", url, tmp_path / "out")
     assert result.code == 0, result.err
@@ -472,6 +475,30 @@ def test_registry_direct_updates_move_only_the_new_layer(cli, registry, tmp_path
     _, downloaded = _blob_traffic(registry, start)
     assert report["stack"]["downloaded"] == sum(stack_layers.values())
     assert downloaded - {config} == set(stack_layers)
+
+
+def test_a_layer_the_registry_lost_is_named_when_the_update_is_refused(cli, registry,
+                                                                       tmp_path):
+    """An update in the repository it read the image from does not ask for the layers
+    that image lists; were one gone (a registry's storage damaged), the registry refuses
+    the manifest: one line names the layer, and the tag stays."""
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    repo = unique_repo("stack", "lost")
+    url = f"docker://{registry.host}/{repo}:v1"
+    assert cli("push", "--no-tls-verify", f"{layout}:v1", url).code == 0
+    tree, state = build_tree(tmp_path / "tree"), tmp_path / "state"
+    inject(cli, url, tree, state, "--no-tls-verify", "--max-layers", "3")
+    before = json.loads(cli("--json", "inspect", "--no-tls-verify", url).out)
+    lost = before["images"][0]["layers"][0]["digest"]
+    shutil.rmtree(registry.root / "storage/docker/registry/v2/repositories" / repo
+                  / "_layers/sha256" / lost.split(":")[1])
+    _change(tree, "add")
+    result = cli("inject", url, tree, "--state", state, "--no-tls-verify", "--max-layers", "3")
+    assert result.code == 6 and result.err.count("\n") == 1
+    assert "MANIFEST_BLOB_UNKNOWN" in result.err and lost in result.err
+    after = json.loads(cli("--json", "inspect", "--no-tls-verify", url).out)
+    assert after["digest"] == before["digest"]
 
 
 def test_the_union_of_indexes_follows_the_changeset_rules():
