@@ -28,6 +28,7 @@ class Plan:
         self.mount_point = mount_point
         self.prefix = os.fsencode(mount_point.strip("/")) + b"/"
         self.entries = self.hardlinks = 0
+        self._order: list[bytes] | None = None  # a delta's paths, sorted once
 
     def _nodes(self) -> Iterator[tuple[bytes, Node]]:
         """The entries the layer holds, in the scan's (tar) order: a delta's are found by
@@ -36,7 +37,9 @@ class Plan:
         nodes = self.scan.nodes
         if self.delta is None:
             return iter(nodes.items())
-        return ((rel, nodes[rel]) for rel in sorted(self.delta.emit, key=_components))
+        if self._order is None:
+            self._order = sorted(self.delta.emit, key=_components)
+        return ((rel, nodes[rel]) for rel in self._order)
 
     def __call__(self, headers: TarHeaders) -> Iterator[Entry]:
         prefix, scan = self.prefix, self.scan
