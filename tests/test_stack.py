@@ -298,23 +298,25 @@ def test_the_cache_tells_a_damaged_file_from_none_and_an_unwritable_cache(cli, t
     fresh = state / f"index/.cvmfs-inject-index-{space}-{os.getpid()}-abcd1234.tmp"
     for path in (stale, fresh):
         path.write_bytes(b"partial")
-    _change(tree, "remove")
-    result = cli("inject", f"{layout}:s2", tree, "--state", state, "--max-layers", "4",
-                 "--tag", "s3")
-    assert result.code == 0, result.err
-    damaged = [line for line in result.err.splitlines() if "damaged or unreadable" in line]
-    missing = [line for line in result.err.splitlines() if "a first run here" in line]
-    assert len(damaged) == len(missing) == 1 and base.name[7:-6] in damaged[0]
+
+    def warnings(change: str, tag: str, new_tag: str, state_dir: Path) -> list[str]:
+        _change(tree, change)
+        result = cli("inject", f"{layout}:{tag}", tree, "--state", state_dir,
+                     "--max-layers", "4", "--tag", new_tag)
+        assert result.code == 0, result.err
+        return result.err.splitlines()
+
+    told = warnings("remove", "s2", "s3", state)
+    damaged = [line for line in told if "damaged or unreadable" in line]
+    assert len(damaged) == sum("a first run here" in line for line in told) == 1
+    assert base.name[7:-6] in damaged[0]
     assert not stale.exists() and fresh.exists()
     unwritable = tmp_path / "a-file"
     unwritable.write_bytes(b"")
-    _change(tree, "content")
-    result = cli("inject", f"{layout}:s3", tree, "--state", unwritable, "--max-layers", "4",
-                 "--tag", "s4")
-    assert result.code == 0, result.err
-    told = [line for line in result.err.splitlines() if "cannot save tree indexes" in line]
-    assert len(told) == 1 and str(unwritable) in told[0]
-    assert result.err.count("reading the layer once") == 3  # no index could be kept
+    told = warnings("content", "s3", "s4", unwritable)
+    unsaved = [line for line in told if "cannot save tree indexes" in line]
+    assert len(unsaved) == 1 and str(unwritable) in unsaved[0]
+    assert sum("reading the layer once" in line for line in told) == 3  # none could be kept
 
 
 def _gzip_bomb(path: Path, inflated: int) -> None:
