@@ -127,6 +127,12 @@ def _group_loses_a_name(root: Path) -> None:
     (root / "rel/b/x.py").unlink()
 
 
+def _group_left_with_one_name(root: Path) -> None:
+    """The group keeps one name in the tree, and a link outside it: a group of none."""
+    os.link(root / ".data/bb/c2", root.parent / f"{root.name}-outside-c2")
+    (root / "rel/c/y.py").unlink()
+
+
 def _group_content(root: Path) -> None:
     (root / ".data/aa/c1").write_bytes(b"shared content ONE, rewritten in place\n")
 
@@ -149,6 +155,7 @@ CHANGES: dict[str, Callable[[Path], None]] = {
     "symlink-to-dir": _symlink_to_dir, "file-to-dir": _file_to_dir,
     "dir-to-file": _dir_to_file, "group-gains-a-name": _group_gains_a_name,
     "group-loses-a-name": _group_loses_a_name, "group-content": _group_content,
+    "group-left-with-one-name": _group_left_with_one_name,
     "new-release": _new_release, "empty-dir-removed": _empty_dir_removed,
 }
 
@@ -929,12 +936,14 @@ def test_a_merge_diffs_only_what_may_differ_from_the_base(cli, tmp_path, changes
     ("content", "add", "new-release", "remove", "dir-to-symlink"),
     ("group-gains-a-name", "remove-tree", "file-to-dir", "group-loses-a-name", "mode"),
     ("symlink-to-dir", "group-content", "dir-to-file", "empty-dir-removed", "mtime"),
+    ("group-left-with-one-name", "content"),
 ])
 def test_a_scan_checked_as_it_comes_gives_the_diff_of_every_path(cli, tmp_path, changes):
     """The entries a scan quick-checks against the stack's tree while it is finished are
     the only ones the diff then looks at: it gives what the diff of every path gives. A
     file whose other link is outside the tree (a group of one name, known only at the
-    end of the scan) is checked again then."""
+    end of the scan) is checked again then, also one that was in a group of two (found by
+    a review: it passed with the group it seemed to have)."""
     from cvmfs_inject.pack.options import PackOptions
     from cvmfs_inject.stack.diff import PendingScan, diff, scan
     from cvmfs_inject.stack.index import union

@@ -132,8 +132,11 @@ class PendingScan:
             else:  # a group of one name (its other links are outside DIR) is none
                 rel = names[0]
                 nodes[rel] = nodes[rel]._replace(group=b"")
-                if against is not None and _passes(before_of(rel), nodes[rel]):
-                    unsure.pop(rel, None)  # checked with the group it seemed to have
+                if against is not None:  # checked with the group it seemed to have
+                    if _passes(before_of(rel), nodes[rel]):
+                        unsure.pop(rel, None)
+                    else:  # a group that kept only this name in DIR
+                        unsure[rel] = None
         return Scan(root, nodes, groups, None if against is None else (against, unsure))
 
 
