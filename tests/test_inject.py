@@ -278,11 +278,15 @@ def check_injected(layout: Path, base_layers: list[str], old_diff_id: str) -> st
 
 
 # -- an image made by the original CernVM-FS injector ----------------------------------------
-def legacy_layer(level: int) -> tuple[bytes, bytes]:
-    """(tar, gzip) of what `tar -C DIR -cf - .` gives for DIR/cvmfs/legacy.txt."""
+def legacy_layer(level: int, stray: bool = False) -> tuple[bytes, bytes]:
+    """(tar, gzip) of what `tar -C DIR -cf - .` gives for DIR/cvmfs/legacy.txt (and, with
+    `stray`, DIR/tmp/stray: the original injector packs whatever DIR holds)."""
     raw = io.BytesIO()
+    entries = [("./", None), ("./cvmfs/", None), ("./cvmfs/legacy.txt", b"old\n")]
+    if stray:
+        entries += [("./tmp/", None), ("./tmp/stray", b"stray\n")]
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        for name, data in (("./", None), ("./cvmfs/", None), ("./cvmfs/legacy.txt", b"old\n")):
+        for name, data in entries:
             info = tarfile.TarInfo(name)
             info.mtime = 1_600_000_000
             if data is None:
@@ -295,10 +299,10 @@ def legacy_layer(level: int) -> tuple[bytes, bytes]:
     return tar, gzip.compress(tar, compresslevel=level, mtime=0)
 
 
-def make_legacy_image(path: Path) -> tuple[list[str], str, str]:
+def make_legacy_image(path: Path, stray: bool = False) -> tuple[list[str], str, str]:
     """A Docker v2s2 sample plus a layer, labels and history as docker_injector.py writes."""
     build_sample_image(path, "base", docker=True)
-    tar, gz = legacy_layer(level=6)
+    tar, gz = legacy_layer(level=6, stray=stray)
     with hand_edit(path) as layout:
         layer = layout.put_bytes(gz, MediaType.DOCKER_LAYER_GZIP)
     diff_id = sha256_digest(tar)
@@ -372,6 +376,23 @@ def test_image_from_original_injector_is_updated_in_place(cli, tmp_path, tree, r
     assert cli("unpack", f"{path}:base", out).code == 0
     assert_same_tree(tree, out)
     assert cli("validate", path).code == 0
+
+
+@pytest.mark.parametrize("mount", ["/cvmfs", "/opt/cvmfs"])
+def test_a_stack_takes_over_an_original_injector_layer_that_holds_more(cli, tmp_path, tree,
+                                                                      mount):
+    """The original injector's label alone names a layer its users filled with `tar -C DIR
+    .` of any DIR: a stacked inject replaces it as that tool and a single-layer inject do,
+    whatever else it holds (only labels of ours must name a layer of the mount point)."""
+    path = tmp_path / "legacy"
+    make_legacy_image(path, stray=True)
+    result = cli("--json", "inject", f"{path}:base", tree, "--path", mount, "--max-layers",
+                 "3", "--state", tmp_path / "state")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["stack"]["action"] == "rebased"
+    out = tmp_path / "out"
+    assert cli("unpack", f"{path}:base", out).code == 0
+    assert_same_tree(tree, out)
 
 
 # -- config shapes the original injector chokes on -------------------------------------------

@@ -131,15 +131,19 @@ def _remove(tree: dict[bytes, Node], gone: list[bytes], emptied: list[bytes]) ->
             i += 1
 
 
-def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIndex:
+def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str, *,
+                   only_mount_point: bool = False) -> LayerIndex:
     """Read a layer's tar stream into its index: every member below the mount point,
     whiteouts included, each file's content hashed on the way; names are held to
     extraction's rules. The stream is read to its end, where `pack.inflate.decompressed`
     (given `diff_id`) raises if it is not that digest: an image whose layer is not what its
-    config says must not put a wrong index into the cache. A layer holding content outside
-    the mount point (but the directories above it, as `tar -C DIR .` gives them, and
-    whiteouts, which hide nothing of the stack there) is refused: its labels name as a
-    layer of the stack, which an update replaces whole, a layer of the base image."""
+    config says must not put a wrong index into the cache. With `only_mount_point` (labels
+    of ours name the layer), a layer holding content outside the mount point (but the
+    directories above it, as `tar -C DIR .` gives them, and whiteouts, which hide nothing
+    of the stack there) is refused: the labels name as a layer of the stack, which an
+    update replaces whole, a layer of the base image. The original injector's label alone
+    names the layer its users put `tar -C DIR .` of any DIR in, replaced as that tool
+    replaces it: only what lies below the mount point is indexed."""
     prefix = os.fsencode(mount_point.strip("/")) + b"/"
     top = prefix.rstrip(b"/")
     above = {b"", b"."} | {top[:i] for i in range(len(top)) if top[i:i + 1] == b"/"}
@@ -156,8 +160,8 @@ def index_of_layer(stream: IO[bytes], mount_point: str, diff_id: str) -> LayerIn
             _add(index, _relative(name, prefix, member.name), member, tar, prefix)
         elif hides_mount_point(name, top):
             index.opaque.add(b"")
-        elif not ((name in above and member.type == DIRECTORY)
-                  or name.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX)):
+        elif only_mount_point and not ((name in above and member.type == DIRECTORY)
+                                       or name.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX)):
             raise InputError(f"layer {diff_id} holds {os.fsdecode(member.name)!r}, outside "
                              f"{mount_point}: the image's labels name it as a layer of "
                              f"{mount_point}, which it is not (were they edited?)")
