@@ -6,16 +6,20 @@ stack's indexes and their union) before it commits and publishes: freeing them o
 took 25-35 ms of an update of the 81,000-entry bench tree, and the cyclic collector's next
 pass would walk them first. In the console script the first such leftovers are kept
 instead, out of the collector's sight (`gc.freeze`): those of an `inject` or a `run`, or of
-the first image of a batch (the others' are freed as usual, so a batch holds at most one
-update's leftovers). Anywhere else (the library in a longer-lived process) nothing is kept.
+the first image of a batch to end (the others' are freed as usual, so a batch holds at
+most one update's leftovers). The freeze takes every object alive then, other threads'
+too: garbage in cycles among them is left to the exit as well. Anywhere else (the library
+in a longer-lived process) nothing is kept.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 
 _kept: list[object] = []
 _keeping = False
+_lock = threading.Lock()
 
 
 def keep_until_exit() -> None:
@@ -30,7 +34,8 @@ def done_with(*objects: object) -> None:
     os._exit, with every object alive now moved out of the cyclic collector's passes;
     else they are freed as the caller's references go."""
     global _keeping
-    if _keeping:
-        _keeping = False
+    with _lock:  # a batch's images end in threads: one of them keeps
+        keep, _keeping = _keeping, False
+    if keep:
         _kept.extend(objects)
         gc.freeze()
