@@ -336,3 +336,24 @@ def test_with_a_bound_this_process_claims_one_unit_ahead_at_most(tmp_path, monke
     records, notes, helpers = fanned(root, PackOptions(), min_units=1, ahead=1 << 20)
     assert helpers == 1 and max(most) <= 1
     assert (records, notes) == plain(root, PackOptions())
+
+
+def test_a_helper_s_pipe_holds_a_mebibyte_where_the_system_allows_it() -> None:
+    """A helper writes its records without waiting for a parent busy walking its own
+    units (with the default 64 KiB the helper of a scan waited; the scan of the bench tree
+    with a busy parent took 0.74 s, 0.67 s with this)."""
+    import fcntl
+
+    from cvmfs_inject.pack.forking import PIPE_BYTES, fork_with_pipe, reap
+
+    pid, pipe = fork_with_pipe()
+    if pid == 0:
+        os._exit(0)
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            allowed = int(f.read())
+        expected = PIPE_BYTES if allowed >= PIPE_BYTES or os.geteuid() == 0 else 65536
+        assert fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ) == expected
+    finally:
+        os.close(pipe)
+        reap(pid)

@@ -7,6 +7,8 @@ thread, and only when there is another CPU for them to use.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import threading
@@ -14,6 +16,9 @@ import threading
 from cvmfs_inject.pack import libc
 
 _PR_SET_PDEATHSIG = 1
+# a helper's pipe buffer, when the system allows it (pipe-max-size, 1 MiB by default): a
+# helper writing to its parent then waits less often for a reader that may be busy
+PIPE_BYTES = 1 << 20
 
 
 def usable_cpus() -> int:
@@ -34,6 +39,8 @@ def fork_with_pipe() -> tuple[int, int]:
     in the child, (its pid, read end) here, the other end closed on each side. OSError,
     with both ends closed, when the system refuses the fork."""
     reader, writer = os.pipe()
+    with contextlib.suppress(OSError):  # the default 64 KiB works too
+        fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     try:
         pid = os.fork()
     except OSError:

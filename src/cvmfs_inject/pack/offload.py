@@ -28,12 +28,11 @@ import struct
 from typing import Any, NoReturn
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack.forking import die_with_parent, reap
+from cvmfs_inject.pack.forking import PIPE_BYTES, die_with_parent, reap
 from cvmfs_inject.pack.writes import Writes
 
 _FRAME = struct.Struct("<Bq")  # kind, length of the marshalled batch that follows
 _OPERATIONS, _FINISH, _SETTLE = 0, 1, 2
-_PIPE_BYTES = 1 << 20  # the pipe's buffer, when the system allows it: fewer switches
 _READ = 1 << 20
 
 
@@ -65,7 +64,7 @@ class Applier:
         operations, self._into = os.pipe()
         self._answers, answer = os.pipe()
         with contextlib.suppress(OSError):  # the default 64 KiB works too
-            fcntl.fcntl(self._into, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+            fcntl.fcntl(self._into, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         parent = os.getpid()
         try:
             pid = os.fork()
