@@ -486,6 +486,31 @@ def test_registry_direct_updates_move_only_the_new_layer(cli, registry, tmp_path
     assert downloaded - {config} == set(stack_layers)
 
 
+def test_the_report_says_uploaded_only_for_what_a_registry_took(cli, registry, tmp_path):
+    """Registry-direct, the count is what the registry took; into a layout, or through the
+    working layout of `run` (to an archive, rewritten whole by skopeo), what was written."""
+    layout = tmp_path / "layout"
+    build_sample_image(layout, "v1")
+    url = f"docker://{registry.host}/{unique_repo('stack', 'words')}:v1"
+    assert cli("push", "--no-tls-verify", f"{layout}:v1", url).code == 0
+    tree = build_tree(tmp_path / "tree")
+    archive = f"oci-archive:{tmp_path / 'out.tar'}"
+    for ref in (url, f"{layout}:v1"):
+        result = cli("inject", ref, tree, "--no-tls-verify", "--max-layers", "3",
+                     "--state", tmp_path / "state")
+        assert result.code == 0, result.err
+    words = []
+    for change, args in (("add", ["inject", url, tree, "--no-tls-verify"]),
+                         ("content", ["inject", f"{layout}:v1", tree]),
+                         ("mode", ["run", url, tree, archive, "--no-tls-verify"])):
+        _change(tree, change)
+        result = cli(*args, "--max-layers", "3", "--state", tmp_path / "state")
+        assert result.code == 0, result.err
+        line = next(line for line in result.out.splitlines() if line.startswith("stack: "))
+        words.append(line.rsplit(" B ", 1)[1])
+    assert words == ["uploaded", "written", "written"]
+
+
 def test_a_layer_the_registry_lost_is_named_when_the_update_is_refused(cli, registry,
                                                                        tmp_path):
     """An update in the repository it read the image from does not ask for the layers
