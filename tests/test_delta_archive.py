@@ -262,6 +262,7 @@ def test_a_delta_archive_is_refused_where_skopeo_would_read_it(cli, two_images: 
                                                                tmp_path: Path) -> None:
     archive = _delta(cli, two_images, tmp_path / "new.tar")
     for argv in (("validate", f"oci-archive:{archive}:new"),
+                 ("inspect", f"oci-archive:{archive}:new"),
                  ("unpack", f"oci-archive:{archive}:new", tmp_path / "out")):
         result = cli(*argv)
         assert result.code == USAGE, result.err
