@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=KINDS, help="validate FILE (or - for stdin) as this kind")
 
     p = command("inspect", "show tags, platforms, layers, labels and history")
-    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("ref", metavar="REF",
+                   help="layout image, docker:// image, or oci-archive:/docker-archive: file")
     p.add_argument("--platform", metavar="OS/ARCH", help="only this platform of an index")
 
     p = command("gc", "delete blobs no tag reaches")
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", metavar="DEST", help="registry-direct: write the result here")
 
     p = command("unpack", "write the injected layer's content into DIR")
-    p.add_argument("ref", metavar="REF", help="layout image or docker:// image")
+    p.add_argument("ref", metavar="REF",
+                   help="layout image, docker:// image, or oci-archive:/docker-archive: file")
     p.add_argument("dir", type=Path, metavar="DIR", help="where the mount point's content goes")
     p.add_argument("--force", action="store_true", help="unpack into a non-empty DIR")
     p.add_argument("--platform", metavar="OS/ARCH", help="the image of this platform of an index")
