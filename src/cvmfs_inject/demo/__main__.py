@@ -28,6 +28,13 @@ from cvmfs_inject.demo.sample import build_sample_image, build_sample_tree
 SHARED_TREE_TOOL = Path(__file__).resolve().parents[3] / "shared/tools/make_shrinkwrap_tree.py"
 
 
+def change(path: Path, text: str) -> None:
+    """A change to a tree, said as the commands are: what the next inject finds."""
+    print(f"\n# a change: {path} (a new file)", flush=True)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+
+
 def step(*argv: str) -> None:
     print(f"\n$ cvmfs-inject {shlex.join(argv)}", flush=True)
     code = cli_main(list(argv))
@@ -101,7 +108,7 @@ def main() -> int:
     layout = out / "layout"
     step("pull", f"docker-archive:{result_tar}", f"{layout}:cvmfs")
     step("unpack", f"{layout}:cvmfs", str(out / "unpacked"))
-    (out / "unpacked" / "sft.cern.ch" / "NEW-RELEASE").write_text("an update\n")
+    change(out / "unpacked" / "sft.cern.ch" / "NEW-RELEASE", "an update\n")
     step("inject", f"{layout}:cvmfs", str(out / "unpacked"))
     step("inspect", f"{layout}:cvmfs")
     step("gc", str(layout))
@@ -121,8 +128,7 @@ def main() -> int:
             # The first one reads the /cvmfs layer once to index it (no cache yet).
             stacked = [f"docker://{host}/sample/base:1.0-cvmfs", str(tree), "--no-tls-verify",
                        "--max-layers", "3", "--state", str(out / "state")]
-            (tree / "sft.cern.ch" / "NEW-RELEASE").mkdir()
-            (tree / "sft.cern.ch" / "NEW-RELEASE" / "setup.sh").write_text("# new release\n")
+            change(tree / "sft.cern.ch" / "NEW-RELEASE" / "setup.sh", "# new release\n")
             step("inject", *stacked)
             step("inspect", "--no-tls-verify", f"docker://{host}/sample/base:1.0-cvmfs")
 
