@@ -16,8 +16,8 @@ import threading
 from cvmfs_inject.pack import libc
 
 _PR_SET_PDEATHSIG = 1
-# a helper's pipe buffer, when the system allows it (pipe-max-size, 1 MiB by default): a
-# helper writing to its parent then waits less often for a reader that may be busy
+# a pipe's buffer between a helper and its parent, when the system allows it
+# (pipe-max-size, 1 MiB by default)
 PIPE_BYTES = 1 << 20
 
 
@@ -39,8 +39,7 @@ def fork_with_pipe() -> tuple[int, int]:
     in the child, (its pid, read end) here, the other end closed on each side. OSError,
     with both ends closed, when the system refuses the fork."""
     reader, writer = os.pipe()
-    with contextlib.suppress(OSError):  # the default 64 KiB works too
-        fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    widen(writer)
     try:
         pid = os.fork()
     except OSError:
@@ -52,6 +51,14 @@ def fork_with_pipe() -> tuple[int, int]:
         return 0, writer
     os.close(writer)
     return pid, reader
+
+
+def widen(pipe: int) -> None:
+    """Give a pipe `PIPE_BYTES` of buffer where the system allows it (the default 64 KiB
+    works too): its writer then waits less often for a reader that may be busy, as a
+    parent whose thread takes a helper's records only when it gets the GIL."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def reap(pid: int) -> int:

@@ -20,7 +20,6 @@ forking is unsafe (other threads alive) or useless (one CPU), the same `Writes` 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import marshal
 import os
 import signal
@@ -28,7 +27,7 @@ import struct
 from typing import Any, NoReturn
 
 from cvmfs_inject.errors import InputError
-from cvmfs_inject.pack.forking import PIPE_BYTES, die_with_parent, reap
+from cvmfs_inject.pack.forking import die_with_parent, reap, widen
 from cvmfs_inject.pack.writes import Writes
 
 _FRAME = struct.Struct("<Bq")  # kind, length of the marshalled batch that follows
@@ -63,8 +62,7 @@ class Applier:
         operations are applied here instead."""
         operations, self._into = os.pipe()
         self._answers, answer = os.pipe()
-        with contextlib.suppress(OSError):  # the default 64 KiB works too
-            fcntl.fcntl(self._into, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        widen(self._into)
         parent = os.getpid()
         try:
             pid = os.fork()
