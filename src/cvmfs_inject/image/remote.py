@@ -174,13 +174,9 @@ class RegistrySink:
                                                  desc.digest, desc.size, progress=progress):
                             self.uploaded += desc.size
                 self._ledger.record(registry, desc.digest, repo)
-        elif isinstance(source, RemoteSource):
-            if (source.client.registry, source.ref.repository) != (self.client.registry, repo):
-                # present, else mounted or streamed across
-                self.client.copy_blob_from(source.client, source.ref.repository, repo,
-                                           desc.digest, desc.size)
-            # else the repository holds it: the image read from it lists it (asking costs
-            # a round trip per layer; were it gone, the manifest's upload is refused)
+        elif isinstance(source, RemoteSource):  # present, else mounted or streamed across
+            self.client.copy_blob_from(source.client, source.ref.repository, repo,
+                                       desc.digest, desc.size)
         else:
             self.client.push_stream(repo, lambda: _chunks(source, desc), desc.digest,
                                     desc.size, source.where(desc))

@@ -131,11 +131,14 @@ class Pusher(Fetcher):
                        size: int) -> None:
         """Stream a blob from another registry into this one, one chunk in memory at most.
 
-        Skipped when the blob is here already; on the same registry a mount is tried first.
-        A failed transfer restarts with a fresh download and upload session.
+        Skipped when the blob is here already: without asking when the source is this
+        very repository (it lists the blob; were it gone, a manifest naming it is refused
+        and the error names it), else after a HEAD; on the same registry a mount is tried
+        first. A failed transfer restarts with a fresh download and upload session.
         """
         repo = self._check_target(repo, digest, size)
-        if self.has_blob(repo, digest):
+        this_repository = (source.registry, source_repo) == (self.registry, repo)
+        if this_repository or self.has_blob(repo, digest):
             return
         if (source.registry == self.registry and source_repo != repo
                 and self.mount_blob(repo, digest, source_repo)):
