@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
-from cvmfs_inject.image.edit import LABEL_MOUNT, LABEL_STACK, NewLayer, Stack
+from cvmfs_inject.image.edit import LABEL_MOUNT, LABEL_PREFIX, NewLayer, Stack
 from cvmfs_inject.image.source import Image, ImageSource
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.pack.inflate import decompressed
@@ -180,7 +180,7 @@ class StackUpdater:
                                   desc.digest)
             try:
                 index = index_of_layer(stream, mount, diff_id, only_mount_point=any(
-                    label in image.config.labels for label in (LABEL_MOUNT, LABEL_STACK)))
+                    label.startswith(LABEL_PREFIX) for label in image.config.labels))
             finally:
                 if stream is not blob:
                     stream.close()
