@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """`make bench-stack`: incremental updates of a stacked /cvmfs (issue #12), registry-direct.
 
-A copy of the tree (scratch on /dev/shm when it has 5 GiB free) is injected into a local
-docker-registry with `--max-layers N --state DIR` (the stack's base) into bench/stack. Before
-that step and before each update, the tree as it is then is injected as a fresh single layer
-(no --max-layers: the reference "full inject") into a repository of its own (bench/freshK),
-so that its layer is really uploaded, not found; walls are compared with the median of these
-runs, alternated with the steps. Then
+A copy of the tree (scratch on /dev/shm when it has 10 GiB free) is injected into a local
+docker-registry with `--max-layers N --state DIR` (the stack's base), and every step after
+it is run, in three identical stacks (bench/stack, bench/stackb, bench/stackc: the same
+layers, checked). Before each run of a step, the tree as it is then is injected as a fresh
+single layer (no --max-layers: the reference "full inject") into a repository of its own
+(bench/freshK), so that its layer is really uploaded, not found. A step's wall is the median
+of its three runs, compared with the median of all the reference runs: one run of either
+can take 1.4x another (this VM's speed drifts, and a run may meet the writeback of the
+reference before it); the per-run walls are in the table. Then
 BENCH_UPDATES seeded updates, each changing about 1 % of the visible files (outside `.data/`):
 
 - 0.5 % are rewritten in place through their visible name (open "wb": same inode, new bytes,
@@ -18,13 +21,14 @@ BENCH_UPDATES seeded updates, each changing about 1 % of the visible files (outs
 
 New content is a donor file's bytes behind 64 random bytes (it compresses like the tree);
 all of it gets the current mtime. Update K is `inject stack:sK-1 TREE --dest stack:sK`, wall
-clock timed. Uploaded bytes, from the registry's access log: the stored size of each blob
-whose upload completed (PUT .../blobs/uploads/?digest= -> 201) plus of each manifest PUT
-(resolved through the registry's storage); mounted or present blobs count nothing. Stack
-bytes: the compressed sizes of the layers the config labels name (`io.cvmfs-inject.stack`,
-else `cvmfs_injection_tar`), from `inspect`. After every step the union (`unpack`) is
-compared with the tree: type, mode, mtime (s), sha256, symlink target, hard-link groups.
-Last, the two last tags are pulled into a layout, pushed as a full and a `--since` archive.
+clock timed. Uploaded bytes (of the run in bench/stack), from the registry's access log:
+the stored size of each blob whose upload completed (PUT .../blobs/uploads/?digest= -> 201)
+plus of each manifest PUT (resolved through the registry's storage); mounted or present
+blobs count nothing. Stack bytes: the compressed sizes of the layers the config labels name
+(`io.cvmfs-inject.stack`, else `cvmfs_injection_tar`), from `inspect`. After every step the
+union (`unpack`) is compared with the tree: type, mode, mtime (s), sha256, symlink target,
+hard-link groups. Last, the two last tags are pulled into a layout, pushed as a full and a
+`--since` archive.
 
 Knobs: BENCH_TREE (default "20k"), BENCH_UPDATES (5), BENCH_MAX_LAYERS (4), BENCH_SEED (12).
 """
@@ -60,6 +64,9 @@ CLI = str(Path(sys.executable).parent / "cvmfs-inject")
 DATA = ".data"
 BLOBS = "docker/registry/v2/blobs/sha256"
 VERDICT = {True: "PASS", False: "FAIL"}
+# every step runs in each of these stacks, each run right after a reference run: a step's
+# wall is the median of its runs, as the reference's is the median of all reference runs
+STACKS = ("bench/stack", "bench/stackb", "bench/stackc")
 Snapshot = tuple[dict[str, tuple[str, int, int, str]], set[frozenset[str]]]
 
 
@@ -82,6 +89,7 @@ class Step:
     report: dict[str, Any]
     stack_bytes: int = 0
     union: str = ""
+    walls: tuple[float, ...] = ()
 
 
 def cli(command: str, *args: str) -> tuple[float, str]:
@@ -138,6 +146,18 @@ def reference(reg: Registry, base: Path, tree: Path, k: int) -> Step:
     cli("push", f"{base}:v1", f"docker://{reg.host}/{repo}:v1")
     print(f"fresh single-layer inject {k} ...", flush=True)
     return inject(reg, f"{repo}:v1", f"{repo}:cvmfs", tree)
+
+
+def same_step(runs: list[Step]) -> Step:
+    """One step run in each of the identical stacks: its wall is their median; they must
+    have made the same layer (the same trees from the same base give the same layers; the
+    images differ in their creation times only)."""
+    layers = {(run.report["layer"]["digest"], json.dumps(run.report["stack"])) for run in runs}
+    if len(layers) != 1:
+        raise SystemExit(f"the stacks differ after the same step: {sorted(layers)}")
+    walls = tuple(run.wall for run in runs)
+    return Step(runs[0].name, statistics.median(walls), runs[0].uploaded, runs[0].report,
+                walls=walls)
 
 
 def stack_bytes(reg: Registry, ref: str) -> int:
@@ -260,10 +280,10 @@ def modify(tree: Path, rng: random.Random, step: int) -> str:
 
 
 def scratch_dir() -> Path:
-    """/dev/shm when it has room for the tree copy, the unions and the registry (the stack
-    and a layer per reference run: about 3.5 GB for the 20k tree)."""
+    """/dev/shm when it has room for the tree copy, the unions and the registry (the stacks
+    and a layer per reference run: about 8 GB for the 20k tree)."""
     shm = Path("/dev/shm")
-    roomy = shm.is_dir() and shutil.disk_usage(shm).free >= 5 << 30
+    roomy = shm.is_dir() and shutil.disk_usage(shm).free >= 10 << 30
     return Path(tempfile.mkdtemp(prefix="bench-stack-", dir=shm if roomy else None))
 
 
@@ -288,16 +308,17 @@ def report(steps: list[Step], fresh: list[Step], archives: tuple[int, int], limi
     lines = [f"# cvmfs-inject stacked updates (issue #12), {now:%Y-%m-%d %H:%M} UTC", "",
              f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python "
              f"{platform.python_version()}; {knobs}", "",
-             "Reference, fresh single-layer inject (registry-direct), run before each step "
-             f"into a repository of its own: median {fresh_wall:.2f} s (runs: "
+             "Reference, fresh single-layer inject (registry-direct), run before each run "
+             f"of a step into a repository of its own: median {fresh_wall:.2f} s (runs: "
              f"{' '.join(f'{run.wall:.2f}' for run in fresh)}); the copied tree's: "
              f"{fresh[0].uploaded} bytes uploaded, layer {fresh_size} bytes.", "",
-             "| step | action | layers | wall s | x full inject | uploaded bytes | "
-             "% of fresh layer | stack bytes | x fresh layer | union ok |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| step | action | layers | wall s (median) | runs s | x full inject | "
+             "uploaded bytes | % of fresh layer | stack bytes | x fresh layer | union ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         st = s.report["stack"]
         lines.append(f"| {s.name} | {st['action']} | {st['layers']} | {s.wall:.2f} | "
+                     f"{' '.join(f'{w:.2f}' for w in s.walls)} | "
                      f"{s.wall / fresh_wall:.2f} | {s.uploaded} | "
                      f"{100 * s.uploaded / fresh_size:.2f} | {s.stack_bytes} | "
                      f"{s.stack_bytes / fresh_size:.2f} | {s.union} |")
@@ -344,7 +365,8 @@ def main() -> int:
         (scratch / "registry").mkdir()
         process, host, log = start_registry(scratch / "registry")
         reg = Registry(host, log, scratch / "registry" / "storage")
-        cli("push", f"{base}:v1", f"docker://{host}/bench/stack:v1")
+        for repo in STACKS:
+            cli("push", f"{base}:v1", f"docker://{host}/{repo}:v1")
         fresh: list[Step] = []
         stacked = ("--max-layers", str(limit), "--state", str(scratch / "state"))
         rng = random.Random(seed)
@@ -353,17 +375,21 @@ def main() -> int:
         for k in range(updates + 1):
             if k:
                 notes.append(modify(tree, rng, k))
-            fresh.append(reference(reg, base, tree, k))
-            src = "bench/stack:v1" if k == 0 else f"bench/stack:s{k - 1}"
-            step = inject(reg, src, f"bench/stack:s{k}", tree, *stacked)
+            runs = []
+            for repo in STACKS:
+                fresh.append(reference(reg, base, tree, len(fresh)))
+                src = f"{repo}:v1" if k == 0 else f"{repo}:s{k - 1}"
+                runs.append(inject(reg, src, f"{repo}:s{k}", tree, *stacked))
+            step = same_step(runs)
             step.name = "base" if k == 0 else f"update {k}"
-            step.stack_bytes = stack_bytes(reg, f"bench/stack:s{k}")
-            step.union = union_check(reg, f"bench/stack:s{k}", tree, scratch)
+            step.stack_bytes = stack_bytes(reg, f"{STACKS[0]}:s{k}")
+            step.union = union_check(reg, f"{STACKS[0]}:s{k}", tree, scratch)
             steps.append(step)
-            print(f"{step.name}: {step.report['stack']}, {step.wall:.2f} s, "
-                  f"{step.uploaded} B up, union {step.union}", flush=True)
-        archives = delta_archives(reg, f"bench/stack:s{updates - 1}", f"bench/stack:s{updates}",
-                                  scratch)
+            print(f"{step.name}: {step.report['stack']}, {step.wall:.2f} s "
+                  f"({' '.join(f'{w:.2f}' for w in step.walls)}), {step.uploaded} B up, "
+                  f"union {step.union}", flush=True)
+        archives = delta_archives(reg, f"{STACKS[0]}:s{updates - 1}",
+                                  f"{STACKS[0]}:s{updates}", scratch)
     finally:
         if process is not None:
             process.terminate()
