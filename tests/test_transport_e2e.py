@@ -575,7 +575,7 @@ def test_gc_dry_run_then_gc_after_retag(cli, tmp_path):
 
     # nothing unreachable yet
     res = ok(cli("gc", "--dry-run", layout))
-    assert "would remove 0 blobs, 0 bytes" in res.out
+    assert "would remove 0 blobs, 0 B" in res.out
 
     # re-tag v1 to a one-layer image: the old manifest, config and two layers fall off
     new = build_sample_image(layout, "v1", platforms=("amd64",), layers=1)
@@ -591,8 +591,8 @@ def test_gc_dry_run_then_gc_after_retag(cli, tmp_path):
     res = ok(cli("gc", "--dry-run", layout))
     assert dir_bytes(layout) == before
     for digest in garbage:
-        assert f"would remove {digest} ({sizes[digest]} B)" in res.out
-    assert f"would remove {len(garbage)} blobs, {sum(sizes.values())} bytes" in res.out
+        assert f"would remove {digest} ({sizes[digest]:,} B)" in res.out
+    assert f"would remove {len(garbage)} blobs, {sum(sizes.values()):,} B" in res.out
 
     res = ok(cli("--json", "gc", layout))
     report = json.loads(res.out)
@@ -607,7 +607,7 @@ def test_gc_dry_run_then_gc_after_retag(cli, tmp_path):
 
     after = dir_bytes(layout)
     res = ok(cli("gc", layout))
-    assert "removed 0 blobs, 0 bytes" in res.out
+    assert "removed 0 blobs, 0 B" in res.out
     assert dir_bytes(layout) == after
 
 

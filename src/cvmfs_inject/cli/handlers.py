@@ -86,8 +86,8 @@ def _push_delta(args: argparse.Namespace, out: Reporter, src: ImageRef, dest: Im
     since = parse_layout_ref(args.since)
     desc, delta = push_delta(src, dest, since, access(args, out))
     out.line(f"pushed {src} to {dest} ({desc.digest}): a delta archive of {delta.written} "
-             f"blobs ({delta.written_bytes} bytes); {delta.omitted} blobs "
-             f"({delta.omitted_bytes} bytes) left out, as {since} has them")
+             f"blobs ({delta.written_bytes:,} B); {delta.omitted} blobs "
+             f"({delta.omitted_bytes:,} B) left out, as {since} has them")
     return {"source": str(src), "destination": str(dest), "digest": desc.digest,
             "since": str(since), "blobsWritten": delta.written,
             "bytesWritten": delta.written_bytes, "blobsOmitted": delta.omitted,
@@ -138,11 +138,11 @@ def gc(args: argparse.Namespace, out: Reporter) -> Any:
     result = collect(parse_ref(args.layout), args.dry_run, access(args, out).layout_wait)
     verb = "would remove" if args.dry_run else "removed"
     for digest, size in result.removed:
-        out.line(f"{verb} {digest} ({size} B)")
+        out.line(f"{verb} {digest} ({size:,} B)")
     for path, size in result.temp_removed:
-        out.line(f"{verb} {path} ({size} B, left by an interrupted command)")
+        out.line(f"{verb} {path} ({size:,} B, left by an interrupted command)")
     temp = f" and {len(result.temp_removed)} temp files" if result.temp_removed else ""
-    out.line(f"{verb} {len(result.removed)} blobs{temp}, {result.bytes_removed} bytes; "
+    out.line(f"{verb} {len(result.removed)} blobs{temp}, {result.bytes_removed:,} B; "
              f"kept {result.kept}")
     return {"dry_run": args.dry_run,
             "removed": [{"digest": d, "size": s} for d, s in result.removed],

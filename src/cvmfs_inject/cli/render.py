@@ -240,7 +240,7 @@ def format_inspect(report: InspectReport) -> str:
             mark = "  <- injected" if info.injected and info.injected[0] == i else ""
             if i in roles:
                 mark = f"  <- stack {roles[i].role}"
-            lines.append(f"    layer {i}: {layer.media_type} {layer.size} B "
+            lines.append(f"    layer {i}: {layer.media_type} {layer.size:,} B "
                          f"{layer.digest}{mark}")
             lines.append(f"             diff_id {layer.diff_id}")
             if i in roles and roles[i].comment:
