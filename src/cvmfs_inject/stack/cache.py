@@ -33,6 +33,7 @@ _PACKED_FORMAT_3 = "cvmfs-inject tree index 3"
 STATE_ENV = "XDG_CACHE_HOME"
 # what a cache file may inflate to: its size times a ratio real indexes stay well under
 _INFLATE_FLOOR, _INFLATE_RATIO = 16 << 20, 64
+_SUFFIX, _JSON_SUFFIX = ".index", ".json.gz"  # format 5, and formats 3 and 4
 
 
 def default_state_dir() -> Path:
@@ -45,7 +46,7 @@ class IndexCache:
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "index"
 
-    def _path(self, diff_id: str, suffix: str = ".index") -> Path:
+    def _path(self, diff_id: str, suffix: str = _SUFFIX) -> Path:
         return self.directory / (diff_id.replace(":", "-") + suffix)
 
     def get(self, diff_id: str, mount_point: str) -> LayerIndex | None:
@@ -63,7 +64,7 @@ class IndexCache:
     def _get_json(self, diff_id: str, mount_point: str) -> LayerIndex | None:
         """An index in a file of format 3 or 4."""
         try:
-            doc = json.loads(_read_gzip(self._path(diff_id, ".json.gz")))
+            doc = json.loads(_read_gzip(self._path(diff_id, _JSON_SUFFIX)))
         except (OSError, EOFError, ValueError, zlib.error, RecursionError):
             return None
         if not (isinstance(doc, dict) and doc.get("format") in (_FORMAT_4, _PACKED_FORMAT_3)
@@ -82,7 +83,7 @@ class IndexCache:
         """Whether there is a file for the layer, good or not (`get` says None for both):
         a damaged one is worth telling apart from none."""
         return any(os.path.lexists(self._path(diff_id, suffix))
-                   for suffix in (".index", ".json.gz"))
+                   for suffix in (_SUFFIX, _JSON_SUFFIX))
 
     def put(self, index: LayerIndex) -> str | None:
         """Store an index atomically. A cache that cannot be written costs time later, so
