@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """`make bench-stack`: incremental updates of a stacked /cvmfs (issue #12), registry-direct.
 
-A copy of the tree (scratch on /dev/shm when it has 10 GiB free) is injected into a local
+A copy of the tree (scratch on /dev/shm when it has 5 GiB free) is injected into a local
 docker-registry with `--max-layers N --state DIR` (the stack's base), and every step after
 it is run, in three identical stacks (bench/stack, bench/stackb, bench/stackc: the same
 layers, checked). Before each run of a step, the tree as it is then is injected as a fresh
 single layer (no --max-layers: the reference "full inject") into a repository of its own
 (bench/freshK), so that its layer is really uploaded, not found. Each run is compared with
 the reference run just before it, and a step's ratio is the median of its three: this VM's
-speed drifts, within a run too (the reference took 3.5 s at the start of one run and 5.5 s
+speed drifts, within a run too (the reference took 3.6 s at the start of one run and 5.5 s
 at its end), which a comparison with a median over the whole run would take for the steps'
 own cost. The per-run walls are in the table. Then
 BENCH_UPDATES seeded updates, each changing about 1 % of the visible files (outside `.data/`):
@@ -82,7 +82,7 @@ class Registry:
 
 @dataclass
 class Step:
-    """One inject: the table's row."""
+    """One inject, or a step's runs in the three stacks (`same_step`): the table's row."""
 
     name: str
     wall: float
@@ -143,7 +143,7 @@ def inject(reg: Registry, src: str, dest: str, tree: Path, *extra: str) -> Step:
 
 def reference(reg: Registry, base: Path, tree: Path, k: int) -> Step:
     """A fresh single-layer inject of the tree as it is now, into a repository of its own
-    (its layer really uploaded): run before each step, alternated with the updates."""
+    (its layer really uploaded): run before each run of a step, alternated with them."""
     repo = f"bench/fresh{k}"
     cli("push", f"{base}:v1", f"docker://{reg.host}/{repo}:v1")
     print(f"fresh single-layer inject {k} ...", flush=True)
@@ -155,7 +155,8 @@ def same_step(runs: list[Step], references: list[Step]) -> Step:
     and its ratio to a full inject are the medians of the runs'. The runs must have made
     the same layer (the same trees from the same base give the same layers; the images
     differ in their creation times only)."""
-    layers = {(run.report["layer"]["digest"], json.dumps(run.report["stack"])) for run in runs}
+    layers = {(json.dumps(run.report.get("layer")), json.dumps(run.report["stack"]))
+              for run in runs}
     if len(layers) != 1:
         raise SystemExit(f"the stacks differ after the same step: {sorted(layers)}")
     walls = tuple(run.wall for run in runs)
@@ -285,9 +286,10 @@ def modify(tree: Path, rng: random.Random, step: int) -> str:
 
 def scratch_dir() -> Path:
     """/dev/shm when it has room for the tree copy, the unions and the registry (the stacks
-    and a layer per reference run: about 8 GB for the 20k tree)."""
+    and a layer per step's reference runs, which the registry keeps once: about 3.5 GB for
+    the 20k tree)."""
     shm = Path("/dev/shm")
-    roomy = shm.is_dir() and shutil.disk_usage(shm).free >= 10 << 30
+    roomy = shm.is_dir() and shutil.disk_usage(shm).free >= 5 << 30
     return Path(tempfile.mkdtemp(prefix="bench-stack-", dir=shm if roomy else None))
 
 
