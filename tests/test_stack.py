@@ -699,6 +699,56 @@ def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, regist
     assert run()["stack"]["action"] == "base"
 
 
+def _layer_on_top(layout: Path, tag: str, files: dict[str, bytes]) -> None:
+    """Tag `tag` again with a gzip'd layer of `files` on top, as another tool (`umoci
+    insert`, a Dockerfile FROM it) would add one."""
+    import io
+    import tarfile
+
+    from cvmfs_inject.layout.store import Layout
+    from cvmfs_inject.oci.digest import sha256_digest
+    from cvmfs_inject.oci.jsondoc import canonical_json
+    from cvmfs_inject.oci.model import ImageConfig, Manifest
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, PAST
+            tar.addfile(info, io.BytesIO(data))
+    store = Layout.open(layout)
+    layer = store.put_bytes(gzip.compress(raw.getvalue(), mtime=0),
+                            "application/vnd.oci.image.layer.v1.tar+gzip")
+    top = store.resolve(tag)
+    manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
+    config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size), "c")
+    doc = config.edit()
+    doc["rootfs"]["diff_ids"].append(sha256_digest(raw.getvalue()))
+    doc["history"] = [*doc.get("history", []), {"created_by": "another tool"}]
+    new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
+    mdoc = manifest.edit()
+    mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
+    mdoc["layers"].append(layer.to_dict())
+    store.set_tag(tag, store.put_bytes(canonical_json(mdoc), manifest.media_type))
+    shutil.rmtree(store.tmp_dir)
+
+
+def test_a_destination_with_a_layer_above_its_stack_gets_a_new_stack(cli, tmp_path, stacked):
+    """The stack goes on at DEST only while DEST is BASE with the stack on top: a layer
+    another tool put above it, which can hide what the stack holds, makes DEST BASE with
+    a new stack again, so that every reader's /cvmfs is the tree."""
+    layout, tree, state = stacked
+    _layer_on_top(layout, "s1", {"cvmfs/rel/b/only-b.txt": b"not from the tree\n"})
+    _change(tree, "add")
+    report = inject(cli, f"{layout}:v1", tree, state, "--max-layers", "4", "--tag", "s1")
+    assert report["stack"]["action"] == "base" and report["stack"]["layers"] == 1
+    assert_same_tree(tree, umoci_unpack(layout, "s1", tmp_path / "bundle") / "cvmfs")
+    _change(tree, "remove")  # and the new stack goes on from there
+    report = inject(cli, f"{layout}:v1", tree, state, "--max-layers", "4", "--tag", "s1")
+    assert report["stack"]["action"] == "delta" and report["stack"]["layers"] == 2
+    assert_same_tree(tree, umoci_unpack(layout, "s1", tmp_path / "bundle2") / "cvmfs")
+
+
 def test_a_stacked_update_scans_with_helpers_and_reports_each_skip_once(cli, tmp_path,
                                                                        stacked, monkeypatch):
     """The scan begins before the image is resolved, with a forked helper (pack.fanout);

@@ -3,9 +3,10 @@ image) edits the image at DEST when DEST is BASE with a /cvmfs stack on top, so 
 update adds a delta there instead of packing a fresh base onto BASE every time.
 
 DEST qualifies when, platform by platform, its layers below the stack are exactly BASE's
-layers and its config is BASE's but for what an inject writes (our labels, the stack's
-diff_ids, history and times). A new BASE (other layers, another config) does not qualify:
-the update then starts a new stack on it, as before.
+layers, the stack is its top (a layer another tool put above it could hide what the stack
+holds), and its config is BASE's but for what an inject writes (our labels, the stack's
+diff_ids, history and times). A new BASE (other layers, another config) or a DEST changed
+since does not qualify: the update then starts a new stack on BASE, as before.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def _stacked_on(dest: Image | None, base: Image) -> bool:
     stack = stack_of(dest.manifest, dest.config, "")
     if not stack.diff_ids or dest.manifest.media_type != base.manifest.media_type:
         return False
+    if stack.position + len(stack.diff_ids) != len(dest.config.diff_ids):
+        return False  # layers above the stack: not BASE with a stack on top
     below = dest.manifest.layers[:stack.position]
     if [layer.digest for layer in below] != [layer.digest for layer in base.manifest.layers]:
         return False
