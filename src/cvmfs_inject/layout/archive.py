@@ -225,9 +225,10 @@ def import_delta(archive: Path, layout: Layout, tag: str | None, stage: Path) ->
     if missing:
         since, name = _base_of(staged.index) or ("", "")  # the index read above
         raise NotFoundError(
-            f"{archive}: {len(missing)} blob(s) ({sum(d.size for d in missing)} bytes) are in "
-            f"neither this delta archive nor {layout.root}; they come from the image tagged "
-            f"{name or '?'} ({since}): bring that image into {layout.root} first")
+            f"{archive}: {len(missing)} blob(s) ({sum(d.size for d in missing):,} B) are in "
+            f"neither this delta archive nor {layout.root}; they come from the image that "
+            f"was tagged {name or '?'} where the archive was made ({since}): bring that "
+            f"image into {layout.root} first")
     for path in reached:
         source = staged.blobs.get(path.descriptor.digest)
         if source is not None:
