@@ -375,25 +375,37 @@ def test_max_layers_1_compacts_a_stack_back_to_one_layer(cli, tmp_path, stacked)
     assert report["stack"]["action"] == "delta" and report["stack"]["downloaded"] == 0
 
 
-def _relabelled(layout: Path, tag: str, new_tag: str,
-                edit: Callable[[dict, list[str]], None]) -> None:
-    """Tag `new_tag` as `tag` with its config's labels changed by `edit(labels, diff_ids)`,
-    as a hand (or a hostile party) could."""
+def _rewritten(layout: Path, tag: str, new_tag: str, edit: Callable[[dict], None],
+               top: bytes | None = None) -> None:
+    """Tag `new_tag` as `tag` with its config changed by `edit(config document)` and, with
+    `top` (a tar), that layer gzip'd above the others, as a hand, another tool (`umoci
+    insert`, a build FROM it) or a hostile party could."""
     from cvmfs_inject.layout.store import Layout
     from cvmfs_inject.oci.jsondoc import canonical_json
     from cvmfs_inject.oci.model import ImageConfig, Manifest
 
     store = Layout.open(layout)
-    top = store.resolve(tag)
-    manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
+    desc = store.resolve(tag)
+    manifest = Manifest.parse(store.read_blob(desc.digest, desc.size), "m")
     config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size), "c")
     doc = config.edit()
-    edit(doc["config"]["Labels"], doc["rootfs"]["diff_ids"])
+    edit(doc)
     new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
     mdoc = manifest.edit()
     mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
+    if top is not None:
+        layer = store.put_bytes(gzip.compress(top, mtime=0),
+                                "application/vnd.oci.image.layer.v1.tar+gzip")
+        mdoc["layers"].append(layer.to_dict())
     store.set_tag(new_tag, store.put_bytes(canonical_json(mdoc), manifest.media_type))
     shutil.rmtree(store.tmp_dir)  # our own writes' scratch space, which a command tidies
+
+
+def _relabelled(layout: Path, tag: str, new_tag: str,
+                edit: Callable[[dict, list[str]], None]) -> None:
+    """Tag `new_tag` as `tag` with its config's labels changed by `edit(labels, diff_ids)`."""
+    _rewritten(layout, tag, new_tag,
+               lambda doc: edit(doc["config"]["Labels"], doc["rootfs"]["diff_ids"]))
 
 
 def test_a_stack_label_that_does_not_match_the_layers_is_refused(cli, tmp_path, stacked):
@@ -700,15 +712,11 @@ def test_run_from_the_base_goes_on_with_the_stack_at_the_destination(cli, regist
 
 
 def _layer_on_top(layout: Path, tag: str, files: dict[str, bytes]) -> None:
-    """Tag `tag` again with a gzip'd layer of `files` on top, as another tool (`umoci
-    insert`, a Dockerfile FROM it) would add one."""
+    """Tag `tag` again with a layer of `files` on top, as another tool would add one."""
     import io
     import tarfile
 
-    from cvmfs_inject.layout.store import Layout
     from cvmfs_inject.oci.digest import sha256_digest
-    from cvmfs_inject.oci.jsondoc import canonical_json
-    from cvmfs_inject.oci.model import ImageConfig, Manifest
 
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -716,21 +724,12 @@ def _layer_on_top(layout: Path, tag: str, files: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, PAST
             tar.addfile(info, io.BytesIO(data))
-    store = Layout.open(layout)
-    layer = store.put_bytes(gzip.compress(raw.getvalue(), mtime=0),
-                            "application/vnd.oci.image.layer.v1.tar+gzip")
-    top = store.resolve(tag)
-    manifest = Manifest.parse(store.read_blob(top.digest, top.size), "m")
-    config = ImageConfig.parse(store.read_blob(manifest.config.digest, manifest.config.size), "c")
-    doc = config.edit()
-    doc["rootfs"]["diff_ids"].append(sha256_digest(raw.getvalue()))
-    doc["history"] = [*doc.get("history", []), {"created_by": "another tool"}]
-    new_config = store.put_bytes(canonical_json(doc), manifest.config.media_type)
-    mdoc = manifest.edit()
-    mdoc["config"] = {**mdoc["config"], "digest": new_config.digest, "size": new_config.size}
-    mdoc["layers"].append(layer.to_dict())
-    store.set_tag(tag, store.put_bytes(canonical_json(mdoc), manifest.media_type))
-    shutil.rmtree(store.tmp_dir)
+
+    def above(doc: dict) -> None:
+        doc["rootfs"]["diff_ids"].append(sha256_digest(raw.getvalue()))
+        doc["history"] = [*doc.get("history", []), {"created_by": "another tool"}]
+
+    _rewritten(layout, tag, tag, above, top=raw.getvalue())
 
 
 def test_a_destination_with_a_layer_above_its_stack_gets_a_new_stack(cli, tmp_path, stacked):
