@@ -181,8 +181,7 @@ class Reporter:
         if stack is not None:
             # counted as uploaded by a registry sink; `run` through a layout counts what it
             # wrote there (skopeo pushes the image on, whole for an archive)
-            direct = report.destination is not None and report.destination == report.reference
-            moved = "uploaded" if direct else "written"
+            moved = "uploaded" if report.destination == report.reference else "written"
             self.line(f"stack: {stack.action}, {stack.count} layer(s); files +{stack.added} "
                       f"~{stack.changed} -{stack.removed}; {report.written or 0:,} B {moved}"
                       + (f"; {stack.downloaded:,} B of layers read to rebuild indexes"
