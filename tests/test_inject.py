@@ -207,6 +207,17 @@ def test_init_twice_is_a_no_op(cli, base):
     assert dir_bytes(base) == before
 
 
+def test_init_again_into_the_same_new_tag_says_unchanged_and_writes_nothing(cli, base):
+    first = cli("init", "--tag", "prepared", f"{base}:base")
+    assert first.code == 0, first.err
+    assert "prepared with an empty /cvmfs layer" in first.out
+    before = dir_bytes(base)
+    again = cli("init", "--tag", "prepared", f"{base}:base")
+    assert again.code == 0, again.err
+    assert ":prepared: unchanged (" in again.out and ": prepared with" not in again.out
+    assert dir_bytes(base) == before
+
+
 def test_init_twice_on_multi_platform_index(cli, tmp_path):
     path = tmp_path / "multi"
     build_sample_image(path, "base", platforms=("amd64", "arm64"))

@@ -159,6 +159,9 @@ def init(args: argparse.Namespace, out: Reporter) -> Any:
     if report.status == "already-prepared":
         out.line(f"{report.reference}: already prepared (has an injected layer); the image "
                  "is unchanged" + (" and tagged" if args.tag or args.dest else ""))
+    elif report.status == "unchanged":  # --tag/--dest names this prepared image already
+        out.line(f"{report.reference}: unchanged (already the image prepared with an empty "
+                 f"{args.path} layer, {report.digest})")
     else:
         out.line(f"{report.reference}: prepared with an empty {args.path} layer "
                  f"({report.digest})")
