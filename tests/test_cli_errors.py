@@ -685,3 +685,13 @@ def test_a_usage_error_is_one_line_pointing_at_help(args):
     assert done.returncode == 2
     assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("cvmfs-inject") and "--help'" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "unknown"), [(("inject", "--bogus", "a:b", "t"), "--bogus"),
+                                               (("inspect", "a:b", "extra"), "extra")])
+def test_an_argument_nothing_takes_points_at_the_commands_help(args, unknown):
+    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", *args], capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert done.stderr == (f"cvmfs-inject {args[0]}: error: unrecognized arguments: {unknown} "
+                           f"(see 'cvmfs-inject {args[0]} --help')\n")

@@ -116,8 +116,20 @@ class _OneLineParser(argparse.ArgumentParser):
     """A usage error is one line, like every other error (skopeo and git point at --help
     too), instead of argparse's usage block: scripts and logs get the line that matters."""
 
+    commands: dict[str, argparse.ArgumentParser]  # each command's own parser, by name
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """An argument no parser took is the command's usage error, pointing at its help
+        (argparse gives it to the top parser, whose help does not list the command's
+        options)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self.commands.get(getattr(parsed, "command", None) or "", self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Put a CernVM-FS shrinkwrap tree into container images as a /cvmfs layer.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = sub.choices
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
