@@ -347,7 +347,7 @@ def test_validate_stdin(cli, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(
         json.dumps(BAD_MANIFEST).encode())))
     err = validate_failed(cli("validate", "--kind", "manifest", "-"), "<stdin>")
-    assert "size" in err
+    assert "size" in err and err.endswith(": error: <stdin>: 3 problem(s) found\n")
 
 
 def test_validate_stdin_detects_kind(cli, monkeypatch):
@@ -362,7 +362,7 @@ def test_validate_stdin_valid_document(cli, monkeypatch, sample):
         blob_path(layout, top.digest).read_bytes())))
     res = cli("validate", "--kind", "manifest", "-")
     assert res.code == 0, res.err
-    assert res.err == ""
+    assert res.err == "" and res.out == "<stdin>: valid\n"
 
 
 def test_validate_unreadable_file(cli, tmp_path):

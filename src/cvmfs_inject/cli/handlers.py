@@ -98,11 +98,12 @@ def validate(args: argparse.Namespace, out: Reporter) -> Any:
     from cvmfs_inject.commands.validate import validate_document, validate_ref
 
     target = args.target
+    name = "<stdin>" if target == "-" else target  # as the problems name it
     if target == "-" and args.creds_stdin:
         raise UsageError("--creds-stdin and a document on stdin (-) exclude each other")
     if args.kind or target == "-" or Path(target).is_file():
         if target == "-":
-            data, where = sys.stdin.buffer.read(), "<stdin>"
+            data, where = sys.stdin.buffer.read(), name
         else:
             try:
                 data, where = Path(target).read_bytes(), target
@@ -119,8 +120,8 @@ def validate(args: argparse.Namespace, out: Reporter) -> Any:
     if problems:
         if args.json:
             out.emit({"valid": False, "problems": [str(p) for p in problems]})
-        raise ValidationFailed(f"{target}: {len(problems)} problem(s) found")
-    out.line(f"{target}: valid")
+        raise ValidationFailed(f"{name}: {len(problems)} problem(s) found")
+    out.line(f"{name}: valid")
     return {"valid": True, "problems": []}
 
 
