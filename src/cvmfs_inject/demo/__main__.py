@@ -125,10 +125,11 @@ def main() -> int:
                  f"docker://{host}/sample/base:1.0-cvmfs")
             step("inspect", "--no-tls-verify", f"docker://{host}/sample/base:1.0-cvmfs")
             # An incremental update: /cvmfs as a stack of layers, only the delta uploaded.
-            # The first one reads the /cvmfs layer once to index it (no cache yet).
             stacked = [f"docker://{host}/sample/base:1.0-cvmfs", str(tree), "--no-tls-verify",
                        "--max-layers", "3", "--state", str(out / "state")]
             change(tree / "sft.cern.ch" / "NEW-RELEASE" / "setup.sh", "# new release\n")
+            print("# the index cache (--state) is new: this first update reads the image's "
+                  "/cvmfs layer\n# once to index it, and warns that it does", flush=True)
             step("inject", *stacked)
             step("inspect", "--no-tls-verify", f"docker://{host}/sample/base:1.0-cvmfs")
 
