@@ -315,6 +315,13 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
+def _written_integer(checker: Any, instance: Any) -> bool:
+    """``integer`` as the official (draft-04) schemas and Go readers take it: a number
+    written without a fraction or exponent. Draft 2020-12 counts ``2.0`` and ``1e3`` as
+    integers; umoci and skopeo fail to read them into an int."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
 def preload() -> None:
     """Import jsonschema now, not at the first check (45 ms): a registry sink does it for a
     stacked update while the scan's helper walks, as after the scan the command runs on
@@ -337,7 +344,9 @@ def _validator(name: str) -> Any:
         schema = json.loads((_schema_dir() / name).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load schema {name}: {e}; the installation is incomplete") from e
-    cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+    cls = validators.extend(
+        Draft202012Validator, {"pattern": _ecma_pattern},
+        type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _written_integer))
     return cls(schema, format_checker=format_checker() if name.startswith("oci-") else None)
 
 
