@@ -144,3 +144,44 @@ def test_a_symlinked_algorithm_directory_is_neither_listed_nor_collected(cli, la
         assert result.code == 3 and "is a symlink" in result.err, result.err
         assert "notes.txt" not in result.out
     assert (elsewhere / "notes.txt").read_text() == "mine"
+
+
+def _with_index_entries(path: Path, edit: Any) -> None:
+    index_path = path / "index.json"
+    index = json.loads(index_path.read_bytes())
+    edit(index["manifests"])
+    index_path.write_bytes(canonical_json(index))
+
+
+def test_a_tag_is_validated_whatever_the_other_entries_hold(cli, layout: Path) -> None:
+    """Another entry of index.json (content we cannot verify, a malformed descriptor) is
+    another image's: `validate LAYOUT:TAG` checks the tag's own entry and what it reaches."""
+    _with_index_entries(layout, lambda entries: entries.extend([
+        {"mediaType": MediaType.OCI_MANIFEST, "digest": MULTIHASH, "size": 512},
+        {"mediaType": MediaType.OCI_MANIFEST, "digest": "sha256:ABC", "size": -1}]))
+    res = cli("validate", f"{layout}:v1")
+    assert res.code == 0, res.err
+    assert res.out == f"{layout}:v1: valid\n"
+    assert cli("validate", layout).code == 1
+
+
+def test_a_tags_own_entry_is_checked_as_a_descriptor(cli, layout: Path) -> None:
+    def bad_data(entries: list[dict[str, Any]]) -> None:
+        entries[0]["data"] = "bm90IHRoZSBtYW5pZmVzdA=="  # "not the manifest"
+
+    _with_index_entries(layout, bad_data)
+    res = cli("validate", f"{layout}:v1")
+    assert res.code == 1, res.err
+    problems = res.err.splitlines()[:-1]
+    place = f"{layout}/index.json manifests[0]: "
+    assert problems and all(p.startswith(place) for p in problems), problems
+    assert f"{place}data decodes to 16 bytes but size is " in res.err
+
+    def negative_size(entries: list[dict[str, Any]]) -> None:
+        del entries[0]["data"]
+        entries[0]["size"] = -1
+
+    _with_index_entries(layout, negative_size)
+    res = cli("validate", f"{layout}:v1")
+    assert res.code == 1, res.err
+    assert res.err.count("manifests[0]") == 1, res.err  # the place is said once

@@ -27,8 +27,9 @@ from cvmfs_inject.image.source import ImageSource
 from cvmfs_inject.layout.blobs import READ_CHUNK
 from cvmfs_inject.layout.store import Layout
 from cvmfs_inject.oci.digest import verify_problem
+from cvmfs_inject.oci.jsondoc import parse_json
 from cvmfs_inject.oci.media import MediaType
-from cvmfs_inject.oci.model import Descriptor
+from cvmfs_inject.oci.model import REF_NAME, Descriptor
 from cvmfs_inject.oci.refs import ImageRef
 from cvmfs_inject.oci.schema import Problem, check_descriptor, check_document
 from cvmfs_inject.oci.walk import DescriptorPath, walk
@@ -127,7 +128,7 @@ class _Checker:
         try:
             return Descriptor.from_dict(raw, where, verifiable=False)
         except CvmfsInjectError as exc:
-            self.problems.append(Problem(where, str(exc)))
+            self.problems.append(Problem(where, str(exc).removeprefix(f"{where}: ")))
             return None
 
     def descriptors(self, raws: list[Any], where: str) -> list[Descriptor]:
@@ -270,8 +271,31 @@ def validate_ref(ref: ImageRef, access: Access, *, packed: Mapping[str, str] | N
         layout = Layout.open(ref.path, access.layout_wait)
         with layout.lock(exclusive=False):
             return validate_layout(layout)
+    if ref.transport == "oci":
+        layout = Layout.open(ref.path, access.layout_wait)
+        with layout.lock(exclusive=False):
+            found = _validate_tag(layout, ref, packed)
+            if found is not None:
+                return found
     with backends.reading(ref, access, all_platforms=True) as source:
         return _walked(_Checker(source, packed), [source.top()])
+
+
+def _validate_tag(layout: Layout, ref: ImageRef, packed: Mapping[str, str] | None
+                  ) -> list[Problem] | None:
+    """One tag of a layout: its own entry of index.json, checked as a descriptor (its
+    `data`, its digest's form), then everything it reaches. The other entries are other
+    images': what is wrong there (content we cannot verify, say) is not this image's
+    (`validate LAYOUT` reports it). None: no entry has the tag (the caller says so)."""
+    where = f"{layout.root}/index.json"
+    entries = parse_json(layout.index_bytes(), where).get("manifests")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        annotations = entry.get("annotations") if isinstance(entry, dict) else None
+        if isinstance(annotations, dict) and annotations.get(REF_NAME) == ref.tag:
+            checker = _Checker(LayoutSource(layout, ref), packed)
+            root = checker.descriptor(entry, f"{where} manifests[{i}]")
+            return _walked(checker, [] if root is None else [root])
+    return None
 
 
 def validate_document(data: bytes, kind: str | None, where: str) -> list[Problem]:

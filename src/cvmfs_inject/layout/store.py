@@ -220,11 +220,15 @@ class Layout:
 
     # -- index.json ------------------------------------------------------------------------
     def read_index(self) -> Index:
+        return Index.parse(self.index_bytes(), str(self.root / "index.json"))
+
+    def index_bytes(self) -> bytes:
+        """index.json as it is (`validate` of one tag reads only that tag's entry)."""
         path = self.root / "index.json"
         if path.stat().st_size > MAX_DOCUMENT:  # as for every other document
             raise InputError(f"{path}: {path.stat().st_size} bytes, too large for a JSON "
                              "document")
-        return Index.parse(path.read_bytes(), str(path))
+        return path.read_bytes()
 
     def write_index(self, doc: dict[str, Any]) -> None:
         self.tmp_dir.mkdir(exist_ok=True)
