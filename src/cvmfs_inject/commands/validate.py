@@ -267,13 +267,11 @@ def validate_ref(ref: ImageRef, access: Access, *, packed: Mapping[str, str] | N
     """A layout (every tag), or one image: a layout tag, a registry image (read over the
     registry API, every blob downloaded and checked), or an archive. `packed`: the layers
     the calling command packed itself (digest -> diff_id), not decompressed again."""
-    if ref.transport == "oci" and ref.tag is None:
-        layout = Layout.open(ref.path, access.layout_wait)
-        with layout.lock(exclusive=False):
-            return validate_layout(layout)
     if ref.transport == "oci":
         layout = Layout.open(ref.path, access.layout_wait)
         with layout.lock(exclusive=False):
+            if ref.tag is None:
+                return validate_layout(layout)
             found = _validate_tag(layout, ref, packed)
             if found is not None:
                 return found
