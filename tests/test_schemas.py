@@ -296,6 +296,8 @@ INVALID = [
      "manifest", None, f"'{OCI_LAYER}' is not one of"),
     ("docker-oci-config", modified(DOCKER_MANIFEST_DOC, "config/mediaType", OCI_CONFIG),
      "manifest", None, f"'{DOCKER_CONFIG}' was expected at config.mediaType"),
+    ("docker-schema-version-decimal", modified(DOCKER_MANIFEST_DOC, "schemaVersion", 2.0),
+     "manifest", None, "2.0 is not of type 'integer' at schemaVersion"),
     ("docker-no-media-type", modified(DOCKER_MANIFEST_DOC, "mediaType", DELETE), "manifest",
      DOCKER_MANIFEST, "'mediaType' is a required property"),
     ("docker-list-no-platform", modified(DOCKER_LIST_DOC, "manifests/0/platform", DELETE),
