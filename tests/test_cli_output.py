@@ -94,6 +94,19 @@ def test_interrupt_while_loading_the_cli_is_one_line(monkeypatch: pytest.MonkeyP
     assert capsys.readouterr().err == "cvmfs-inject: error: interrupted\n"
 
 
+def test_interrupt_while_parsing_the_command_line_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser is built before the command's own interrupt handling begins."""
+    from cvmfs_inject import entry
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cvmfs_inject.cli.build_parser", interrupted)
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "cvmfs-inject: error: interrupted\n"
+
+
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path,
                                                             json_mode: bool) -> None:
