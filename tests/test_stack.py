@@ -326,6 +326,38 @@ def test_the_cache_tells_a_damaged_file_from_none_and_an_unwritable_cache(cli, t
     assert sum("reading the layer once" in line for line in told) == 3  # none could be kept
 
 
+def test_the_cache_names_what_is_in_the_way(cli, tmp_path, stacked):
+    """A directory where an index file goes is named as the obstacle (not the temp file
+    renamed onto it); an index directory this user may not read is no first run."""
+    layout, tree, state = stacked
+    (index_file,) = (state / "index").iterdir()
+    index_file.unlink()
+    index_file.mkdir()
+    _change(tree, "add")
+    result = cli("inject", f"{layout}:s1", tree, "--state", state, "--max-layers", "4",
+                 "--tag", "s2")
+    assert result.code == 0, result.err
+    assert "damaged or unreadable" in result.err
+    assert f"cannot save tree indexes in {state / 'index'} ({index_file}: Is a directory)" \
+        in result.err
+
+    shutil.rmtree(state / "index")
+    inject(cli, f"{layout}:s1", tree, state, "--max-layers", "4", "--tag", "s2")
+    (state / "index").chmod(0)
+    _change(tree, "content")
+    unprivileged = (["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+                    if os.geteuid() == 0 else [])
+    try:
+        result = subprocess.run(
+            [*unprivileged, Path(sys.executable).parent / "cvmfs-inject", "inject",
+             f"{layout}:s2", tree, "--state", state, "--max-layers", "4", "--tag", "s3"],
+            capture_output=True, text=True, check=False)
+    finally:
+        (state / "index").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "damaged or unreadable" in result.stderr and "a first run" not in result.stderr
+
+
 def _gzip_bomb(path: Path, inflated: int) -> None:
     """A small gzip file of `inflated` zero bytes (about 1000:1)."""
     with gzip.open(path, "wb", compresslevel=9) as f:

@@ -81,9 +81,17 @@ class IndexCache:
 
     def holds_file(self, diff_id: str) -> bool:
         """Whether there is a file for the layer, good or not (`get` says None for both):
-        a damaged one is worth telling apart from none."""
-        return any(os.path.lexists(self._path(diff_id, suffix))
-                   for suffix in (_SUFFIX, _JSON_SUFFIX))
+        a damaged one is worth telling apart from none. A directory we may not look into
+        may hold one: that is not a first run."""
+        for suffix in (_SUFFIX, _JSON_SUFFIX):
+            try:
+                os.lstat(self._path(diff_id, suffix))
+            except PermissionError:
+                return True
+            except OSError:
+                continue
+            return True
+        return False
 
     def put(self, index: LayerIndex) -> str | None:
         """Store an index atomically. A cache that cannot be written costs time later, so
@@ -107,8 +115,8 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-        except OSError as exc:
-            return f"{exc.filename or self.directory}: {exc.strerror or exc}"
+        except OSError as exc:  # a rename's error is the target's (the temp file is ours)
+            return f"{exc.filename2 or exc.filename or self.directory}: {exc.strerror or exc}"
         return None
 
 
