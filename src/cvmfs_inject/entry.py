@@ -2,8 +2,7 @@
 
 The CLI and its libraries take a few tenths of a second to import. They are imported here,
 inside the interrupt handling, as the command line is parsed, so a Ctrl-C during start-up
-ends like one later on: one line and exit code 130, not a traceback (found by killing
-commands at random moments).
+ends like one later on: one line and exit code 130, not a traceback.
 
 The script ends the process itself once the command returned (`_end`): by then every
 command has closed and synced what it wrote, and Python's own teardown would free each of

@@ -212,15 +212,15 @@ def validate_layout(layout: Layout) -> list[Problem]:
     """Every problem of a whole layout: its two files, everything index.json reaches, then
     the blobs nothing reaches (the layout spec: every file under blobs/ is named by the
     digest of its content, referenced or not)."""
-    problems: list[Problem] = []
-    for name, kind in (("oci-layout", "layout"), ("index.json", "index")):
-        path = layout.root / name
-        problems.extend(check_document(path.read_bytes(), kind, where=str(path)))
+    files = {"layout": layout.root / "oci-layout", "index": layout.root / "index.json"}
+    raw = {kind: path.read_bytes() for kind, path in files.items()}
+    problems = [problem for kind, path in files.items()
+                for problem in check_document(raw[kind], kind, where=str(path))]
     if problems:
         return problems
     source = LayoutSource(layout, ImageRef("oci", str(layout.root)))
     checker = _Checker(source)
-    index = json.loads((layout.root / "index.json").read_bytes())
+    index = json.loads(raw["index"])
     problems = _walked(checker, checker.descriptors(index["manifests"],
                                                     f"{layout.root}/index.json manifests"))
     return problems + _unreached_blobs(layout, checker.reached)
