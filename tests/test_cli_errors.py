@@ -676,12 +676,17 @@ def test_a_port_with_401_in_it_is_not_an_authentication_failure():
                                                    "Unauthorized", [], 1, ""))
 
 
+def _module(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cvmfs_inject ARGS`: the usage errors argparse itself writes and exits on."""
+    return subprocess.run([sys.executable, "-m", "cvmfs_inject", *args], capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+
+
 @pytest.mark.parametrize("args", [("inject", "--max-layers", "101", "a:b", "t"),
                                   ("batch", "--jobs", "0", "plan.yaml"),
                                   ("frobnicate",), ("inject", "only-one-argument")])
 def test_a_usage_error_is_one_line_pointing_at_help(args):
-    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", *args], capture_output=True,
-                          text=True, check=False, stdin=subprocess.DEVNULL)
+    done = _module(*args)
     assert done.returncode == 2
     assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("cvmfs-inject") and "--help'" in done.stderr
@@ -690,8 +695,7 @@ def test_a_usage_error_is_one_line_pointing_at_help(args):
 @pytest.mark.parametrize(("args", "unknown"), [(("inject", "--bogus", "a:b", "t"), "--bogus"),
                                                (("inspect", "a:b", "extra"), "extra")])
 def test_an_argument_nothing_takes_points_at_the_commands_help(args, unknown):
-    done = subprocess.run([sys.executable, "-m", "cvmfs_inject", *args], capture_output=True,
-                          text=True, check=False, stdin=subprocess.DEVNULL)
+    done = _module(*args)
     assert done.returncode == 2
     assert done.stderr == (f"cvmfs-inject {args[0]}: error: unrecognized arguments: {unknown} "
                            f"(see 'cvmfs-inject {args[0]} --help')\n")
